@@ -1,0 +1,19 @@
+"""argparse sub-commands of ``captioner`` beyond training; each module has ``register(subparsers)``."""
+
+from __future__ import annotations
+
+import importlib
+
+# Each name is a module of this package with a ``register(subparsers)`` function.
+MODULES = ("caption", "attend", "evaluate", "features", "serve")
+
+
+def register_all(subparsers) -> None:
+    for name in MODULES:
+        try:
+            mod = importlib.import_module(f"captioner.commands.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"captioner.commands.{name}":
+                raise
+            continue  # not built yet
+        mod.register(subparsers)

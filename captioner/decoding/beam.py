@@ -1,0 +1,84 @@
+"""Beam search over a batch: the beams of all images live in one (B*K, ...) tensor."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from captioner.data.vocab import END_ID, PAD_ID, START_ID, UNK_ID
+from captioner.decoding.common import Generated, expand_cache, word_lengths
+from captioner.models.decoder import AttentionDecoder
+
+
+@torch.no_grad()
+def beam_search(
+    decoder: AttentionDecoder,
+    features: Tensor,
+    beam_size: int = 5,
+    max_length: int = 20,
+    length_penalty: float = 0.0,
+    suppress_unk: bool = False,
+    early_stop: bool = True,
+) -> Generated:
+    """Keep the ``beam_size`` best partial captions per image.
+
+    A beam that emitted ``<end>`` stays in the beam with its score frozen (it extends with
+    ``<pad>`` at no cost), so finished and unfinished captions compete on equal terms and a
+    caption is returned even when no beam ends before ``max_length``. Final ranking divides each
+    score by ``words ** length_penalty`` (0: raw log-probability). ``early_stop=False`` runs all
+    ``max_length`` steps (for benchmarks). With ``beam_size=1`` this is exactly greedy decoding.
+    """
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    b, n, _ = features.shape
+    k = beam_size
+    dev = features.device
+    cache = expand_cache(decoder.precompute(features), k)  # (B*K, ...)
+    state = decoder.init_state(features)
+    state = (state[0].repeat_interleave(k, 0), state[1].repeat_interleave(k, 0))
+    prev = torch.full((b * k,), START_ID, dtype=torch.long, device=dev)
+    # Only the first beam is live at t = 0, otherwise K copies of the same hypothesis compete.
+    scores = torch.full((b, k), float("-inf"), device=dev)
+    scores[:, 0] = 0.0
+    done = torch.zeros(b, k, dtype=torch.bool, device=dev)
+    tokens = torch.empty(b, k, 0, dtype=torch.long, device=dev)
+    alphas = torch.empty(b, k, 0, n, device=dev)
+    batch_offset = (torch.arange(b, device=dev) * k).unsqueeze(1)  # (B, 1)
+    for _ in range(max_length):
+        logp, state, alpha = decoder.step(prev, state, cache)  # (B*K, V), .., (B*K, N)
+        v = logp.size(-1)
+        logp = logp.view(b, k, v)
+        if suppress_unk:
+            logp[..., UNK_ID] = float("-inf")
+        # finished beams: only <pad>, at no cost
+        frozen = torch.full_like(logp, float("-inf"))
+        frozen[..., PAD_ID] = 0.0
+        logp = torch.where(done.unsqueeze(-1), frozen, logp)
+        cand = (scores.unsqueeze(-1) + logp).view(b, k * v)  # (B, K*V)
+        scores, flat = cand.topk(k, dim=-1)  # (B, K)
+        origin = torch.div(flat, v, rounding_mode="floor")  # (B, K) which beam it extends
+        tok = flat % v
+        rows = (batch_offset + origin).view(-1)  # (B*K,) rows of the beams extended
+        tokens = torch.cat([tokens.view(b * k, -1)[rows].view(b, k, -1), tok.unsqueeze(-1)], -1)
+        alphas = torch.cat([alphas.view(b * k, -1, n)[rows].view(b, k, -1, n),
+                            alpha[rows].view(b, k, 1, n)], 2)
+        done = done.view(-1)[rows].view(b, k) | (tok == END_ID)
+        state = (state[0][rows], state[1][rows])
+        prev = tok.view(-1)
+        if early_stop and bool(done.all()):
+            break
+    t = tokens.size(-1)
+    lengths = word_lengths(tokens.view(b * k, t)).view(b, k)
+    final = scores
+    if length_penalty:
+        final = scores / (lengths.clamp(min=1).float() ** length_penalty)
+    order = final.argsort(dim=-1, descending=True)  # (B, K)
+    final = final.gather(1, order)
+    tokens = tokens.gather(1, order.unsqueeze(-1).expand(-1, -1, t))
+    alphas = alphas.gather(1, order.view(b, k, 1, 1).expand(-1, -1, t, n))
+    lengths = lengths.gather(1, order)
+    nbest = [
+        [(tokens[i, j, : int(lengths[i, j])].tolist(), float(final[i, j])) for j in range(k)]
+        for i in range(b)
+    ]
+    return Generated(tokens[:, 0], lengths[:, 0], final[:, 0], alphas[:, 0], nbest)

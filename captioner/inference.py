@@ -1,0 +1,170 @@
+"""Loading checkpoints safely and captioning images with them (used by the CLI and the server)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from captioner.data.transforms import Preprocessing
+from captioner.data.vocab import Vocabulary
+from captioner.decoding import Generated, beam_search, greedy
+from captioner.models import Captioner, DecoderConfig, EncoderConfig
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, unsafe or not a captioner checkpoint."""
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """``torch.load(weights_only=True)``: tensors and plain containers only, never code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path}: refused to load: the file holds pickled objects or code that a safe "
+            f"(weights_only) load does not allow; only load checkpoints you trust. ({str(err).splitlines()[0]})"
+        ) from None
+    except Exception as err:  # truncated file, not a torch file at all, ...
+        raise CheckpointError(f"{path}: not a readable checkpoint: {err}") from None
+
+
+@dataclass
+class LoadedModel:
+    model: Captioner
+    vocab: Vocabulary
+    preprocessing: Preprocessing
+    hparams: dict
+    path: Path
+
+    @property
+    def decoding(self) -> dict:
+        return self.hparams.get("decoding", {})
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
+    """Rebuild the model from a checkpoint written by ``captioner fit`` (in eval mode)."""
+    ckpt = read_checkpoint(path)
+    meta = ckpt.get("captioner")
+    hp = ckpt.get("hyper_parameters")
+    if not isinstance(meta, dict) or not isinstance(hp, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path}: not a captioner checkpoint (no vocabulary/hyperparameters)")
+    try:
+        vocab = Vocabulary(meta["vocab"])
+        model = Captioner(EncoderConfig(**hp["encoder"]), DecoderConfig(**hp["decoder"]), len(vocab))
+        state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+        model.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: checkpoint does not match this version of captioner: {err}") from None
+    model.eval().to(device)
+    return LoadedModel(model, vocab, Preprocessing.from_dict(meta["preprocessing"]), hp, Path(path))
+
+
+@dataclass
+class Caption:
+    words: list[str]
+    score: float
+    alphas: Tensor  # (T, h, w): one map per word
+    grid: tuple[int, int]
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.words)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA device is available")
+    return torch.device(device)
+
+
+class CaptionPipeline:
+    """Images -> captions with per-word attention maps, in batches."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        beam_size: int | None = None,
+        max_length: int | None = None,
+        length_penalty: float | None = None,
+        suppress_unk: bool | None = None,
+    ) -> None:
+        d = loaded.decoding
+        self.loaded = loaded
+        self.beam_size = beam_size if beam_size is not None else int(d.get("beam_size", 1))
+        self.max_length = max_length if max_length is not None else int(d.get("max_length", 20))
+        self.length_penalty = length_penalty if length_penalty is not None else float(d.get("length_penalty", 0.0))
+        self.suppress_unk = suppress_unk if suppress_unk is not None else bool(d.get("suppress_unk", False))
+        if self.beam_size < 1:
+            raise ValueError(f"beam size must be >= 1, got {self.beam_size}")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.loaded.model.parameters()).device
+
+    def generate(self, features: Tensor, beam_size: int | None = None) -> Generated:
+        k = self.beam_size if beam_size is None else beam_size
+        dec = self.loaded.model.decoder
+        if k == 1:
+            return greedy(dec, features, self.max_length, self.suppress_unk)
+        return beam_search(dec, features, k, self.max_length, self.length_penalty, self.suppress_unk)
+
+    @torch.inference_mode()
+    def caption_tensors(self, images: Tensor, beam_size: int | None = None) -> list[Caption]:
+        """images (B, 3, S, S), already preprocessed."""
+        model = self.loaded.model
+        features, (h, w) = model.encode(images.to(self.device))
+        gen = self.generate(features, beam_size)
+        out = []
+        for i in range(images.size(0)):
+            n = int(gen.lengths[i])
+            words = self.loaded.vocab.decode(gen.tokens[i, :n].tolist(), strip=False)
+            out.append(Caption(words, float(gen.scores[i]), gen.alphas[i, :n].float().cpu().view(n, h, w), (h, w)))
+        return out
+
+    def caption_images(self, images: Iterable[Image.Image], beam_size: int | None = None) -> list[Caption]:
+        pre = self.loaded.preprocessing
+        batch = torch.stack([pre(im) for im in images])
+        return self.caption_tensors(batch, beam_size)
+
+    def caption_paths(
+        self, paths: Iterable[Path], batch_size: int = 16, beam_size: int | None = None, num_workers: int = 0
+    ) -> Iterator[tuple[Path, Caption | None, str | None]]:
+        """Streams (path, caption, None) or (path, None, error) in input order; memory stays flat."""
+        from captioner.data.images import ImageLoadError, load_image
+
+        pre = self.loaded.preprocessing
+
+        def flush(items):
+            good = [(p, x) for p, x, e in items if e is None]
+            caps = iter(self.caption_tensors(torch.stack([x for _, x in good]), beam_size)) if good else iter(())
+            for p, _x, e in items:
+                yield (p, None, e) if e is not None else (p, next(caps), None)
+
+        pending = []
+        for p in paths:
+            try:
+                pending.append((p, pre(load_image(p)), None))
+            except ImageLoadError as err:
+                pending.append((p, None, err.reason))
+            except Exception as err:  # never let one file end the run
+                pending.append((p, None, f"{type(err).__name__}: {err}"))
+            if sum(e is None for _, _, e in pending) >= batch_size:
+                yield from flush(pending)
+                pending = []
+        if pending:
+            yield from flush(pending)

@@ -1,0 +1,153 @@
+"""Attention over image regions: soft (deterministic), hard (stochastic) and multi-head.
+
+Every attention module splits its work in two, so that the part that depends only on the image
+is paid once per image and not once per word:
+
+* ``precompute(features)`` -> a tuple of tensors, batch-first (the "cache"); decoding can
+  ``index_select`` it along dim 0 to follow beams.
+* ``forward(cache, h)`` -> ``AttentionOutput`` for one time step, given the previous LSTM state.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from captioner.models.registry import Registry
+
+ATTENTIONS: Registry[nn.Module] = Registry("attention")
+register_attention = ATTENTIONS.register
+
+
+@dataclass
+class AttentionOutput:
+    context: Tensor  # (B, D) the attended feature, before the decoder's gate
+    alpha: Tensor  # (B, N) attention weights, rows sum to 1
+    # Hard attention only (training): log-probability of the sampled location, the share of steps
+    # that used a sample (not the expectation), and the entropy of alpha.
+    sample_log_prob: Tensor | None = None  # (B,)
+    sampled: Tensor | None = None  # (B,) bool
+    entropy: Tensor | None = None  # (B,)
+
+
+def create_attention(
+    name: str, encoder_dim: int, decoder_dim: int, attention_dim: int, **kwargs
+) -> nn.Module:
+    return ATTENTIONS.get(name)(encoder_dim, decoder_dim, attention_dim, **kwargs)
+
+
+class AdditiveScores(nn.Module):
+    """e_ti = w^T tanh(W_a a_i + W_h h_{t-1}) (Xu et al. 2015, Eq. 4 with Bahdanau's f_att)."""
+
+    def __init__(self, encoder_dim: int, decoder_dim: int, attention_dim: int) -> None:
+        super().__init__()
+        self.encoder_proj = nn.Linear(encoder_dim, attention_dim)  # W_a
+        self.hidden_proj = nn.Linear(decoder_dim, attention_dim, bias=False)  # W_h
+        self.score = nn.Linear(attention_dim, 1)  # w
+
+    def precompute(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        return features, self.encoder_proj(features)  # (B, N, D), (B, N, A)
+
+    def scores(self, proj: Tensor, h: Tensor) -> Tensor:
+        e = torch.tanh(proj + self.hidden_proj(h).unsqueeze(1))  # (B, N, A)
+        return self.score(e).squeeze(-1)  # (B, N)
+
+
+@register_attention("soft")
+class SoftAttention(AdditiveScores):
+    """Deterministic soft attention: the context is the expectation sum_i alpha_i a_i."""
+
+    def forward(self, cache: tuple[Tensor, ...], h: Tensor) -> AttentionOutput:
+        features, proj = cache
+        alpha = F.softmax(self.scores(proj, h), dim=-1)  # (B, N)
+        context = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)  # (B, D)
+        return AttentionOutput(context, alpha)
+
+
+@register_attention("hard")
+class HardAttention(AdditiveScores):
+    """Stochastic hard attention: a location s_t ~ Multinoulli(alpha_t); context a_{s_t}.
+
+    In training, with probability ``semi_sampling`` per step and image the expectation is used
+    instead of a sample (the paper's variance reduction). At test time the context is the
+    expectation (``test_mode="expectation"``, the paper's choice) or the argmax location.
+    """
+
+    def __init__(
+        self,
+        encoder_dim: int,
+        decoder_dim: int,
+        attention_dim: int,
+        semi_sampling: float = 0.5,
+        test_mode: str = "expectation",
+    ) -> None:
+        super().__init__(encoder_dim, decoder_dim, attention_dim)
+        if test_mode not in ("expectation", "argmax"):
+            raise ValueError(f"test_mode must be 'expectation' or 'argmax', got {test_mode!r}")
+        if not 0.0 <= semi_sampling <= 1.0:
+            raise ValueError(f"semi_sampling must be in [0, 1], got {semi_sampling}")
+        self.semi_sampling = semi_sampling
+        self.test_mode = test_mode
+
+    def forward(self, cache: tuple[Tensor, ...], h: Tensor) -> AttentionOutput:
+        features, proj = cache
+        logits = self.scores(proj, h)  # (B, N)
+        alpha = F.softmax(logits, dim=-1)
+        expectation = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)  # (B, D)
+        if not self.training:
+            if self.test_mode == "argmax":
+                idx = alpha.argmax(dim=-1)
+                context = features[torch.arange(features.size(0), device=features.device), idx]
+                return AttentionOutput(context, alpha)
+            return AttentionOutput(expectation, alpha)
+        log_alpha = F.log_softmax(logits, dim=-1)
+        loc = torch.multinomial(alpha.detach().float(), 1).squeeze(1)  # (B,)
+        sampled_ctx = features[torch.arange(features.size(0), device=features.device), loc]
+        sampled = torch.rand(alpha.size(0), device=alpha.device) >= self.semi_sampling  # (B,)
+        context = torch.where(sampled.unsqueeze(1), sampled_ctx, expectation)
+        sample_log_prob = log_alpha.gather(1, loc.unsqueeze(1)).squeeze(1)  # (B,)
+        entropy = -(alpha * log_alpha).sum(-1)  # (B,)
+        return AttentionOutput(context, alpha, sample_log_prob, sampled, entropy)
+
+
+@register_attention("multihead")
+class MultiHeadAttention(nn.Module):
+    """Scaled dot-product attention over regions with ``num_heads`` heads, queried by h_{t-1}.
+
+    Keys and values are projected once per image. The per-word map is the heads' mean.
+    """
+
+    def __init__(
+        self, encoder_dim: int, decoder_dim: int, attention_dim: int, num_heads: int = 8
+    ) -> None:
+        super().__init__()
+        if attention_dim % num_heads or encoder_dim % num_heads:
+            raise ValueError(
+                f"multihead attention needs attention_dim ({attention_dim}) and encoder_dim "
+                f"({encoder_dim}) divisible by num_heads ({num_heads})"
+            )
+        self.num_heads = num_heads
+        self.head_dim = attention_dim // num_heads
+        self.query = nn.Linear(decoder_dim, attention_dim)
+        self.key = nn.Linear(encoder_dim, attention_dim)
+        self.value = nn.Linear(encoder_dim, encoder_dim)
+        self.out = nn.Linear(encoder_dim, encoder_dim)
+
+    def precompute(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        b, n, d = features.shape
+        k = self.key(features).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        v = self.value(features).view(b, n, self.num_heads, d // self.num_heads).transpose(1, 2)
+        return k, v  # (B, H, N, dk), (B, H, N, dv)
+
+    def forward(self, cache: tuple[Tensor, ...], h: Tensor) -> AttentionOutput:
+        k, v = cache
+        b = h.size(0)
+        q = self.query(h).view(b, self.num_heads, 1, self.head_dim)  # (B, H, 1, dk)
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)  # (B, H, 1, N)
+        alpha_heads = F.softmax(scores, dim=-1)
+        ctx = torch.matmul(alpha_heads, v).reshape(b, -1)  # (B, D)
+        return AttentionOutput(self.out(ctx), alpha_heads.squeeze(2).mean(1))  # alpha (B, N)

@@ -1,0 +1,197 @@
+"""Image encoders: every one returns region features (B, N, D) and its grid (h, w).
+
+Registered: ``resnet50``, ``resnet101``, ``resnet152``, ``vgg16``, ``vgg19`` (torchvision; features
+before the last pooling, adaptive-pooled to ``grid`` x ``grid``) and ``shapes_cnn`` (a small CNN
+trained from scratch, with a 2-D positional signal so that spatial words can be learned).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from captioner.data.transforms import Preprocessing
+from captioner.models.registry import Registry
+
+logger = logging.getLogger(__name__)
+
+ENCODERS: Registry[nn.Module] = Registry("encoder")
+register_encoder = ENCODERS.register
+
+
+@dataclass
+class EncoderConfig:
+    """Encoder settings.
+
+    ``trainable_blocks``: how many of the last blocks are fine-tuned (0 = frozen, -1 = all);
+    ignored by ``shapes_cnn``, which always trains. ``weights_path``: a local ``.pth`` state dict
+    of the torchvision ImageNet weights, for machines that cannot download them.
+    """
+
+    name: str = "shapes_cnn"
+    grid: int = 14
+    pretrained: bool = False
+    weights_path: str | None = None
+    trainable_blocks: int = 0
+    image_size: int | None = None  # None: the encoder's default
+    channels: int = 128  # shapes_cnn width
+
+
+class Encoder(nn.Module):
+    """Base: subclasses set ``out_dim``, ``preprocessing`` and implement ``forward``."""
+
+    out_dim: int
+    preprocessing: Preprocessing
+
+    def forward(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:  # pragma: no cover
+        raise NotImplementedError
+
+
+def create_encoder(config: EncoderConfig) -> Encoder:
+    return ENCODERS.get(config.name)(config)
+
+
+def encoder_preprocessing(config: EncoderConfig) -> Preprocessing:
+    """The preprocessing an encoder expects, without building it (used to configure data)."""
+    if config.name == "shapes_cnn":
+        return Preprocessing(config.image_size or 64, [0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
+    if config.name in ENCODERS:
+        mean, std = _imagenet_norm(config.name, config.pretrained)
+        return Preprocessing(config.image_size or 256, mean, std)
+    raise ValueError(f"unknown encoder {config.name!r}; choose one of {', '.join(ENCODERS.names())}")
+
+
+def _to_regions(fmap: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    b, d, h, w = fmap.shape
+    return fmap.flatten(2).transpose(1, 2), (h, w)  # (B, N, D)
+
+
+# -- torchvision backbones -----------------------------------------------------------------------
+_TV = {
+    "resnet50": ("resnet50", "ResNet50_Weights", 2048),
+    "resnet101": ("resnet101", "ResNet101_Weights", 2048),
+    "resnet152": ("resnet152", "ResNet152_Weights", 2048),
+    "vgg16": ("vgg16", "VGG16_Weights", 512),
+    "vgg19": ("vgg19", "VGG19_Weights", 512),
+}
+
+
+def _imagenet_norm(name: str, pretrained: bool) -> tuple[list[float], list[float]]:
+    import torchvision
+
+    weights = getattr(torchvision.models, _TV[name][1]).DEFAULT
+    t = weights.transforms()
+    return list(t.mean), list(t.std)
+
+
+def _load_weights(name: str, config: EncoderConfig) -> dict[str, Tensor]:
+    import torchvision
+
+    if config.weights_path:
+        try:
+            return torch.load(config.weights_path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise RuntimeError(f"could not load encoder weights from {config.weights_path}: {err}") from err
+    weights = getattr(torchvision.models, _TV[name][1]).DEFAULT
+    try:
+        return weights.get_state_dict(progress=False)
+    except Exception as err:
+        raise RuntimeError(
+            f"could not download the ImageNet weights for {name} ({weights.url}): {err}. "
+            f"Download that file where you have internet and set `encoder.weights_path: /path/to/"
+            f"{weights.url.rsplit('/', 1)[-1]}` (or set `encoder.pretrained: false`)."
+        ) from err
+
+
+class TorchvisionEncoder(Encoder):
+    def __init__(self, config: EncoderConfig, tv_name: str) -> None:
+        super().__init__()
+        import torchvision
+
+        arch, _, out_dim = _TV[tv_name]
+        net = getattr(torchvision.models, arch)(weights=None)
+        if config.pretrained or config.weights_path:
+            net.load_state_dict(_load_weights(tv_name, config))
+        if arch.startswith("resnet"):
+            stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+            blocks = [stem, net.layer1, net.layer2, net.layer3, net.layer4]
+        else:  # VGG: split the conv stack at its max-pools; drop the last pool
+            feats = list(net.features.children())[:-1]
+            blocks, cur = [], []
+            for m in feats:
+                cur.append(m)
+                if isinstance(m, nn.MaxPool2d):
+                    blocks.append(nn.Sequential(*cur))
+                    cur = []
+            blocks.append(nn.Sequential(*cur))
+        self.blocks = nn.ModuleList(blocks)
+        self.pool = nn.AdaptiveAvgPool2d(config.grid)
+        self.out_dim = out_dim
+        self.preprocessing = encoder_preprocessing(config)
+        k = len(blocks) if config.trainable_blocks < 0 else min(config.trainable_blocks, len(blocks))
+        self.frozen = nn.ModuleList(blocks[: len(blocks) - k])
+        for p in self.frozen.parameters():
+            p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> TorchvisionEncoder:
+        super().train(mode)
+        self.frozen.eval()  # frozen blocks keep their BatchNorm statistics
+        return self
+
+    def forward(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        x = images
+        for block in self.blocks:
+            x = block(x)
+        return _to_regions(self.pool(x))
+
+
+for _name in _TV:
+    register_encoder(_name)(lambda config, _n=_name: TorchvisionEncoder(config, _n))
+
+
+# -- the small from-scratch CNN for `shapes` -------------------------------------------------------
+def positional_grid(channels: int, h: int, w: int) -> Tensor:
+    """Fixed 2-D sinusoidal position code (channels, h, w): half for rows, half for columns."""
+    quarter = channels // 4
+    freqs = torch.exp(torch.arange(quarter) * (-math.log(100.0) / max(quarter, 1)))  # (Q,)
+    ys = torch.linspace(0, math.pi, h).unsqueeze(1) * freqs  # (h, Q)
+    xs = torch.linspace(0, math.pi, w).unsqueeze(1) * freqs  # (w, Q)
+    row = torch.cat([ys.sin(), ys.cos()], 1).T.unsqueeze(2).expand(-1, h, w)  # (2Q, h, w)
+    col = torch.cat([xs.sin(), xs.cos()], 1).T.unsqueeze(1).expand(-1, h, w)  # (2Q, h, w)
+    return torch.cat([row, col], 0)
+
+
+def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+@register_encoder("shapes_cnn")
+class ShapesCNN(Encoder):
+    """Three conv stages (each halves the resolution), then a 1x1 conv over [features; position]."""
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        c = config.channels
+        self.body = nn.Sequential(
+            _conv(3, c // 4), _conv(c // 4, c // 4, 2),
+            _conv(c // 4, c // 2), _conv(c // 2, c // 2, 2),
+            _conv(c // 2, c), _conv(c, c, 2),
+        )
+        self.pos_channels = 32
+        self.mix = nn.Sequential(nn.Conv2d(c + self.pos_channels, c, 1), nn.ReLU(inplace=True))
+        self.grid = config.grid
+        self.out_dim = c
+        self.preprocessing = encoder_preprocessing(config)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        x = self.body(images)  # (B, C, S/8, S/8)
+        if x.shape[-1] != self.grid or x.shape[-2] != self.grid:
+            x = nn.functional.adaptive_avg_pool2d(x, self.grid)
+        b, _, h, w = x.shape
+        pos = positional_grid(self.pos_channels, h, w).to(x)  # (P, h, w)
+        x = self.mix(torch.cat([x, pos.unsqueeze(0).expand(b, -1, -1, -1)], 1))
+        return _to_regions(x)

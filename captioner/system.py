@@ -1,0 +1,280 @@
+"""CaptioningSystem: the LightningModule that owns losses, validation metrics and optimisers."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from captioner.data.transforms import Preprocessing
+from captioner.data.vocab import PAD_ID, Vocabulary
+from captioner.decoding import beam_search, greedy
+from captioner.models import Captioner, DecoderConfig, EncoderConfig
+from captioner.models.decoder import DecoderOutput
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class OptimConfig:
+    """Adam(W) with separate learning rates for the encoder and the decoder, and a schedule."""
+
+    lr: float = 4e-4
+    encoder_lr: float | None = None  # None: same as lr
+    weight_decay: float = 0.0
+    optimizer: str = "adam"  # "adam", "adamw" or "rmsprop" (the paper's Flickr choice)
+    scheduler: str = "none"  # "none", "cosine", "step" or "plateau" (on val CIDEr-D)
+    step_size: int = 10  # epochs, "step"
+    gamma: float = 0.8  # "step" and "plateau" decay
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.05  # "cosine" floor
+
+
+@dataclass
+class LossConfig:
+    """Loss weights. Defaults follow the paper's code (see REFERENCE.md)."""
+
+    doubly_stochastic: float = 1.0  # lambda of sum_i (1 - sum_t alpha_ti)^2
+    reduction: str = "caption"  # "caption": CE summed over words, mean over captions; "token": mean
+    label_smoothing: float = 0.0
+    reinforce: float = 0.1  # hard: the learning signal's scale (the paper's code divides by 10)
+    entropy: float = 0.002  # hard: lambda_e
+    baseline_decay: float = 0.9  # hard: b <- decay * b + (1 - decay) * log p(y | s, a)
+
+
+@dataclass
+class DecodingConfig:
+    """Free-running decoding used for validation (and as the checkpoint's default)."""
+
+    beam_size: int = 1
+    max_length: int = 20
+    length_penalty: float = 0.0
+    suppress_unk: bool = False
+
+
+class CaptioningSystem(L.LightningModule):
+    """Trains a ``Captioner``. ``vocab`` is linked from the data module by ``captioner fit``."""
+
+    def __init__(
+        self,
+        encoder: EncoderConfig = EncoderConfig(),
+        decoder: DecoderConfig = DecoderConfig(),
+        optim: OptimConfig = OptimConfig(),
+        loss: LossConfig = LossConfig(),
+        decoding: DecodingConfig = DecodingConfig(),
+        vocab: list[str] | None = None,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        if vocab is None:
+            raise ValueError("CaptioningSystem needs a vocabulary (captioner fit links it from the data)")
+        # Configs are never mutated, so the shared default instances are safe.
+        self.encoder_config = encoder
+        self.decoder_config = decoder
+        self.optim = optim
+        self.loss_config = loss
+        self.decoding = decoding
+        self.vocab = vocab if isinstance(vocab, Vocabulary) else Vocabulary(vocab)
+        # Plain dicts only, so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters({
+            "encoder": asdict(self.encoder_config), "decoder": asdict(self.decoder_config),
+            "optim": asdict(self.optim), "loss": asdict(self.loss_config),
+            "decoding": asdict(self.decoding),
+        })
+        self.model = Captioner(self.encoder_config, self.decoder_config, len(self.vocab))
+        self.compile_decoder = compile
+        # Hard attention's moving-average baseline is state: saved, restored on resume.
+        self.register_buffer("reward_baseline", torch.zeros(()))
+        self.register_buffer("baseline_initialised", torch.zeros((), dtype=torch.bool))
+        self._val_outputs: list[tuple[Tensor, Tensor]] = []
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.model.preprocessing
+
+    # -- losses --------------------------------------------------------------------------------
+    def features(self, batch: dict) -> Tensor:
+        if "features" in batch:
+            return batch["features"]  # (B, N, D) from the feature cache
+        return self.model.encode(batch["images"])[0]
+
+    def compute_loss(self, batch: dict) -> dict[str, Tensor]:
+        captions, lengths = batch["captions"], batch["lengths"]
+        out: DecoderOutput = self.model.decoder(self.features(batch), captions, lengths)
+        targets = captions[:, 1:]  # (B, T)
+        mask = out.mask.float()  # (B, T)
+        ce = F.cross_entropy(
+            out.logits.float().transpose(1, 2), targets, reduction="none",
+            ignore_index=PAD_ID, label_smoothing=self.loss_config.label_smoothing,
+        )  # (B, T)
+        ce_caption = (ce * mask).sum(1)  # (B,)  -log p(y | a) per caption
+        n_tokens = mask.sum().clamp(min=1)
+        if self.loss_config.reduction == "token":
+            ce_loss = ce_caption.sum() / n_tokens
+        else:
+            ce_loss = ce_caption.mean()
+        # Doubly stochastic regularisation over real steps only: sum_i (1 - sum_t alpha_ti)^2.
+        att_sum = (out.alphas.float() * mask.unsqueeze(-1)).sum(1)  # (B, N)
+        dsr = ((1.0 - att_sum) ** 2).sum(1).mean()
+        loss = ce_loss + self.loss_config.doubly_stochastic * dsr
+        logs = {"loss": loss, "ce": ce_caption.sum() / n_tokens, "dsr": dsr}
+        if out.sample_log_probs is not None:
+            loss_rl, extra = self._reinforce(out, ce_caption.detach(), mask)
+            logs["loss"] = loss + loss_rl
+            logs.update(extra)
+        return logs
+
+    def _reinforce(self, out: DecoderOutput, nll: Tensor, mask: Tensor) -> tuple[Tensor, dict]:
+        """REINFORCE for hard attention (Xu et al. 2015, Eq. 12): the learning signal is
+        log p(y | s, a) minus a moving-average baseline; plus an entropy bonus on alpha."""
+        cfg = self.loss_config
+        reward = -nll  # (B,) log p(y | s, a)
+        if not bool(self.baseline_initialised):
+            self.reward_baseline.copy_(reward.mean())
+            self.baseline_initialised.fill_(True)
+        advantage = reward - self.reward_baseline  # (B,)
+        sampled = out.sampled.float() * mask  # steps that used a sample, not the expectation
+        log_p_s = (out.sample_log_probs.float() * sampled).sum(1)  # (B,)
+        entropy = (out.entropies.float() * mask).sum(1).mean()
+        loss = -(cfg.reinforce * advantage * log_p_s).mean() - cfg.entropy * entropy
+        if self.training:
+            self.reward_baseline.mul_(cfg.baseline_decay).add_((1 - cfg.baseline_decay) * reward.mean())
+        return loss, {"reinforce": loss.detach(), "entropy": entropy.detach(), "baseline": self.reward_baseline.clone()}
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
+        if not batch:  # every image of the batch was unreadable and skipped
+            return None
+        logs = self.compute_loss(batch)
+        bs = batch["captions"].size(0)
+        self.log("train/loss", logs["loss"], prog_bar=True, batch_size=bs)
+        self.log_dict({f"train/{k}": v for k, v in logs.items() if k != "loss"}, batch_size=bs)
+        return logs["loss"]
+
+    # -- free-running validation ---------------------------------------------------------------
+    def generate(self, features: Tensor, beam_size: int | None = None, max_length: int | None = None):
+        d = self.decoding
+        beam_size = d.beam_size if beam_size is None else beam_size
+        max_length = d.max_length if max_length is None else max_length
+        if beam_size == 1:
+            return greedy(self.model.decoder, features, max_length, d.suppress_unk)
+        return beam_search(self.model.decoder, features, beam_size, max_length, d.length_penalty, d.suppress_unk)
+
+    def _eval_step(self, batch: dict, prefix: str) -> None:
+        if not batch:
+            return
+        features = self.features(batch)
+        gen = self.generate(features)
+        tokens = torch.full((features.size(0), self.decoding.max_length), PAD_ID, dtype=torch.long, device=self.device)
+        tokens[:, : gen.tokens.size(1)] = gen.tokens
+        self._val_outputs.append((batch["image_ids"], tokens))
+        out = self.model.decoder(features, batch["captions"], batch["lengths"])
+        mask = out.mask
+        ce = F.cross_entropy(out.logits.float()[mask], batch["captions"][:, 1:][mask])
+        self.log(f"{prefix}/ce_teacher_forced", ce, batch_size=features.size(0), sync_dist=True)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._score_epoch("val", "validation")
+
+    def on_test_epoch_end(self) -> None:
+        self._score_epoch("test", "test")
+
+    def _gathered_predictions(self) -> dict[int, str]:
+        """Predictions of every rank, each image once (the distributed sampler pads with repeats)."""
+        if not self._val_outputs:
+            ids = torch.zeros(0, dtype=torch.long, device=self.device)
+            toks = torch.zeros(0, self.decoding.max_length, dtype=torch.long, device=self.device)
+        else:
+            ids = torch.cat([o[0] for o in self._val_outputs])
+            toks = torch.cat([o[1] for o in self._val_outputs])
+        self._val_outputs.clear()
+        if self.trainer.world_size > 1:
+            ids = self.all_gather(ids).reshape(-1)
+            toks = self.all_gather(toks).reshape(-1, toks.size(-1))
+        preds: dict[int, str] = {}
+        for i, row in zip(ids.tolist(), toks.tolist()):
+            preds.setdefault(i, " ".join(self.vocab.decode(row)))
+        return preds
+
+    def _score_epoch(self, prefix: str, stage: str) -> None:
+        from captioner.metrics.coco_eval import validation_scores
+
+        preds = self._gathered_predictions()
+        if not preds or self.trainer.sanity_checking:
+            return
+        dm = self.trainer.datamodule
+        split = "val" if prefix == "val" else "test"
+        refs = dm.references(split) if dm is not None and hasattr(dm, "references") else None
+        if not refs:
+            return
+        refs = {i: refs[i] for i in preds if i in refs}
+        scores = validation_scores(preds, refs)
+        exact = sum(p in refs[i] for i, p in preds.items()) / len(preds)
+        self.log(f"{prefix}/CIDEr", float(scores["CIDEr"]), prog_bar=True, sync_dist=False, rank_zero_only=False)
+        self.log(f"{prefix}/Bleu_4", float(scores["Bleu_4"]), prog_bar=True)
+        self.log(f"{prefix}/exact_match", float(exact))
+        logger.info("%s: CIDEr-D %.3f  BLEU-4 %.3f  exact %.3f on %d images", stage,
+                    scores["CIDEr"], scores["Bleu_4"], exact, len(preds))
+
+    # -- optimisers ----------------------------------------------------------------------------
+    def configure_optimizers(self):
+        o = self.optim
+        enc = [p for p in self.model.encoder.parameters() if p.requires_grad]
+        dec = [p for p in self.model.decoder.parameters() if p.requires_grad]
+        groups = [{"params": dec, "lr": o.lr}]
+        if enc:
+            groups.append({"params": enc, "lr": o.encoder_lr if o.encoder_lr is not None else o.lr})
+        opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop}
+        if o.optimizer not in opt_cls:
+            raise ValueError(f"optim.optimizer must be one of {sorted(opt_cls)}, got {o.optimizer!r}")
+        optimizer = opt_cls[o.optimizer](groups, weight_decay=o.weight_decay)
+        if o.scheduler == "none" and not o.warmup_steps:
+            return optimizer
+        if o.scheduler == "plateau":
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=o.gamma, patience=2)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "monitor": "val/CIDEr"}}
+        if o.scheduler == "step":
+            sched = torch.optim.lr_scheduler.StepLR(optimizer, o.step_size, o.gamma)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        if o.scheduler not in ("cosine", "none"):
+            raise ValueError(f"optim.scheduler must be none|cosine|step|plateau, got {o.scheduler!r}")
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if o.scheduler == "cosine" else None
+        sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _WarmupCosine(o.warmup_steps, total, o.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["captioner"] = {
+            "format": CHECKPOINT_FORMAT,
+            "vocab": self.vocab.to_list(),
+            "preprocessing": self.preprocessing.to_dict(),
+        }
+
+
+class _WarmupCosine:
+    """Linear warm-up, then cosine decay to ``floor`` (constant when ``total`` is None).
+    A class rather than a lambda so that the scheduler's state stays picklable-free."""
+
+    def __init__(self, warmup: int, total: int | None, floor: float) -> None:
+        self.warmup, self.total, self.floor = warmup, total, floor
+
+    def __call__(self, step: int) -> float:
+        import math
+
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.total is None:
+            return 1.0
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
