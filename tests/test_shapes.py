@@ -163,7 +163,7 @@ def test_parse_caption_round_trips_every_reference(grounding):
             matched = match_mentions(mentions, objects)
             assert None not in matched
             grounded = {(gr["token"], gr["object"]) for gr in cap["groundings"]}
-            assert {(t, j) for m, j in zip(mentions, matched) for t in m.tokens} == grounded
+            assert {(t, j) for m, j in zip(mentions, matched, strict=True) for t in m.tokens} == grounded
             stated = [(matched[a], r, matched[b]) for a, r, b in relations]
             assert stated == [(r["subject"], r["relation"], r["object"]) for r in cap["relations"]]
             for a, r, b in stated:
@@ -196,11 +196,11 @@ def test_canonical_caption_patterns():
 
 def test_parse_caption_on_generated_text():
     mentions, relations = parse_caption(
-        "there is a red circle to the right of the big square and small blue".split())
+        tokenize("there is a red circle to the right of the big square and small blue"))
     assert mentions == [Mention(None, "red", "circle", [3, 4]), Mention("big", None, "square", [10, 11])]
     assert relations == [(0, "right of", 1)]
     assert parse_caption(["a", "red"]) == ([], [])
-    mentions, relations = parse_caption("a circle below a circle".split())
+    mentions, relations = parse_caption(tokenize("a circle below a circle"))
     assert [m.shape for m in mentions] == ["circle", "circle"] and relations == [(0, "below", 1)]
 
 

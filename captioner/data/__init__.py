@@ -1,0 +1,1 @@
+"""Data sets, vocabulary, image loading and the Lightning DataModule."""

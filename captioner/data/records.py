@@ -1,0 +1,25 @@
+"""The one in-memory form every reader produces: an image with its reference captions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class ImageRecord:
+    """One image and all its reference captions.
+
+    ``image_id`` is what evaluation files use: the COCO id when the data set has one, else ``imgid``.
+    ``captions`` are tokenised (lower-case words, no punctuation); ``raw`` keeps the original text.
+    """
+
+    image_id: int
+    path: Path
+    split: str
+    captions: list[list[str]] = field(default_factory=list)
+    raw: list[str] = field(default_factory=list)
+    sentids: list[int] = field(default_factory=list)
+    filename: str = ""

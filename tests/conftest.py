@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny generated `shapes` data set and a tiny trained-for-a-few-steps checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from captioner.data.shapes import ShapesConfig, generate_shapes
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory) -> Path:
+    """40 shapes images at 32 px, made once per test session."""
+    out = tmp_path_factory.mktemp("shapes") / "shapes"
+    generate_shapes(out, ShapesConfig(num_images=40, seed=1, image_size=32))
+    return out
+
+
+def fit_args(shapes_dir: Path, root: Path, *extra: str) -> list[str]:
+    """Arguments for a tiny, fast `captioner fit` on the session's shapes images."""
+    return [
+        "fit", "--config", str(Path(__file__).parent.parent / "configs" / "shapes.yaml"),
+        "--data.data_dir", str(shapes_dir), "--data.shapes_image_size", "32",
+        "--data.num_workers", "0", "--data.batch_size", "8", "--data.eval_batch_size", "8",
+        "--data.min_count", "1",
+        "--model.encoder.channels", "16", "--model.encoder.grid", "4",
+        "--model.decoder.embed_dim", "16", "--model.decoder.attention_dim", "16",
+        "--model.decoder.decoder_dim", "16",
+        "--trainer.default_root_dir", str(root), "--trainer.logger", "false",
+        "--trainer.enable_progress_bar", "false", "--trainer.max_time", "null",
+        "--checkpoint.dirpath", str(root / "checkpoints"),
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(shapes_dir, tmp_path_factory) -> Path:
+    """A checkpoint from 2 epochs of `captioner fit` on 40 images (seconds)."""
+    from captioner.cli import main
+
+    root = tmp_path_factory.mktemp("run")
+    main(fit_args(shapes_dir, root, "--trainer.max_epochs", "2"))
+    ckpt = root / "checkpoints" / "best.ckpt"
+    assert ckpt.is_file(), sorted(p.name for p in (root / "checkpoints").iterdir())
+    return ckpt
