@@ -25,7 +25,7 @@ def _preprocessing_from_encoder(encoder):
     if not isinstance(encoder, EncoderConfig):  # a jsonargparse Namespace at parse time
         fields = vars(getattr(encoder, "init_args", encoder))
         encoder = EncoderConfig(**{k: v for k, v in fields.items() if not k.startswith("_")})
-    return encoder_preprocessing(encoder)
+    return encoder_preprocessing(encoder).to_dict()  # a dict, so the saved config can hold it
 
 
 def _vocab_list(vocab):

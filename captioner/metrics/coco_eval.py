@@ -54,7 +54,10 @@ _TABLE_TITLES: dict[str, str] = {
 # ids
 # ---------------------------------------------------------------------------------------------
 def _preview(ids: Iterable[ImageId], limit: int = 5) -> str:
-    ids = sorted(ids, key=lambda i: (type(i).__name__, str(i)))
+    try:
+        ids = sorted(ids)
+    except TypeError:  # mixed id types
+        ids = sorted(ids, key=lambda i: (type(i).__name__, str(i)))
     shown = ", ".join(repr(i) for i in ids[:limit])
     return shown + (", ..." if len(ids) > limit else "")
 
@@ -160,9 +163,14 @@ def _ptb_tokenize(captions: Mapping[ImageId, Sequence[str]]) -> dict[ImageId, li
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     # Same input format as COCOEvalCap, one Java call per side as it does.
-    return PTBTokenizer().tokenize(
+    out = PTBTokenizer().tokenize(
         {k: [{"caption": c} for c in caps] for k, caps in captions.items()}
     )
+    # pycocoevalcap zips Java's output lines with the ids, so a failed run silently drops images.
+    if out.keys() != captions.keys() or any(len(out[k]) != len(v) for k, v in captions.items()):
+        raise RuntimeError("Stanford PTBTokenizer (Java) returned incomplete output; check that "
+                           "`java -version` works, or pass java=False")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

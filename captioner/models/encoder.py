@@ -171,16 +171,15 @@ def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
 
 @register_encoder("shapes_cnn")
 class ShapesCNN(Encoder):
-    """Three conv stages (each halves the resolution), then a 1x1 conv over [features; position]."""
+    """Three strided conv layers and one more at 1/8 resolution, then a 1x1 conv over
+    [features; 2-D position code]."""
 
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
         c = config.channels
-        self.body = nn.Sequential(
-            _conv(3, c // 4), _conv(c // 4, c // 4, 2),
-            _conv(c // 4, c // 2), _conv(c // 2, c // 2, 2),
-            _conv(c // 2, c), _conv(c, c, 2),
-        )
+        # Strided from the first layer: shapes are flat colour, so full-resolution layers buy
+        # little and cost most of the compute. Receptive field 31 px, enough for a big shape.
+        self.body = nn.Sequential(_conv(3, c // 4, 2), _conv(c // 4, c // 2, 2), _conv(c // 2, c, 2), _conv(c, c))
         self.pos_channels = 32
         self.mix = nn.Sequential(nn.Conv2d(c + self.pos_channels, c, 1), nn.ReLU(inplace=True))
         self.grid = config.grid

@@ -1,0 +1,119 @@
+"""Greedy, batched beam search and sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from captioner.data.vocab import END_ID, PAD_ID
+from captioner.decoding import beam_search, greedy, sample
+from captioner.models import AttentionDecoder, DecoderConfig
+
+
+@pytest.fixture(params=["soft", "hard", "multihead"])
+def decoder(request) -> AttentionDecoder:
+    torch.manual_seed(0)
+    cfg = DecoderConfig(attention=request.param, embed_dim=16, attention_dim=16, decoder_dim=24, num_heads=4)
+    return AttentionDecoder(cfg, vocab_size=30, encoder_dim=12).eval()
+
+
+@torch.no_grad()
+def _reference_beam(decoder, features, k, max_length):
+    """A plain one-image beam search with explicit hypothesis lists, for comparison."""
+    cache = decoder.precompute(features)
+    state = decoder.init_state(features)
+    hyps = [([], 0.0, state, [], False)]
+    for _ in range(max_length):
+        cands = []
+        for toks, score, st, alphas, done in hyps:
+            if done:
+                cands.append((toks + [PAD_ID], score, st, alphas, True))
+                continue
+            prev = torch.tensor([toks[-1] if toks else 1])
+            logp, st2, alpha = decoder.step(prev, st, cache)
+            for v in range(logp.size(-1)):
+                cands.append((toks + [v], score + float(logp[0, v]), st2, alphas + [alpha[0]], v == END_ID))
+        cands.sort(key=lambda c: -c[1])
+        hyps = cands[:k]
+        if all(h[4] for h in hyps):
+            break
+    return hyps[0]
+
+
+def test_beam_size_one_is_greedy(decoder) -> None:
+    feats = torch.randn(5, 7, 12)
+    g = greedy(decoder, feats, max_length=15)
+    b = beam_search(decoder, feats, beam_size=1, max_length=15)
+    assert torch.equal(g.tokens, b.tokens)
+    torch.testing.assert_close(g.scores, b.scores)
+    torch.testing.assert_close(g.alphas, b.alphas)
+
+
+def test_batched_beam_equals_per_image_beam_and_reference(decoder) -> None:
+    feats = torch.randn(4, 7, 12)
+    batched = beam_search(decoder, feats, beam_size=3, max_length=8)
+    for i in range(4):
+        single = beam_search(decoder, feats[i : i + 1], beam_size=3, max_length=8)
+        n = int(single.lengths[0])
+        assert batched.words(i) == single.words(0)
+        torch.testing.assert_close(batched.scores[i], single.scores[0])
+        torch.testing.assert_close(batched.alphas[i, :n], single.alphas[0, :n])
+        ref_tokens, ref_score, *_ = _reference_beam(decoder, feats[i : i + 1], 3, 8)
+        ref_words = [t for t in ref_tokens if t not in (END_ID, PAD_ID)]
+        assert batched.words(i) == ref_words
+        assert batched.scores[i].item() == pytest.approx(ref_score, abs=1e-4)
+
+
+def test_no_end_returns_a_caption_of_max_length(decoder) -> None:
+    with torch.no_grad():  # make <end> impossible
+        decoder.out.bias[END_ID] = -1e4
+    feats = torch.randn(3, 7, 12)
+    for gen in (greedy(decoder, feats, max_length=6), beam_search(decoder, feats, beam_size=4, max_length=6)):
+        assert gen.lengths.tolist() == [6, 6, 6]
+        assert gen.tokens.shape == (3, 6)
+
+
+def test_attention_rows_sum_to_one(decoder) -> None:
+    feats = torch.randn(3, 7, 12)
+    for gen in (greedy(decoder, feats), beam_search(decoder, feats, beam_size=3), sample(decoder, feats)):
+        real = torch.arange(gen.alphas.size(1)).unsqueeze(0) <= gen.lengths.unsqueeze(1).clamp(max=gen.alphas.size(1) - 1)
+        sums = gen.alphas.sum(-1)[real]
+        torch.testing.assert_close(sums, torch.ones_like(sums))
+
+
+def test_nbest_is_sorted_and_length_penalty_reranks(decoder) -> None:
+    feats = torch.randn(2, 7, 12)
+    gen = beam_search(decoder, feats, beam_size=4, max_length=10)
+    for hyps in gen.nbest:
+        assert len(hyps) == 4
+        scores = [s for _, s in hyps]
+        assert scores == sorted(scores, reverse=True)
+    norm = beam_search(decoder, feats, beam_size=4, max_length=10, length_penalty=1.0)
+    for i, hyps in enumerate(norm.nbest):
+        for toks, s in hyps:
+            assert s <= norm.scores[i].item() + 1e-6
+
+
+def test_unk_suppression(decoder) -> None:
+    with torch.no_grad():
+        decoder.out.bias[3] = 1e4  # <unk> would win every step
+    feats = torch.randn(2, 7, 12)
+    assert (greedy(decoder, feats, max_length=5).tokens == 3).any()
+    for gen in (greedy(decoder, feats, 5, suppress_unk=True), beam_search(decoder, feats, 3, 5, suppress_unk=True)):
+        assert not (gen.tokens == 3).any()
+
+
+def test_sampling_is_reproducible_and_top1_is_greedy(decoder) -> None:
+    feats = torch.randn(3, 7, 12)
+    a = sample(decoder, feats, generator=torch.Generator().manual_seed(1))
+    b = sample(decoder, feats, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a.tokens, b.tokens)
+    top1 = sample(decoder, feats, top_k=1, max_length=12, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(top1.tokens, greedy(decoder, feats, max_length=12).tokens)
+    with pytest.raises(ValueError, match="temperature"):
+        sample(decoder, feats, temperature=0)
+
+
+def test_beam_runs_exactly_max_steps_without_early_stop(decoder) -> None:
+    gen = beam_search(decoder, torch.randn(2, 7, 12), beam_size=3, max_length=9, early_stop=False)
+    assert gen.tokens.size(1) == 9

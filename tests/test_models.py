@@ -1,0 +1,147 @@
+"""Every encoder x attention: shapes, finite values, gradients everywhere; the decoder's maths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from captioner.models import (
+    ATTENTIONS,
+    ENCODERS,
+    AttentionDecoder,
+    Captioner,
+    DecoderConfig,
+    EncoderConfig,
+)
+from captioner.models.encoder import create_encoder, encoder_preprocessing
+
+SMALL_DEC = {"embed_dim": 16, "attention_dim": 16, "decoder_dim": 24, "num_heads": 4, "dropout": 0.0}
+
+
+def _captions(b: int, length: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([length - i % 3 for i in range(b)])
+    caps = torch.randint(4, vocab, (b, length))
+    caps[:, 0] = 1
+    for i, n in enumerate(lengths.tolist()):
+        caps[i, n - 1] = 2
+        caps[i, n:] = 0
+    return caps, lengths
+
+
+@pytest.mark.parametrize("encoder", ENCODERS.names())
+@pytest.mark.parametrize("attention", ATTENTIONS.names())
+def test_every_encoder_and_attention_trains(encoder: str, attention: str) -> None:
+    enc = EncoderConfig(name=encoder, grid=2 if encoder.startswith("vgg") else 3, trainable_blocks=1, channels=16)
+    model = Captioner(enc, DecoderConfig(attention=attention, **SMALL_DEC), vocab_size=20).train()
+    size = 64
+    images = torch.randn(2, 3, size, size)
+    feats, (h, w) = model.encode(images)
+    assert feats.shape == (2, h * w, model.encoder.out_dim)
+    caps, lengths = _captions(2, 6, 20)
+    out = model(images, caps, lengths)
+    assert out.logits.shape == (2, 5, 20)
+    assert out.alphas.shape == (2, 5, h * w)
+    assert torch.isfinite(out.logits).all() and torch.isfinite(out.alphas).all()
+    torch.testing.assert_close(out.alphas.sum(-1), torch.ones(2, 5))
+    loss = out.logits.logsumexp(-1).sum() + (out.alphas ** 2).sum()
+    if out.sample_log_probs is not None:
+        loss = loss + out.sample_log_probs.sum() + out.entropies.sum()
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert not missing, f"no gradient reaches {missing}"
+
+
+def test_frozen_blocks_have_no_grad_and_keep_batchnorm_stats() -> None:
+    enc = create_encoder(EncoderConfig(name="resnet50", grid=2, trainable_blocks=1))
+    trainable = {n.split(".")[1] for n, p in enc.named_parameters() if p.requires_grad}
+    assert trainable == {"4"}, trainable  # only layer4
+    enc.train()
+    assert not enc.blocks[0][1].training  # the stem's BatchNorm stays in eval mode
+    assert enc.blocks[4].training
+
+
+def test_encoder_preprocessing_matches_weights() -> None:
+    p = encoder_preprocessing(EncoderConfig(name="resnet101", pretrained=True))
+    assert p.image_size == 256 and p.mean == pytest.approx([0.485, 0.456, 0.406])
+    assert encoder_preprocessing(EncoderConfig(name="shapes_cnn")).image_size == 64
+
+
+def test_pretrained_weights_error_says_how_to_pass_a_local_file(monkeypatch) -> None:
+    import torchvision
+
+    def offline(*a, **k):
+        raise OSError("no network")
+
+    monkeypatch.setattr(torchvision.models.ResNet50_Weights.IMAGENET1K_V2.__class__, "get_state_dict", offline)
+    with pytest.raises(RuntimeError, match="weights_path"):
+        create_encoder(EncoderConfig(name="resnet50", pretrained=True))
+
+
+def test_local_weights_file_is_loaded(tmp_path) -> None:
+    import torchvision
+
+    ref = torchvision.models.vgg16(weights=None)
+    torch.save(ref.state_dict(), tmp_path / "vgg16.pth")
+    enc = create_encoder(EncoderConfig(name="vgg16", weights_path=str(tmp_path / "vgg16.pth")))
+    torch.testing.assert_close(enc.blocks[0][0].weight, ref.features[0].weight)
+
+
+def test_unknown_names_give_clear_errors() -> None:
+    with pytest.raises(ValueError, match="unknown encoder 'nope'.*resnet101"):
+        create_encoder(EncoderConfig(name="nope"))
+    with pytest.raises(ValueError, match="unknown attention"):
+        AttentionDecoder(DecoderConfig(attention="nope"), 10, 8)
+    with pytest.raises(ValueError, match="divisible"):
+        AttentionDecoder(DecoderConfig(attention="multihead", attention_dim=10, num_heads=4), 10, 8)
+
+
+def test_decoder_cell_equals_lstmcell_and_step_equals_forward() -> None:
+    """The hand-written LSTM (fused input projection) is nn.LSTMCell's maths, and step-by-step
+    decoding gives exactly the teacher-forced logits."""
+    dec = AttentionDecoder(DecoderConfig(**SMALL_DEC), vocab_size=15, encoder_dim=12).eval()
+    feats = torch.randn(3, 5, 12)
+    caps, lengths = _captions(3, 6, 15)
+    out = dec(feats, caps, lengths)
+    cache, state = dec.precompute(feats), dec.init_state(feats)
+    for t in range(caps.size(1) - 1):
+        h0, c0 = state
+        logp, state, alpha = dec.step(caps[:, t], state, cache)
+        torch.testing.assert_close(logp, torch.log_softmax(out.logits[:, t], -1))
+        torch.testing.assert_close(alpha, out.alphas[:, t])
+        # same state as nn.LSTMCell on [E y; beta * z]
+        att = dec.attention(cache, h0)
+        z = torch.sigmoid(dec.gate(h0)) * att.context
+        h_ref, c_ref = dec.lstm(torch.cat([dec.embedding(caps[:, t]), z], 1), (h0, c0))
+        torch.testing.assert_close(state[0], h_ref)
+        torch.testing.assert_close(state[1], c_ref)
+
+
+def test_scalar_gate_is_scalar_and_vector_gate_is_per_channel() -> None:
+    assert AttentionDecoder(DecoderConfig(gate="scalar", **SMALL_DEC), 10, 12).gate.out_features == 1
+    assert AttentionDecoder(DecoderConfig(gate="vector", **SMALL_DEC), 10, 12).gate.out_features == 12
+    assert AttentionDecoder(DecoderConfig(gate="none", **SMALL_DEC), 10, 12).gate is None
+
+
+def test_soft_attention_projects_features_once_per_image(monkeypatch) -> None:
+    dec = AttentionDecoder(DecoderConfig(**SMALL_DEC), vocab_size=15, encoder_dim=12)
+    calls = []
+    proj: nn.Linear = dec.attention.encoder_proj
+    proj.register_forward_hook(lambda *a: calls.append(1))
+    caps, lengths = _captions(2, 8, 15)
+    dec(torch.randn(2, 5, 12), caps, lengths)
+    assert len(calls) == 1
+
+
+def test_hard_attention_is_deterministic_in_eval_and_stochastic_in_training() -> None:
+    dec = AttentionDecoder(DecoderConfig(attention="hard", **SMALL_DEC), vocab_size=15, encoder_dim=12)
+    feats = torch.randn(4, 6, 12)
+    caps, lengths = _captions(4, 7, 15)
+    dec.eval()
+    a, b = dec(feats, caps, lengths), dec(feats, caps, lengths)
+    torch.testing.assert_close(a.logits, b.logits)
+    assert a.sample_log_probs is None
+    dec.train()
+    out = dec(feats, caps, lengths)
+    assert out.sample_log_probs.shape == (4, 6) and (out.sample_log_probs <= 0).all()
+    assert 0 < out.sampled.float().mean() < 1  # semi-sampling: about half the steps sample

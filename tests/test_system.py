@@ -1,0 +1,130 @@
+"""The LightningModule: losses, REINFORCE, overfitting, training through the CLI, checkpoints."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from captioner.data.vocab import SPECIALS
+from captioner.inference import CaptionPipeline, CheckpointError, load_checkpoint, read_checkpoint
+from captioner.models import DecoderConfig, EncoderConfig
+from captioner.system import CaptioningSystem, LossConfig
+from tests.conftest import fit_args
+
+VOCAB = [*SPECIALS, *(f"w{i}" for i in range(12))]
+
+
+def _system(attention: str = "soft", **loss) -> CaptioningSystem:
+    torch.manual_seed(0)
+    return CaptioningSystem(
+        encoder=EncoderConfig(name="shapes_cnn", grid=4, channels=16, image_size=32),
+        decoder=DecoderConfig(attention=attention, embed_dim=32, attention_dim=32, decoder_dim=48, num_heads=4, dropout=0.0),
+        loss=LossConfig(**loss),
+        vocab=VOCAB,
+    )
+
+
+def _batch(b: int = 6, length: int = 7) -> dict:
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([length - i % 3 for i in range(b)])
+    caps = torch.randint(4, len(VOCAB), (b, length), generator=g)
+    caps[:, 0] = 1
+    for i, n in enumerate(lengths.tolist()):
+        caps[i, n - 1] = 2
+        caps[i, n:] = 0
+    return {"images": torch.randn(b, 3, 32, 32, generator=g), "captions": caps, "lengths": lengths}
+
+
+def test_regulariser_and_loss_ignore_padding() -> None:
+    system = _system(doubly_stochastic=1.0).eval()
+    batch = _batch()
+    padded = dict(batch, captions=torch.cat([batch["captions"], torch.zeros(6, 5, dtype=torch.long)], 1))
+    a, b = system.compute_loss(batch), system.compute_loss(padded)
+    torch.testing.assert_close(a["dsr"], b["dsr"])
+    torch.testing.assert_close(a["loss"], b["loss"])
+
+
+def test_reinforce_moves_the_attention_parameters() -> None:
+    system = _system("hard", doubly_stochastic=0.0, entropy=0.0).train()
+    out = system.model(_batch()["images"], _batch()["captions"], _batch()["lengths"])
+    mask = out.mask.float()
+    nll = torch.rand(6) * 10  # any learning signal
+    system.reward_baseline.fill_(5.0)
+    system.baseline_initialised.fill_(True)
+    loss, logs = system._reinforce(out, nll, mask)
+    loss.backward()
+    att = system.model.decoder.attention
+    for p in (att.encoder_proj.weight, att.hidden_proj.weight, att.score.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    # the moving-average baseline moved towards the mean reward
+    assert logs["baseline"].item() == pytest.approx(0.9 * 5.0 + 0.1 * (-nll).mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["soft", "hard", "multihead"])
+def test_tiny_model_overfits_one_batch(attention: str) -> None:
+    system = _system(attention, doubly_stochastic=0.01).train()
+    batch = _batch()
+    opt = torch.optim.Adam(system.parameters(), lr=3e-3)
+    first = None
+    for _ in range(150):
+        loss = system.compute_loss(batch)["ce"]
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        system.compute_loss(batch)["loss"].backward()
+        opt.step()
+    last = system.compute_loss(batch)["ce"].item()
+    assert last < first / 8, (first, last)
+
+
+def test_fit_fast_dev_run_through_the_cli(shapes_dir, tmp_path) -> None:
+    from captioner.cli import main
+
+    assert main(fit_args(shapes_dir, tmp_path, "--trainer.fast_dev_run", "2")) == 0
+
+
+def test_checkpoint_round_trip_gives_identical_captions(tiny_checkpoint, shapes_dir) -> None:
+    from captioner.data.images import load_image
+
+    ckpt = read_checkpoint(tiny_checkpoint)
+    assert set(ckpt["hyper_parameters"]) >= {"encoder", "decoder", "optim", "loss", "decoding"}
+    assert ckpt["captioner"]["vocab"][:4] == list(SPECIALS)
+    loaded = load_checkpoint(tiny_checkpoint)
+    system = CaptioningSystem(
+        encoder=EncoderConfig(**ckpt["hyper_parameters"]["encoder"]),
+        decoder=DecoderConfig(**ckpt["hyper_parameters"]["decoder"]),
+        vocab=ckpt["captioner"]["vocab"],
+    )
+    system.load_state_dict(ckpt["state_dict"])
+    system.eval()
+    images = sorted((shapes_dir / "images").glob("*.png"))[:4]
+    x = torch.stack([loaded.preprocessing(load_image(p)) for p in images])
+    caps = CaptionPipeline(loaded, beam_size=3).caption_tensors(x)
+    with torch.no_grad():
+        gen = system.generate(system.model.encode(x)[0], beam_size=3)
+    for i, c in enumerate(caps):
+        assert c.words == system.vocab.decode(gen.tokens[i].tolist())
+        torch.testing.assert_close(c.alphas.flatten(1), gen.alphas[i, : len(c.words)])
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch PWNED",))
+
+
+def test_malicious_checkpoint_is_refused_and_nothing_runs(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.ckpt"
+    with open(path, "wb") as f:
+        pickle.dump({"state_dict": {}, "payload": _Evil()}, f)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(path)
+    assert not (tmp_path / "PWNED").exists()
+    (tmp_path / "garbage.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="garbage.ckpt"):
+        load_checkpoint(tmp_path / "garbage.ckpt")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.ckpt")
