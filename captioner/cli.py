@@ -36,6 +36,7 @@ def run_lightning(args: Sequence[str]) -> None:
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI
 
+    from captioner.checkpointing import AtomicCheckpointIO, PeriodicCheckpoint
     from captioner.data.datamodule import CaptionDataModule
     from captioner.system import CaptioningSystem
 
@@ -50,6 +51,7 @@ def run_lightning(args: Sequence[str]) -> None:
                 "checkpoint.filename": "best", "checkpoint.save_top_k": 1,
                 "checkpoint.enable_version_counter": False,
             })
+            parser.add_lightning_class_args(PeriodicCheckpoint, "last_checkpoint")
             parser.add_lightning_class_args(EarlyStopping, "early_stopping")
             parser.set_defaults({
                 "early_stopping.monitor": "val/CIDEr", "early_stopping.mode": "max",
@@ -61,6 +63,8 @@ def run_lightning(args: Sequence[str]) -> None:
         CaptionDataModule,
         args=list(args),
         seed_everything_default=0,
+        # Sharding is done by the data module's EpochSampler (resumable, no repeats across ranks).
+        trainer_defaults={"use_distributed_sampler": False, "plugins": [AtomicCheckpointIO()]},
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else None,
     )

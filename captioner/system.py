@@ -260,6 +260,23 @@ class CaptioningSystem(L.LightningModule):
             "vocab": self.vocab.to_list(),
             "preprocessing": self.preprocessing.to_dict(),
         }
+        # Dropout and hard attention's samples draw from torch's RNG: resume must continue it.
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint["rng_state"] = rng
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._pending_rng = checkpoint.get("rng_state")
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        # Restored here, not at load time: Lightning draws from the RNG while it sets up.
+        rng = getattr(self, "_pending_rng", None)
+        if rng:
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            self._pending_rng = None
 
 
 class _WarmupCosine:

@@ -130,7 +130,7 @@ def test_full_pipeline_with_meteor_equals_cocoevalcap_and_closes_java(monkeypatc
         coco_eval._close_meteor(reference_meteor)
     assert result.metrics == expected  # Bleu_1..4, METEOR, ROUGE_L, CIDEr, all exact
     assert list(result.metrics) == [k for k in METRIC_KEYS if k != "SPICE"]
-    assert set(result.per_image[1]) == {"Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
+    assert list(result.per_image[1]) == ["Bleu_4", "METEOR", "ROUGE_L", "CIDEr"]
     assert len(started) == 1
     proc = started[0].meteor_p
     assert proc.poll() is not None, "METEOR's Java process must be stopped"
@@ -257,6 +257,9 @@ def test_validation_scores_needs_no_java(monkeypatch):
     as_tokens = {k: v.split() for k, v in CLEAN_PREDICTIONS.items()}
     assert validation_scores(as_tokens, CLEAN_REFERENCES) == \
         validation_scores(CLEAN_PREDICTIONS, CLEAN_REFERENCES)
+    # An untrained model's empty captions score zero rather than failing.
+    empty = validation_scores(dict.fromkeys(CLEAN_REFERENCES, ""), CLEAN_REFERENCES)
+    assert empty == {"CIDEr": 0.0, "Bleu_4": 0.0}
 
 
 def test_nltk_corpus_bleu4_matches_nltk():

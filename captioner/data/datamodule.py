@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from captioner.data.images import ImageLoadError, load_image
 from captioner.data.records import ImageRecord
+from captioner.data.sampling import EpochSampler
 from captioner.data.transforms import Preprocessing
 from captioner.data.vocab import PAD_ID, Vocabulary
 
@@ -38,6 +39,7 @@ class CaptionDataset(Dataset):
         max_caption_length: int | None = 20,
         skip_bad_images: bool = False,
         features=None,
+        seed: int = 0,
     ) -> None:
         if mode not in ("random", "all", "first"):
             raise ValueError(f"caption mode must be 'random', 'all' or 'first', got {mode!r}")
@@ -48,6 +50,7 @@ class CaptionDataset(Dataset):
         self.max_caption_length = max_caption_length
         self.skip_bad_images = skip_bad_images
         self.features = features  # a FeatureStore-like object: .get(image_id) -> Tensor (N, D)
+        self.seed = seed
         if mode == "all":
             self.items = [(i, j) for i, r in enumerate(self.records) for j in range(len(r.captions))]
         else:
@@ -56,11 +59,14 @@ class CaptionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> dict | None:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict | None:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
         i, j = self.items[index]
         rec = self.records[i]
         if self.mode == "random" and len(rec.captions) > 1:
-            j = int(torch.randint(len(rec.captions), (1,)).item())
+            # a function of (seed, epoch, image) only: the same whatever the workers or ranks
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + i)
+            j = int(torch.randint(len(rec.captions), (1,), generator=g))
         caption = torch.tensor(self.vocab.encode(rec.captions[j], self.max_caption_length), dtype=torch.long)
         item = {"caption": caption, "image_id": rec.image_id, "index": i}
         if self.features is not None:
@@ -124,6 +130,10 @@ class CaptionDataModule(L.LightningDataModule):
         preprocessing: resize/normalise; ``captioner fit`` takes it from the encoder.
         feature_cache: a folder written by ``captioner features extract``; images are then not read.
         limit_train, limit_eval: use only the first N images of each split (quick runs).
+        seed: the order of training images and the reference drawn per epoch.
+
+    Multi-process training shards through ``EpochSampler`` (so ``captioner fit`` sets
+    ``trainer.use_distributed_sampler: false``); mid-epoch resume restores the position.
     """
 
     def __init__(
@@ -152,6 +162,7 @@ class CaptionDataModule(L.LightningDataModule):
         feature_cache: str | None = None,
         limit_train: int | None = None,
         limit_eval: int | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
@@ -186,8 +197,11 @@ class CaptionDataModule(L.LightningDataModule):
         self.feature_cache = feature_cache
         self.limit_train = limit_train
         self.limit_eval = limit_eval
+        self.seed = seed
         self._records: dict[str, list[ImageRecord]] | None = None
         self._vocab: Vocabulary | None = None
+        self._resume: dict | None = None
+        self._train_sampler: EpochSampler | None = None
 
     # -- preparing -----------------------------------------------------------------------------
     @property
@@ -272,7 +286,7 @@ class CaptionDataModule(L.LightningDataModule):
         mode = mode or (self.captions_per_image if split == "train" else "first")
         return CaptionDataset(
             self.split_records(split), self.vocab, self.preprocessing, mode,
-            self.max_caption_length, self.skip_bad_images, self._features(),
+            self.max_caption_length, self.skip_bad_images, self._features(), self.seed,
         )
 
     def setup(self, stage: str | None = None) -> None:
@@ -280,15 +294,18 @@ class CaptionDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         ds = self.dataset_for(split)
+        sampler = EpochSampler(len(ds), shuffle=shuffle, seed=self.seed)
+        if split == "train":
+            self._train_sampler = sampler
+            self._apply_resume()
         return DataLoader(
             ds,
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=collate_captions,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
-            drop_last=False,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -299,3 +316,24 @@ class CaptionDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+    # -- resuming mid-epoch ----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Where training is in the data: saved in every checkpoint by Lightning."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": int(trainer.current_epoch), "batches_done": int(progress.processed)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = dict(state) if state else None
+        self._apply_resume()
+
+    def _apply_resume(self) -> None:
+        if self._resume and self._train_sampler is not None:
+            done = self._resume["batches_done"] * self.batch_size
+            # a checkpoint at the end of an epoch has nothing left to skip
+            self._train_sampler.skip = done if done < len(self._train_sampler) else 0
+            self._train_sampler.set_epoch(self._resume["epoch"])
+            self._resume = None

@@ -32,7 +32,8 @@ from captioner.data.shapes import (
 
 ArrayLike = np.ndarray | torch.Tensor
 WORD_CLASSES = ("colour", "size", "shape")
-# Pixels upsampled per chunk in evaluate_grounding (float64: 32 MiB), bounding memory.
+_MODES = ("bilinear", "nearest")
+# Pixels upsampled at once for the pointing game (float32: 16 MiB), bounding memory.
 _CHUNK_PIXELS = 1 << 22
 
 
@@ -43,6 +44,10 @@ def _as_tensor(x: ArrayLike, dtype: torch.dtype) -> torch.Tensor:
     if not arr.flags.writeable:  # torch warns on read-only buffers (e.g. memory-mapped .npy)
         arr = arr.copy()
     return torch.from_numpy(arr).to(dtype=dtype)
+
+
+def _interp_kwargs(mode: str) -> dict[str, Any]:
+    return {"align_corners": False} if mode in ("bilinear", "bicubic", "linear") else {}
 
 
 def upsample_attention(
@@ -57,47 +62,89 @@ def upsample_attention(
     assert a.dim() >= 2, f"attention must be (..., h, w), got shape {tuple(a.shape)}"
     lead, (h, w) = a.shape[:-2], a.shape[-2:]
     size = (size, size) if isinstance(size, int) else tuple(size)
-    kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
-    up = F.interpolate(a.reshape(-1, 1, h, w), size=size, mode=mode, **kwargs)  # (B, 1, H, W)
-    up = up.squeeze(1).clamp_min(0.0)  # bicubic can overshoot below zero
+    up = F.interpolate(a.reshape(-1, 1, h, w), size=size, mode=mode, **_interp_kwargs(mode))
+    up = up.squeeze(1).clamp_min(0.0)  # (B, H, W); bicubic can overshoot below zero
     total = up.sum(dim=(1, 2), keepdim=True)  # (B, 1, 1)
     uniform = torch.full_like(up, 1.0 / (size[0] * size[1]))
     up = torch.where(total > 0, up / total.clamp_min(torch.finfo(up.dtype).tiny), uniform)
     return up.reshape(*lead, *size)
 
 
-def _score_batch(
-    maps: torch.Tensor, masks: torch.Tensor, mode: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Correctness and pointing hits of ``maps`` (B, h, w) against ``masks`` (B, H, W)."""
-    up = upsample_attention(maps, tuple(masks.shape[-2:]), mode=mode)  # (B, H, W)
-    correctness = (up * masks).sum(dim=(1, 2))  # (B,)
-    peak = up.flatten(1).argmax(dim=1)  # (B,) first maximum in row-major order
-    hits = masks.flatten(1).gather(1, peak[:, None]).squeeze(1)  # (B,)
-    return correctness, hits
+def _axis_weights(n_in: int, n_out: int, mode: str) -> torch.Tensor:
+    """``(n_out, n_in)`` matrix of F.interpolate along one axis (it is separable and linear)."""
+    basis = torch.eye(n_in, dtype=torch.float64)[None]  # (1, n_in channels, n_in)
+    mode_1d = "linear" if mode == "bilinear" else mode
+    return F.interpolate(basis, size=n_out, mode=mode_1d, **_interp_kwargs(mode_1d))[0].T
 
 
-def _check_pair(alpha: torch.Tensor, mask: torch.Tensor) -> None:
-    if alpha.dim() != 2 or mask.dim() != 2:
+class _Region:
+    """A pixel mask prepared for scoring attention maps on an ``(h, w)`` grid.
+
+    Upsampling is linear: ``up = U_h @ alpha @ U_w.T``. So the upsampled mass inside the mask is
+    ``<alpha, U_h.T @ mask @ U_w>`` and the total mass ``<alpha, U_h.T @ 1 @ U_w>``: correctness
+    needs one (h, w) dot product per word instead of an upsampled image per word.
+    """
+
+    def __init__(self, mask: torch.Tensor, grid: tuple[int, int], mode: str) -> None:
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        (h, w), (H, W) = grid, mask.shape
+        u_h, u_w = _axis_weights(h, H, mode), _axis_weights(w, W, mode)  # (H, h), (W, w)
+        self.size = (H, W)
+        self.flat = mask.reshape(-1).numpy()  # (H * W,) for pointing lookups
+        self.share = float(mask.double().mean())  # what a uniform map scores
+        self.projection = u_h.T @ mask.double() @ u_w  # (h, w) mass each cell sends inside
+        self.cell_mass = u_h.sum(0)[:, None] * u_w.sum(0)[None, :]  # (h, w) mass each cell sends
+
+
+def _correctness(maps: torch.Tensor, regions: Sequence[_Region], mode: str) -> torch.Tensor:
+    """Attention correctness of ``maps`` (B, h, w) float64, one region per map."""
+    proj = torch.stack([r.projection for r in regions])  # (B, h, w)
+    cell_mass = torch.stack([r.cell_mass for r in regions])  # (B, h, w)
+    shares = torch.tensor([r.share for r in regions], dtype=torch.float64)
+    inside, total = (maps * proj).sum(dim=(1, 2)), (maps * cell_mass).sum(dim=(1, 2))  # (B,)
+    out = torch.where(total > 0, inside / total.clamp_min(torch.finfo(total.dtype).tiny), shares)
+    # Clipping negatives after upsampling is not linear: score such (rare) maps explicitly.
+    for i in torch.nonzero((maps < 0).flatten(1).any(dim=1)).flatten().tolist():
+        up = upsample_attention(maps[i], regions[i].size, mode).reshape(-1)  # (H * W,)
+        out[i] = up[torch.from_numpy(regions[i].flat)].sum()
+    return out
+
+
+def _pointing(maps: torch.Tensor, regions: Sequence[_Region], mode: str) -> torch.Tensor:
+    """Whether the upsampled maximum of each map (B, h, w) lies in its region; chunked."""
+    size = regions[0].size
+    chunk = max(1, _CHUNK_PIXELS // (size[0] * size[1]))
+    peaks = []
+    for s in range(0, len(maps), chunk):
+        batch = maps[s:s + chunk, None].float()  # (b, 1, h, w)
+        up = F.interpolate(batch, size=size, mode=mode, **_interp_kwargs(mode)).flatten(1)
+        if bool((batch < 0).any()):
+            up = up.clamp_min(0.0)  # an all-negative map becomes uniform: peak at pixel 0
+        peaks.append(up.argmax(dim=1))  # (b,) first maximum in row-major order
+    peak = torch.cat(peaks).tolist()
+    return torch.tensor([bool(r.flat[p]) for r, p in zip(regions, peak)], dtype=torch.bool)
+
+
+def _prepare(alpha: ArrayLike, mask: ArrayLike, mode: str) -> tuple[torch.Tensor, _Region]:
+    a, m = _as_tensor(alpha, torch.float64), _as_tensor(mask, torch.bool)
+    if a.dim() != 2 or m.dim() != 2:
         raise ValueError(f"expected an (h, w) attention map and an (H, W) mask, got "
-                         f"{tuple(alpha.shape)} and {tuple(mask.shape)}")
+                         f"{tuple(a.shape)} and {tuple(m.shape)}")
+    return a[None], _Region(m, tuple(a.shape), mode)
 
 
 def attention_correctness(alpha: ArrayLike, mask: ArrayLike, mode: str = "bilinear") -> float:
     """Share of the upsampled, renormalised attention ``alpha`` (h, w) inside ``mask`` (H, W)."""
-    a, m = _as_tensor(alpha, torch.float64), _as_tensor(mask, torch.bool)
-    _check_pair(a, m)
-    correctness, _ = _score_batch(a[None], m[None], mode)
-    return float(correctness[0])
+    a, region = _prepare(alpha, mask, mode)
+    return float(_correctness(a, [region], mode)[0])
 
 
 def pointing_hit(alpha: ArrayLike, mask: ArrayLike, mode: str = "bilinear") -> bool:
     """Whether the maximum of the upsampled attention ``alpha`` (h, w) lies inside ``mask``
     (H, W). Ties go to the first maximum in row-major order."""
-    a, m = _as_tensor(alpha, torch.float64), _as_tensor(mask, torch.bool)
-    _check_pair(a, m)
-    _, hits = _score_batch(a[None], m[None], mode)
-    return bool(hits[0])
+    a, region = _prepare(alpha, mask, mode)
+    return bool(_pointing(a, [region], mode)[0])
 
 
 _WORD_CLASS = {**{w: "colour" for w in COLOURS}, **{w: "size" for w in SIZES},
@@ -130,15 +177,11 @@ def evaluate_grounding(
     size = native if image_size is None else int(image_size)
     images = grounding["images"]
 
-    mask_cache: dict[tuple[str, int], torch.Tensor] = {}
-
     def mask_of(key: str, k: int) -> torch.Tensor:
-        if (key, k) not in mask_cache:
-            m = torch.from_numpy(object_mask(images[key]["objects"][k], native))  # (H0, W0)
-            if size != native:  # geometry is in native pixels; resize the mask, not the shape
-                m = F.interpolate(m[None, None].double(), size=(size, size), mode="nearest")[0, 0] > 0.5
-            mask_cache[(key, k)] = m
-        return mask_cache[(key, k)]
+        m = torch.from_numpy(object_mask(images[key]["objects"][k], native))  # (H0, W0)
+        if size != native:  # geometry is in native pixels: resize the mask, not the shape
+            m = F.interpolate(m[None, None].double(), size=(size, size), mode="nearest")[0, 0] > 0.5
+        return m
 
     # Collect every grounded word first, then score them in a few batched interpolations.
     maps: list[torch.Tensor] = []
@@ -178,14 +221,15 @@ def evaluate_grounding(
     correctness = torch.zeros(len(maps), dtype=torch.float64)
     hits = torch.zeros(len(maps), dtype=torch.bool)
     if maps:
-        grid = {tuple(m.shape) for m in maps}
-        if len(grid) != 1:
-            raise ValueError(f"attention grids differ between samples: {sorted(grid)}")
-        chunk = max(1, _CHUNK_PIXELS // (size * size))
-        for s in range(0, len(maps), chunk):
-            batch = torch.stack(maps[s:s + chunk])  # (B, h, w)
-            masks = torch.stack([mask_of(*wm) for wm in word_masks[s:s + chunk]])  # (B, H, W)
-            correctness[s:s + chunk], hits[s:s + chunk] = _score_batch(batch, masks, mode)
+        grids = {tuple(m.shape) for m in maps}
+        if len(grids) != 1:
+            raise ValueError(f"attention grids differ between samples: {sorted(grids)}")
+        (grid,) = grids
+        regions = {wm: _Region(mask_of(*wm), grid, mode) for wm in set(word_masks)}
+        word_regions = [regions[wm] for wm in word_masks]
+        stacked = torch.stack(maps)  # (N, h, w)
+        correctness = _correctness(stacked, word_regions, mode)
+        hits = _pointing(stacked, word_regions, mode)
 
     def summary(select: Sequence[bool] | None = None) -> dict[str, Any]:
         c, h = correctness, hits.double()

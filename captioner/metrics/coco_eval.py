@@ -356,6 +356,8 @@ def score_captions(
                       f"downloaded ({type(exc).__name__}: {exc})")
             _skip(result, "SPICE", reason)
 
+    result.per_image = {k: {m: v[m] for m in METRIC_KEYS if m in v}
+                        for k, v in result.per_image.items()}
     result.nltk_corpus_bleu4 = nltk_corpus_bleu4(
         {k: res[k][0] for k in ids}, {k: gts[k] for k in ids}
     )

@@ -1,0 +1,60 @@
+"""Checkpoints that survive a kill: atomic writes and a periodic ``last.ckpt``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+logger = logging.getLogger(__name__)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``: a reader
+    sees the old file or the new one, never a torn one, whenever the writer dies."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO with ``atomic_torch_save`` for local paths."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO takes no storage_options")
+        if "://" in str(path):  # remote file systems: Lightning's own transactional write
+            super().save_checkpoint(checkpoint, path)
+            return
+        atomic_torch_save(checkpoint, path)
+
+
+class PeriodicCheckpoint(L.Callback):
+    """Write ``last.ckpt`` (beside the best checkpoint) every ``every_n_steps`` optimiser steps,
+    so a killed run loses at most that many steps. 0 turns it off."""
+
+    def __init__(self, every_n_steps: int = 500, filename: str = "last.ckpt") -> None:
+        self.every_n_steps = every_n_steps
+        self.filename = filename
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self.every_n_steps <= 0 or trainer.global_step == 0 or trainer.global_step % self.every_n_steps:
+            return
+        cb = trainer.checkpoint_callback
+        folder = Path(cb.dirpath) if cb is not None and cb.dirpath else Path(trainer.default_root_dir) / "checkpoints"
+        trainer.save_checkpoint(folder / self.filename, weights_only=False)  # all ranks call; rank 0 writes

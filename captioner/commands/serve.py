@@ -1,0 +1,78 @@
+"""``captioner serve``: the web page and JSON API (see ``captioner.serve``)."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+from pathlib import Path
+
+from captioner.cli import UsageError
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="web page + JSON API: caption an image and see where the model looked",
+        description="Serve a web page (GET /) and a JSON API (POST /api/caption, GET /healthz) for one "
+        "checkpoint. Binds to 127.0.0.1 unless --host says otherwise; there is no authentication.",
+    )
+    p.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint written by `captioner fit`")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted image file (default: 10)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--max-batch", type=int, default=8, help="images per model call (default: 8)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="images waiting or running before requests get 503 (default: 64)")
+    p.add_argument("--max-connections", type=int, default=128,
+                   help="open connections before new ones get 503 (default: 128)")
+    p.set_defaults(func=cmd_serve)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    if not 0 <= a.port <= 65535:
+        raise UsageError(f"--port must be 0..65535, got {a.port}")
+    if a.max_upload_mb <= 0:
+        raise UsageError(f"--max-upload-mb must be > 0, got {a.max_upload_mb}")
+    for flag, value in (("--max-batch", a.max_batch), ("--max-queue", a.max_queue),
+                        ("--max-connections", a.max_connections)):
+        if value < 1:
+            raise UsageError(f"{flag} must be >= 1, got {value}")
+    try:
+        import uvicorn
+
+        from captioner.serve import create_app
+    except ImportError as err:
+        raise UsageError(f"captioner serve needs the serve extra ({err.name} is missing): "
+                         "pip install 'captioner[serve]'") from None
+    from captioner.inference import CheckpointError, load_checkpoint, resolve_device
+
+    try:
+        device = resolve_device(a.device)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    try:
+        loaded = load_checkpoint(a.checkpoint, device)
+    except CheckpointError as err:
+        raise UsageError(str(err)) from None
+    app = create_app(loaded, max_upload_mb=a.max_upload_mb, max_batch=a.max_batch, max_queue=a.max_queue)
+    if not _is_loopback(a.host):
+        logger.warning("listening on %s: anyone who can reach this address can use the model "
+                       "(there is no authentication)", a.host)
+    shown = f"[{a.host}]" if ":" in a.host else a.host
+    logger.info("captioner: open http://%s:%d/ in a browser (Ctrl+C stops)", shown, a.port)
+    uvicorn.run(app, host=a.host, port=a.port, log_level="info", server_header=False,
+                limit_concurrency=a.max_connections)
+    return 0

@@ -1,0 +1,414 @@
+"""The web page and JSON API behind ``captioner serve``.
+
+One model, loaded once. Uploads are read into memory with a byte limit (never onto disk: the uploaded
+file name is not used for anything), decoded on a small thread pool, and handed to a single consumer
+task that runs the model on one thread, batching images that arrived together per beam size. The
+number of images waiting or running is bounded; beyond it the server answers 503 instead of queueing
+without end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections import deque
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+from torch import Tensor
+
+from captioner.data import images as image_io
+from captioner.inference import Caption, CaptionPipeline, LoadedModel, load_checkpoint
+
+logger = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent / "static"
+MAX_BEAM_SIZE = 10
+# Room for the multipart boundaries, part headers and the small form fields around the image.
+MULTIPART_OVERHEAD = 64 * 1024
+
+# Everything the page needs comes from this server; the policy makes the browser enforce that.
+SECURITY_HEADERS = [
+    (b"content-security-policy",
+     b"default-src 'self'; img-src 'self' blob: data:; script-src 'self'; style-src 'self'; "
+     b"connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+]
+
+
+class ApiError(Exception):
+    """Answered as ``{"error": message}`` with ``status``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class _TooLarge(Exception):
+    pass
+
+
+@dataclass
+class ServeStats:
+    """Counters for monitoring and tests (``app.state.stats``)."""
+
+    requests: int = 0  # caption requests that reached the model queue
+    images: int = 0  # images captioned
+    batches: int = 0  # model calls
+    largest_batch: int = 0
+    busy: int = 0  # requests refused with 503 because the queue was full
+    failures: int = 0  # model calls that raised
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class _Job:
+    image: Tensor  # (3, S, S), preprocessed
+    beam_size: int
+    future: asyncio.Future
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Batcher:
+    """One consumer task feeding one model thread; concurrent requests share batches.
+
+    Requests for the same beam size that are waiting when the model becomes free (or that arrive
+    within ``wait_s`` of an idle queue's first request) run as one batch of at most ``max_batch``.
+    """
+
+    def __init__(
+        self, pipeline: CaptionPipeline, stats: ServeStats, max_batch: int = 8, max_pending: int = 64,
+        wait_s: float = 0.005,
+    ) -> None:
+        self.pipeline = pipeline
+        self.stats = stats
+        self.max_batch = max_batch
+        self.max_pending = max_pending
+        self.wait_s = wait_s
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="captioner-model")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue[_Job] | None = None
+        self._task: asyncio.Task | None = None
+        self._waiting: deque[_Job] = deque()
+        self._pending = 0  # submitted and not yet answered (queued, waiting or running)
+
+    def _ensure_running(self) -> asyncio.AbstractEventLoop:
+        # Started lazily on the serving loop (and again if a test client brings a new loop).
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop or self._task is None or self._task.done():
+            self._loop = loop
+            self._queue = asyncio.Queue()
+            self._waiting = deque()
+            self._task = loop.create_task(self._consume(), name="captioner-batcher")
+        return loop
+
+    async def submit(self, image: Tensor, beam_size: int) -> Caption:
+        loop = self._ensure_running()
+        if self._pending >= self.max_pending:
+            self.stats.busy += 1
+            raise QueueFull
+        self._pending += 1
+        self.stats.requests += 1
+        job = _Job(image, beam_size, loop.create_future())
+        try:
+            self._queue.put_nowait(job)
+            return await job.future
+        finally:  # also when the client went away: the job is skipped if it has not run yet
+            self._pending -= 1
+
+    async def _consume(self) -> None:
+        loop = asyncio.get_running_loop()
+        queue = self._queue
+        while True:
+            if not self._waiting:
+                self._waiting.append(await queue.get())
+                if self.wait_s > 0:
+                    await asyncio.sleep(self.wait_s)  # let requests that arrive together join in
+            while not queue.empty():
+                self._waiting.append(queue.get_nowait())
+            batch = self._take_batch()
+            if not batch:
+                continue
+            beam = batch[0].beam_size
+            try:
+                captions = await loop.run_in_executor(
+                    self._executor, self._run_model, [j.image for j in batch], beam
+                )
+            except Exception as err:  # e.g. out of memory: fail this batch, keep serving
+                logger.exception("captioning a batch of %d failed", len(batch))
+                self.stats.failures += 1
+                for j in batch:
+                    if not j.future.done():
+                        j.future.set_exception(ApiError(500, f"the model failed: {type(err).__name__}"))
+                continue
+            self.stats.batches += 1
+            self.stats.images += len(batch)
+            self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+            for j, cap in zip(batch, captions):
+                if not j.future.done():
+                    j.future.set_result(cap)
+
+    def _take_batch(self) -> list[_Job]:
+        """Up to ``max_batch`` live jobs with the oldest job's beam size, oldest first."""
+        live = [j for j in self._waiting if not j.future.done()]
+        if not live:
+            self._waiting.clear()
+            return []
+        beam = live[0].beam_size
+        batch, rest = [], deque()
+        for j in live:
+            (batch if j.beam_size == beam and len(batch) < self.max_batch else rest).append(j)
+        self._waiting = rest
+        return batch
+
+    def _run_model(self, images: list[Tensor], beam_size: int) -> list[Caption]:
+        import torch
+
+        return self.pipeline.caption_tensors(torch.stack(images), beam_size)  # (B, 3, S, S)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        for j in self._waiting:
+            if not j.future.done():
+                j.future.set_exception(ApiError(503, "the server is shutting down"))
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def model_name(loaded: LoadedModel) -> str:
+    enc = loaded.hparams.get("encoder", {}).get("name", "?")
+    att = loaded.hparams.get("decoder", {}).get("attention", "?")
+    return f"{enc} + {att} attention"
+
+
+def caption_json(cap: Caption, beam_size: int) -> dict:
+    h, w = cap.grid
+    # Six decimals keep the payload small; each map still sums to 1 within ~1e-4.
+    attention = [[[round(v, 6) for v in row] for row in m] for m in cap.alphas.tolist()]
+    return {
+        "caption": cap.text,
+        "words": list(cap.words),
+        "attention": attention,  # (T, h, w)
+        "grid": [h, w],
+        "score": round(float(cap.score), 6),
+        "beam_size": beam_size,
+    }
+
+
+def _error_status(err: image_io.ImageLoadError) -> int:
+    reason = err.reason.lower()
+    if reason.startswith("not an image"):
+        return 415
+    if reason.startswith("decompression bomb"):
+        return 413
+    return 400  # empty, truncated, corrupt
+
+
+class _SecurityHeaders:
+    """Plain ASGI middleware (it does not touch the request body stream)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + SECURITY_HEADERS
+            await send(message)
+
+        return await self.app(scope, receive, send_with_headers)
+
+
+def create_app(
+    checkpoint: str | os.PathLike | LoadedModel,
+    *,
+    max_upload_mb: float = 10.0,
+    max_batch: int = 8,
+    max_queue: int = 64,
+    device: str = "cpu",
+    default_beam_size: int | None = None,
+    decode_workers: int = 2,
+    batch_wait_ms: float = 5.0,
+) -> FastAPI:
+    """The app for one model: a checkpoint path (loaded now, on ``device``) or a ``LoadedModel``.
+
+    ``max_upload_mb`` bounds an upload; ``max_batch`` images per model call; ``max_queue`` images
+    waiting or running before new requests get 503; ``decode_workers`` images decoded at once.
+    """
+    if max_upload_mb <= 0:
+        raise ValueError(f"max_upload_mb must be > 0, got {max_upload_mb}")
+    if max_batch < 1 or max_queue < 1 or decode_workers < 1:
+        raise ValueError("max_batch, max_queue and decode_workers must be >= 1")
+    loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_checkpoint(checkpoint, device)
+    pipeline = CaptionPipeline(loaded, beam_size=default_beam_size)
+    default_beam = min(max(pipeline.beam_size, 1), MAX_BEAM_SIZE)
+    max_bytes = int(max_upload_mb * 1024 * 1024)
+    body_limit = max_bytes + MULTIPART_OVERHEAD
+    stats = ServeStats()
+    batcher = Batcher(pipeline, stats, max_batch=max_batch, max_pending=max_queue, wait_s=batch_wait_ms / 1000)
+    decoder_pool = ThreadPoolExecutor(max_workers=decode_workers, thread_name_prefix="captioner-decode")
+    preprocess = loaded.preprocessing
+    index_html = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        logger.info("model %s (vocabulary %d) on %s", model_name(loaded), len(loaded.vocab), pipeline.device)
+        yield
+        await batcher.close()
+        decoder_pool.shutdown(wait=False, cancel_futures=True)
+
+    # No /docs: Swagger UI would load scripts from a CDN, and the page must work offline.
+    app = FastAPI(title="captioner", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(_SecurityHeaders)
+    app.state.stats = stats
+    app.state.batcher = batcher
+    app.state.loaded = loaded
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, err: ApiError) -> JSONResponse:
+        return JSONResponse({"error": err.message}, status_code=err.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(err.detail)}, status_code=err.status_code, headers=err.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+        msgs = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in err.errors())
+        return JSONResponse({"error": msgs or "invalid request"}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, err: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s", request.url.path)
+        return JSONResponse({"error": "internal server error"}, status_code=500)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(index_html, headers={"cache-control": "no-cache"})
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> FileResponse:
+        return FileResponse(STATIC_DIR / "favicon.svg", media_type="image/svg+xml")
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {
+            "status": "ok",
+            "model": model_name(loaded),
+            "vocab_size": len(loaded.vocab),
+            "grid": loaded.hparams.get("encoder", {}).get("grid"),
+            "image_size": preprocess.image_size,
+            "beam_size": default_beam,
+            "max_beam_size": MAX_BEAM_SIZE,
+            "max_upload_mb": max_upload_mb,
+        }
+
+    async def read_form(request: Request):
+        """The multipart body, in memory, refused as soon as it passes ``body_limit`` bytes."""
+        ctype = request.headers.get("content-type", "")
+        if not ctype.lower().startswith("multipart/form-data"):
+            raise ApiError(415, "send the image as multipart/form-data in a field named 'image'")
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            try:
+                too_big = int(declared) > body_limit
+            except ValueError:
+                raise ApiError(400, "invalid Content-Length header") from None
+            if too_big:  # refuse before reading a byte of it
+                raise ApiError(413, f"upload too large: the limit is {max_upload_mb:g} MB")
+
+        async def limited() -> AsyncIterator[bytes]:
+            seen = 0
+            async for chunk in request.stream():
+                seen += len(chunk)
+                if seen > body_limit:  # a lying or absent Content-Length
+                    raise _TooLarge
+                yield chunk
+
+        parser = MultiPartParser(request.headers, limited(), max_files=1, max_fields=8)
+        parser.spool_max_size = body_limit + 1  # keep the upload in memory, never a temp file
+        try:
+            return await parser.parse()
+        except _TooLarge:
+            raise ApiError(413, f"upload too large: the limit is {max_upload_mb:g} MB") from None
+        except MultiPartException as err:
+            raise ApiError(400, f"malformed multipart form: {err.message}") from None
+
+    def parse_beam(raw) -> int:
+        if raw is None or raw == "":
+            return default_beam
+        if not isinstance(raw, str):
+            raise ApiError(422, "beam_size must be a form field, not a file")
+        try:
+            k = int(raw.strip())
+        except ValueError:
+            raise ApiError(422, f"beam_size must be an integer from 1 to {MAX_BEAM_SIZE}, got {raw[:20]!r}") from None
+        if not 1 <= k <= MAX_BEAM_SIZE:
+            raise ApiError(422, f"beam_size must be from 1 to {MAX_BEAM_SIZE}, got {k}")
+        return k
+
+    def decode(data: bytes) -> Tensor:
+        # The name is only used in messages; the client's file name is never used at all.
+        img = image_io.load_image_bytes(data, "upload")
+        return preprocess(img)  # (3, S, S)
+
+    @app.post(
+        "/api/caption",
+        openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+            "type": "object", "required": ["image"],
+            "properties": {"image": {"type": "string", "format": "binary"},
+                           "beam_size": {"type": "integer", "minimum": 1, "maximum": MAX_BEAM_SIZE}},
+        }}}}},
+    )
+    async def caption(request: Request) -> JSONResponse:
+        form = await read_form(request)
+        try:
+            upload = form.get("image")
+            if not isinstance(upload, UploadFile):
+                raise ApiError(422, "the form needs a file field named 'image'")
+            beam = parse_beam(form.get("beam_size"))
+            data = await upload.read(max_bytes + 1)
+            if len(data) > max_bytes:
+                raise ApiError(413, f"upload too large: the limit is {max_upload_mb:g} MB")
+        finally:
+            await form.close()
+        loop = asyncio.get_running_loop()
+        try:
+            image = await loop.run_in_executor(decoder_pool, decode, data)
+        except image_io.ImageLoadError as err:
+            raise ApiError(_error_status(err), err.reason) from None
+        del data
+        try:
+            cap = await batcher.submit(image, beam)
+        except QueueFull:
+            raise ApiError(503, "the server is busy: too many images waiting; try again shortly") from None
+        return JSONResponse(caption_json(cap, beam))
+
+    return app

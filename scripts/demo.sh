@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The whole job on the embedded `shapes` data set, offline, on CPU or GPU:
+# generate data -> train -> caption test images -> attention figures -> evaluate.
+#
+#   scripts/demo.sh                       (trains once; a second run reuses the checkpoint)
+#   DEMO_RETRAIN=1 scripts/demo.sh        train again
+#   DEMO_MAX_TIME=00:00:10:00 scripts/demo.sh   training budget (dd:hh:mm:ss)
+#
+# Outputs: data/shapes/ (data set), runs/shapes/checkpoints/best.ckpt (best model on validation
+# CIDEr-D), demo_out/captions.jsonl, demo_out/attention/*.png, demo_out/report/ (metrics, summary).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/_venv.sh
+ensure_venv serve
+
+MAX_TIME="${DEMO_MAX_TIME:-00:00:10:00}"
+CKPT=runs/shapes/checkpoints/best.ckpt
+OUT=demo_out
+has() { captioner --help 2>/dev/null | grep -qE "^\s+$1\b|[{,]$1[,}]"; }
+
+echo "== 1. data: the synthetic shapes data set (data/shapes)"
+if [ ! -f data/shapes/dataset.json ]; then
+    captioner shapes --out data/shapes --num-images 4000 --seed 0 --image-size 64
+else
+    echo "   data/shapes exists"
+fi
+
+echo "== 2. train: soft attention, configs/shapes.yaml (budget $MAX_TIME)"
+if [ ! -f "$CKPT" ] || [ "${DEMO_RETRAIN:-0}" = 1 ]; then
+    rm -rf runs/shapes
+    captioner fit --config configs/shapes.yaml --trainer.max_time "$MAX_TIME"
+else
+    echo "   $CKPT exists (DEMO_RETRAIN=1 to train again)"
+fi
+echo "   best checkpoint: $CKPT"
+
+mkdir -p "$OUT"
+mapfile -t SAMPLES < <(python - <<'PY'
+import json
+d = json.load(open("data/shapes/dataset.json"))
+test = [im["filename"] for im in d["images"] if im["split"] == "test"][:6]
+print("\n".join(f"data/shapes/images/{f}" for f in test))
+PY
+)
+
+if has caption; then
+    echo "== 3. caption: ${#SAMPLES[@]} test images (beam 3) -> $OUT/captions.jsonl"
+    captioner caption --checkpoint "$CKPT" --beam-size 3 --json "${SAMPLES[@]}" | tee "$OUT/captions.jsonl"
+fi
+
+if has attend; then
+    echo "== 4. attend: per-word attention figures -> $OUT/attention/"
+    mkdir -p "$OUT/attention"
+    for img in "${SAMPLES[@]:0:3}"; do
+        name="$(basename "$img" .png)"
+        captioner attend --checkpoint "$CKPT" "$img" --output "$OUT/attention/$name.png" --beam-size 3
+    done
+fi
+
+if has evaluate; then
+    echo "== 5. evaluate: shapes test split (captions, attention correctness) -> $OUT/report/"
+    captioner evaluate --checkpoint "$CKPT" --config configs/shapes.yaml --split test --beam-size 3 \
+        --output "$OUT/metrics.json" --results "$OUT/results.json" --report "$OUT/report"
+fi
+
+if has serve; then
+    echo "== 6. see it in the browser:"
+    echo "   captioner serve --checkpoint $CKPT    # then open http://127.0.0.1:8000/"
+fi
