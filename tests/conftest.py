@@ -18,9 +18,9 @@ def _seed_and_threads():
 
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory) -> Path:
-    """40 shapes images at 32 px, made once per test session."""
+    """80 shapes images at 32 px, made once per test session."""
     out = tmp_path_factory.mktemp("shapes") / "shapes"
-    generate_shapes(out, ShapesConfig(num_images=40, seed=1, image_size=32))
+    generate_shapes(out, ShapesConfig(num_images=80, seed=1, image_size=32))
     return out
 
 
@@ -33,7 +33,7 @@ def fit_args(shapes_dir: Path, root: Path, *extra: str) -> list[str]:
         "--data.min_count", "1",
         "--model.encoder.channels", "16", "--model.encoder.grid", "4",
         "--model.decoder.embed_dim", "16", "--model.decoder.attention_dim", "16",
-        "--model.decoder.decoder_dim", "16",
+        "--model.decoder.decoder_dim", "16", "--model.optim.warmup_steps", "0",
         "--trainer.default_root_dir", str(root), "--trainer.logger", "false",
         "--trainer.enable_progress_bar", "false", "--trainer.max_time", "null",
         "--checkpoint.dirpath", str(root / "checkpoints"),
@@ -43,11 +43,11 @@ def fit_args(shapes_dir: Path, root: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(shapes_dir, tmp_path_factory) -> Path:
-    """A checkpoint from 2 epochs of `captioner fit` on 40 images (seconds)."""
+    """A checkpoint from 8 epochs of `captioner fit` on 64 training images (seconds)."""
     from captioner.cli import main
 
     root = tmp_path_factory.mktemp("run")
-    main(fit_args(shapes_dir, root, "--trainer.max_epochs", "2"))
+    main(fit_args(shapes_dir, root, "--trainer.max_epochs", "8", "--model.optim.lr", "0.01"))
     ckpt = root / "checkpoints" / "best.ckpt"
     assert ckpt.is_file(), sorted(p.name for p in (root / "checkpoints").iterdir())
     return ckpt

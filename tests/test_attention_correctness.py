@@ -40,6 +40,28 @@ def test_uniform_map_scores_the_region_area_share(mode, grid):
         pytest.approx(mask.mean(), abs=1e-12)
 
 
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+@pytest.mark.parametrize(("grid", "size"), [((4, 4), (64, 64)), ((7, 5), (50, 90)), ((14, 14), (224, 224))])
+def test_correctness_equals_the_mass_of_the_upsampled_map(mode, grid, size):
+    # attention_correctness works on the grid (upsampling is linear); check it against the
+    # explicit upsample-then-sum definition.
+    rng = np.random.default_rng(sum(size))
+    for trial in range(6):
+        alpha = rng.random(grid) ** 4 - (0.3 if trial >= 4 else 0.0)  # some with negatives
+        mask = rng.random(size) < rng.random()
+        up = upsample_attention(alpha, size, mode).numpy()  # (H, W)
+        explicit = float(up[mask].sum())
+        assert attention_correctness(alpha, mask, mode=mode) == pytest.approx(explicit, abs=1e-12)
+        # The peak is the first maximal pixel in row-major order; pixels within rounding of the
+        # maximum count as ties (F.interpolate's own values wobble by an ulp on plateaus).
+        maximal = up >= up.max() - 1e-12
+        first = np.zeros_like(maximal)
+        first.flat[int(np.flatnonzero(maximal)[0])] = True
+        assert pointing_hit(alpha, first, mode=mode)
+        assert not pointing_hit(alpha, ~maximal, mode=mode)
+        assert pointing_hit(alpha, mask, mode=mode) == bool(mask[first].any())
+
+
 def test_nearest_mass_in_cells_inside_the_region_scores_one():
     rng = np.random.default_rng(0)
     region = [(0, 1), (1, 1), (1, 2), (2, 2)]

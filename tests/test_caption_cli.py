@@ -52,7 +52,7 @@ def _json_lines(text: str) -> list[dict]:
 
 
 # -- caption -------------------------------------------------------------------------------------
-def test_caption_json_reports_bad_files_and_captions_the_rest(tiny_checkpoint, mixed_folder, capsys):
+def test_caption_json_reports_bad_files_and_captions_the_rest(tiny_checkpoint, mixed_folder, capsys, caplog):
     folder, good, bad = mixed_folder
     rc = main(["caption", "--checkpoint", str(tiny_checkpoint), "--json", "--batch-size", "2",
                "--device", "cpu", str(folder)])
@@ -71,7 +71,7 @@ def test_caption_json_reports_bad_files_and_captions_the_rest(tiny_checkpoint, m
         assert isinstance(row["score"], float) and row["score"] <= 0
     # Output follows the sorted recursive listing, errors in place.
     assert [r["image"] for r in rows] == sorted(r["image"] for r in rows)
-    assert "3 of 8 images" in err
+    assert "3 of 8 images could not be captioned" in caplog.text
 
 
 def test_caption_text_output_all_good(tiny_checkpoint, tmp_path, shapes_dir, capsys):
@@ -234,7 +234,8 @@ def test_attend_png_and_json(attention_checkpoint, shapes_dir, tmp_path, capsys)
 def test_attend_gif_one_frame_per_word(tiny_checkpoint, shapes_dir, tmp_path, capsys):
     image = sorted((shapes_dir / "images").glob("*.png"))[1]
     out = tmp_path / "att.gif"
-    rc = main(["attend", "--checkpoint", str(tiny_checkpoint), str(image), "-o", str(out), "--no-smooth"])
+    rc = main(["attend", "--checkpoint", str(tiny_checkpoint), str(image), "-o", str(out), "--no-smooth",
+               "--cmap", "jet"])
     words = capsys.readouterr().out.split()
     assert rc == 0
     with Image.open(out) as im:
@@ -263,3 +264,6 @@ def test_attend_bad_checkpoint_and_output_folder_exit_2(tiny_checkpoint, shapes_
     assert rc == 2 and "not found" in capsys.readouterr().err
     rc = main(["attend", "--checkpoint", str(tiny_checkpoint), str(image), "-o", str(tmp_path / "no" / "a.png")])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
+    rc = main(["attend", "--checkpoint", str(tiny_checkpoint), str(image), "-o", str(tmp_path / "a.png"),
+               "--cmap", "nonsense"])
+    assert rc == 2 and "unknown colour map" in capsys.readouterr().err

@@ -90,7 +90,7 @@ def test_nbest_is_sorted_and_length_penalty_reranks(decoder) -> None:
         assert scores == sorted(scores, reverse=True)
     norm = beam_search(decoder, feats, beam_size=4, max_length=10, length_penalty=1.0)
     for i, hyps in enumerate(norm.nbest):
-        for toks, s in hyps:
+        for _toks, s in hyps:
             assert s <= norm.scores[i].item() + 1e-6
 
 

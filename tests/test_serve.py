@@ -346,6 +346,26 @@ def test_full_queue_answers_503(loaded):
     assert sorted(codes) == [200, 200, 503, 503, 503]
 
 
+def test_model_failure_is_500_and_the_server_recovers(loaded):
+    app = create_app(loaded)
+    run_model = app.state.batcher._run_model
+    calls = []
+
+    def flaky(images, beam_size):
+        calls.append(len(images))
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return run_model(images, beam_size)
+
+    app.state.batcher._run_model = flaky
+    with TestClient(app) as c:
+        r = post(c, png_bytes())
+        assert r.status_code == 500
+        assert "model failed" in r.json()["error"]
+        assert post(c, png_bytes()).status_code == 200
+    assert app.state.stats.failures == 1
+
+
 # -- the page --------------------------------------------------------------------------------------
 def test_index_page_uses_only_local_files(client):
     r = client.get("/")

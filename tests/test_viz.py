@@ -68,6 +68,18 @@ def test_overlay_highlights_the_attended_region() -> None:
     assert top_right[0] > top_right[2] and bottom_left[2] > bottom_left[0]
 
 
+def test_default_overlay_dims_what_is_not_attended() -> None:
+    image = Image.new("RGB", (60, 60), (40, 160, 60))
+    alpha = np.full((3, 3), 0.01, dtype=np.float32)
+    alpha[1, 1] = 0.92  # the centre
+    out = np.asarray(overlay_attention(image, alpha, smooth=True)).astype(int)
+    # The attended region keeps its true colour; the rest is darkened, hue kept.
+    np.testing.assert_allclose(out[30, 30], (40, 160, 60), atol=2)
+    assert out[2, 2].sum() < 0.4 * sum((40, 160, 60)) and out[2, 2][1] == out[2, 2].max()
+    # A uniform map leaves the whole image as it is.
+    np.testing.assert_array_equal(np.asarray(overlay_attention(image, np.full((3, 3), 1 / 9))), image)
+
+
 def test_plot_attention_one_panel_per_word() -> None:
     fig = plot_attention(_image(), WORDS, _alphas(), max_cols=4)
     axes = fig.get_axes()

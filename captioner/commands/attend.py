@@ -19,10 +19,14 @@ logger = logging.getLogger(__name__)
 
 
 def cmd_attend(a: argparse.Namespace) -> int:
+    from matplotlib import colormaps
+
     from captioner.cli import UsageError
     from captioner.data.images import ImageLoadError, load_image
     from captioner.viz import attention_json, save_attention_figure, save_attention_gif
 
+    if a.cmap is not None and a.cmap not in colormaps:
+        raise UsageError(f"--cmap: unknown colour map {a.cmap!r} (try jet, inferno, viridis)")
     fmt = a.format or ("gif" if a.output.suffix.lower() == ".gif" else "png")
     if not a.output.parent.is_dir():
         raise UsageError(f"--output: folder {a.output.parent} does not exist")
@@ -36,10 +40,10 @@ def cmd_attend(a: argparse.Namespace) -> int:
     (caption,) = pipeline.caption_images([image])
     if fmt == "gif":
         save_attention_gif(image, caption.words, caption.alphas, a.output, smooth=a.smooth,
-                           duration_ms=a.duration_ms)
+                           duration_ms=a.duration_ms, cmap=a.cmap)
     else:
         save_attention_figure(image, caption.words, caption.alphas, a.output, smooth=a.smooth,
-                              max_cols=a.max_cols)
+                              max_cols=a.max_cols, cmap=a.cmap)
     written = [a.output]
     if a.json:
         maps = attention_json(caption.words, caption.alphas, caption.grid)
@@ -66,6 +70,9 @@ def register(subparsers) -> None:
                    help="figure (png) or one frame per word (gif); default: from --output's suffix")
     p.add_argument("--smooth", action=argparse.BooleanOptionalAction, default=True,
                    help="bicubic upsampling of the maps (default) or blocky regions (--no-smooth)")
+    p.add_argument("--cmap", default=None, metavar="NAME",
+                   help="overlay a matplotlib colour map (e.g. jet, inferno) instead of dimming "
+                   "what is not attended (the paper's look, default)")
     p.add_argument("--json", action="store_true", help="also write OUT.json with the raw per-word maps")
     p.add_argument("--max-cols", type=positive_int, default=5, help="panels per row of the figure")
     p.add_argument("--duration-ms", type=positive_int, default=800, help="GIF: time per word")

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from captioner.data.vocab import END_ID, PAD_ID, START_ID, UNK_ID
-from captioner.decoding.common import Generated, expand_cache, word_lengths
+from captioner.decoding.common import Generated, word_lengths
 from captioner.models.decoder import AttentionDecoder
 
 
@@ -33,7 +33,9 @@ def beam_search(
     b, n, _ = features.shape
     k = beam_size
     dev = features.device
-    cache = expand_cache(decoder.precompute(features), k)  # (B*K, ...)
+    # One cache row per image: the K beams of an image share it (the attention takes h with
+    # K consecutive rows per image), so the image work is neither copied nor repeated.
+    cache = decoder.precompute(features)  # (B, ...)
     state = decoder.init_state(features)
     state = (state[0].repeat_interleave(k, 0), state[1].repeat_interleave(k, 0))
     prev = torch.full((b * k,), START_ID, dtype=torch.long, device=dev)

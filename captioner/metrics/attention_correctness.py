@@ -12,6 +12,8 @@ exactly to its own pixels instead.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -33,7 +35,7 @@ from captioner.data.shapes import (
 ArrayLike = np.ndarray | torch.Tensor
 WORD_CLASSES = ("colour", "size", "shape")
 _MODES = ("bilinear", "nearest")
-# Pixels upsampled at once for the pointing game (float32: 16 MiB), bounding memory.
+# Candidate pixels evaluated at once for the pointing game (float64: 32 MiB), bounding memory.
 _CHUNK_PIXELS = 1 << 22
 
 
@@ -70,11 +72,14 @@ def upsample_attention(
     return up.reshape(*lead, *size)
 
 
-def _axis_weights(n_in: int, n_out: int, mode: str) -> torch.Tensor:
+@functools.lru_cache(maxsize=32)
+def _axis_weights(n_in: int, n_out: int, mode: str) -> np.ndarray:
     """``(n_out, n_in)`` matrix of F.interpolate along one axis (it is separable and linear)."""
     basis = torch.eye(n_in, dtype=torch.float64)[None]  # (1, n_in channels, n_in)
     mode_1d = "linear" if mode == "bilinear" else mode
-    return F.interpolate(basis, size=n_out, mode=mode_1d, **_interp_kwargs(mode_1d))[0].T
+    u = F.interpolate(basis, size=n_out, mode=mode_1d, **_interp_kwargs(mode_1d))[0].T.numpy()
+    u.flags.writeable = False  # shared through the cache
+    return u
 
 
 class _Region:
@@ -85,53 +90,84 @@ class _Region:
     needs one (h, w) dot product per word instead of an upsampled image per word.
     """
 
-    def __init__(self, mask: torch.Tensor, grid: tuple[int, int], mode: str) -> None:
+    def __init__(self, mask: np.ndarray, grid: tuple[int, int], mode: str) -> None:
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
         (h, w), (H, W) = grid, mask.shape
         u_h, u_w = _axis_weights(h, H, mode), _axis_weights(w, W, mode)  # (H, h), (W, w)
+        # numpy: torch's float64 matmul spins up threads even for these tiny products.
         self.size = (H, W)
-        self.flat = mask.reshape(-1).numpy()  # (H * W,) for pointing lookups
-        self.share = float(mask.double().mean())  # what a uniform map scores
-        self.projection = u_h.T @ mask.double() @ u_w  # (h, w) mass each cell sends inside
-        self.cell_mass = u_h.sum(0)[:, None] * u_w.sum(0)[None, :]  # (h, w) mass each cell sends
+        self.flat = mask.reshape(-1)  # (H * W,) bool, for pointing lookups
+        self.share = float(mask.mean())  # what a uniform map scores
+        self.projection = u_h.T @ (mask.astype(np.float64) @ u_w)  # (h, w) mass sent inside
+        self.cell_mass = np.outer(u_h.sum(0), u_w.sum(0))  # (h, w) mass each cell sends
 
 
-def _correctness(maps: torch.Tensor, regions: Sequence[_Region], mode: str) -> torch.Tensor:
+def _correctness(maps: torch.Tensor, regions: Sequence[_Region], mode: str) -> np.ndarray:
     """Attention correctness of ``maps`` (B, h, w) float64, one region per map."""
-    proj = torch.stack([r.projection for r in regions])  # (B, h, w)
-    cell_mass = torch.stack([r.cell_mass for r in regions])  # (B, h, w)
-    shares = torch.tensor([r.share for r in regions], dtype=torch.float64)
-    inside, total = (maps * proj).sum(dim=(1, 2)), (maps * cell_mass).sum(dim=(1, 2))  # (B,)
-    out = torch.where(total > 0, inside / total.clamp_min(torch.finfo(total.dtype).tiny), shares)
+    a = maps.numpy()
+    proj = np.stack([r.projection for r in regions])  # (B, h, w)
+    cell_mass = np.stack([r.cell_mass for r in regions])  # (B, h, w)
+    inside = np.einsum("bhw,bhw->b", a, proj)  # (B,)
+    total = np.einsum("bhw,bhw->b", a, cell_mass)  # (B,)
+    shares = np.array([r.share for r in regions])
+    out = np.where(total > 0, inside / np.where(total > 0, total, 1.0), shares)
     # Clipping negatives after upsampling is not linear: score such (rare) maps explicitly.
-    for i in torch.nonzero((maps < 0).flatten(1).any(dim=1)).flatten().tolist():
-        up = upsample_attention(maps[i], regions[i].size, mode).reshape(-1)  # (H * W,)
-        out[i] = up[torch.from_numpy(regions[i].flat)].sum()
+    for i in np.flatnonzero((a < 0).reshape(len(a), -1).any(axis=1)):
+        up = upsample_attention(maps[i], regions[i].size, mode).reshape(-1).numpy()  # (H * W,)
+        out[i] = up[regions[i].flat].sum()
     return out
 
 
-def _pointing(maps: torch.Tensor, regions: Sequence[_Region], mode: str) -> torch.Tensor:
-    """Whether the upsampled maximum of each map (B, h, w) lies in its region; chunked."""
-    size = regions[0].size
-    chunk = max(1, _CHUNK_PIXELS // (size[0] * size[1]))
-    peaks = []
-    for s in range(0, len(maps), chunk):
-        batch = maps[s:s + chunk, None].float()  # (b, 1, h, w)
-        up = F.interpolate(batch, size=size, mode=mode, **_interp_kwargs(mode)).flatten(1)
-        if bool((batch < 0).any()):
-            up = up.clamp_min(0.0)  # an all-negative map becomes uniform: peak at pixel 0
-        peaks.append(up.argmax(dim=1))  # (b,) first maximum in row-major order
-    peak = torch.cat(peaks).tolist()
-    return torch.tensor([bool(r.flat[p]) for r, p in zip(regions, peak)], dtype=torch.bool)
+@functools.lru_cache(maxsize=32)
+def _peak_candidates(n_in: int, n_out: int, mode: str) -> np.ndarray:
+    """Output pixels along one axis where an upsampled map's first maximum can lie.
+
+    The rows of ``U`` are piecewise affine in the pixel index, so on a product of a row piece
+    and a column piece the upsampled map is bilinear and its row-major-first maximum sits on a
+    corner of the piece: a pixel where ``U`` bends, or an end of the axis.
+    """
+    u = _axis_weights(n_in, n_out, mode)  # (n_out, n_in)
+    bends = np.abs(u[:-2] - 2 * u[1:-1] + u[2:]).max(axis=1, initial=0.0) > 1e-9  # (n_out - 2,)
+    candidates = np.unique(np.concatenate([[0, n_out - 1], np.flatnonzero(bends) + 1]))
+    # Pixels with identical weights (a plateau: clamped border, nearest runs) have identical
+    # values; keep the first so that rounding cannot break the tie differently.
+    keep = [True] + [not np.array_equal(u[a], u[b]) for a, b in itertools.pairwise(candidates)]
+    return candidates[keep]
+
+
+def _pointing(maps: torch.Tensor, regions: Sequence[_Region], mode: str) -> np.ndarray:
+    """Whether the upsampled maximum of each map (B, h, w) lies in its region.
+
+    Evaluates the upsampled maps only at the candidate pixels of ``_peak_candidates`` (a few
+    percent of the image), which finds the same first maximum as a full upsampling.
+    """
+    a = maps.numpy()  # (B, h, w)
+    (h, w), (H, W) = a.shape[1:], regions[0].size
+    rows, cols = _peak_candidates(h, H, mode), _peak_candidates(w, W, mode)
+    u_rows = _axis_weights(h, H, mode)[rows]  # (R, h)
+    u_cols_t = _axis_weights(w, W, mode)[cols].T  # (w, C)
+    chunk = max(1, _CHUNK_PIXELS // (len(rows) * len(cols)))
+    hits = np.zeros(len(a), dtype=bool)
+    for s in range(0, len(a), chunk):
+        values = (u_rows @ a[s:s + chunk] @ u_cols_t).reshape(-1, len(rows) * len(cols))
+        best = values.argmax(axis=1)  # (b,) first maximum in row-major order
+        # Clipping negatives leaves a positive maximum in place; a map without one, or a
+        # constant map, is uniform after renormalising: its first maximum is pixel 0.
+        grid = a[s:s + chunk].reshape(len(best), -1)
+        informative = (values[np.arange(len(best)), best] > 0) & (grid.max(1) > grid.min(1))
+        pixel = np.where(informative, rows[best // len(cols)] * W + cols[best % len(cols)], 0)
+        hits[s:s + chunk] = [r.flat[p] for r, p in zip(regions[s:s + chunk], pixel.tolist())]
+    return hits
 
 
 def _prepare(alpha: ArrayLike, mask: ArrayLike, mode: str) -> tuple[torch.Tensor, _Region]:
-    a, m = _as_tensor(alpha, torch.float64), _as_tensor(mask, torch.bool)
-    if a.dim() != 2 or m.dim() != 2:
+    a = _as_tensor(alpha, torch.float64)
+    m = mask.numpy(force=True) if isinstance(mask, torch.Tensor) else np.asarray(mask)
+    if a.dim() != 2 or m.ndim != 2:
         raise ValueError(f"expected an (h, w) attention map and an (H, W) mask, got "
-                         f"{tuple(a.shape)} and {tuple(m.shape)}")
-    return a[None], _Region(m, tuple(a.shape), mode)
+                         f"{tuple(a.shape)} and {m.shape}")
+    return a[None], _Region(m.astype(bool), tuple(a.shape), mode)
 
 
 def attention_correctness(alpha: ArrayLike, mask: ArrayLike, mode: str = "bilinear") -> float:
@@ -177,13 +213,14 @@ def evaluate_grounding(
     size = native if image_size is None else int(image_size)
     images = grounding["images"]
 
-    def mask_of(key: str, k: int) -> torch.Tensor:
-        m = torch.from_numpy(object_mask(images[key]["objects"][k], native))  # (H0, W0)
-        if size != native:  # geometry is in native pixels: resize the mask, not the shape
-            m = F.interpolate(m[None, None].double(), size=(size, size), mode="nearest")[0, 0] > 0.5
+    def mask_of(key: str, k: int) -> np.ndarray:
+        m = object_mask(images[key]["objects"][k], native)  # (H0, W0)
+        if size != native:  # geometry is in native pixels: resize the mask (nearest), not it
+            src = np.arange(size) * native // size  # (size,) source pixel of each output pixel
+            m = m[np.ix_(src, src)]
         return m
 
-    # Collect every grounded word first, then score them in a few batched interpolations.
+    # Collect every grounded word first, then score them all at once.
     maps: list[torch.Tensor] = []
     word_masks: list[tuple[str, int]] = []
     classes: list[str] = []
@@ -218,25 +255,24 @@ def evaluate_grounding(
                 word_masks.append((key, k))
                 classes.append(_WORD_CLASS[tokens[t]])
 
-    correctness = torch.zeros(len(maps), dtype=torch.float64)
-    hits = torch.zeros(len(maps), dtype=torch.bool)
+    correctness, hits = np.zeros(0), np.zeros(0, dtype=bool)
     if maps:
         grids = {tuple(m.shape) for m in maps}
         if len(grids) != 1:
             raise ValueError(f"attention grids differ between samples: {sorted(grids)}")
         (grid,) = grids
-        regions = {wm: _Region(mask_of(*wm), grid, mode) for wm in set(word_masks)}
+        regions = {wm: _Region(mask_of(*wm), grid, mode) for wm in dict.fromkeys(word_masks)}
         word_regions = [regions[wm] for wm in word_masks]
         stacked = torch.stack(maps)  # (N, h, w)
-        correctness = _correctness(stacked, word_regions, mode)
-        hits = _pointing(stacked, word_regions, mode)
+        correctness = _correctness(stacked, word_regions, mode)  # (N,)
+        hits = _pointing(stacked, word_regions, mode)  # (N,)
 
     def summary(select: Sequence[bool] | None = None) -> dict[str, Any]:
-        c, h = correctness, hits.double()
+        c, h = correctness, hits
         if select is not None:
-            sel = torch.tensor(select, dtype=torch.bool)
+            sel = np.asarray(select, dtype=bool)
             c, h = c[sel], h[sel]
-        n = int(c.numel())
+        n = len(c)
         return {"attention_correctness": float(c.mean()) if n else math.nan,
                 "pointing_game": float(h.mean()) if n else math.nan, "count": n}
 

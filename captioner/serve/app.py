@@ -15,7 +15,7 @@ import os
 from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -108,6 +108,7 @@ class Batcher:
         self._queue: asyncio.Queue[_Job] | None = None
         self._task: asyncio.Task | None = None
         self._waiting: deque[_Job] = deque()
+        self._running: list[_Job] = []
         self._pending = 0  # submitted and not yet answered (queued, waiting or running)
 
     def _ensure_running(self) -> asyncio.AbstractEventLoop:
@@ -148,6 +149,7 @@ class Batcher:
             if not batch:
                 continue
             beam = batch[0].beam_size
+            self._running = batch
             try:
                 captions = await loop.run_in_executor(
                     self._executor, self._run_model, [j.image for j in batch], beam
@@ -159,6 +161,8 @@ class Batcher:
                     if not j.future.done():
                         j.future.set_exception(ApiError(500, f"the model failed: {type(err).__name__}"))
                 continue
+            finally:
+                self._running = []
             self.stats.batches += 1
             self.stats.images += len(batch)
             self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
@@ -187,11 +191,12 @@ class Batcher:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with suppress(asyncio.CancelledError, Exception):
                 await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-        for j in self._waiting:
+        left = list(self._waiting) + list(self._running)
+        while self._queue is not None and not self._queue.empty():
+            left.append(self._queue.get_nowait())
+        for j in left:
             if not j.future.done():
                 j.future.set_exception(ApiError(503, "the server is shutting down"))
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -22,8 +22,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 # Images smaller than this (the 64 px shapes) are enlarged for display so blocks and words stay legible.
 MIN_DISPLAY_SIZE = 224
-DEFAULT_CMAP = "jet"
-OVERLAY_OPACITY = 0.55  # of the colour map over the image
+DEFAULT_CMAP: str | None = None  # None: dim what is not attended, as in the paper's figures
+OVERLAY_OPACITY = 0.8  # darkening of unattended regions (or opacity of a colour map)
 
 
 def _as_numpy(a) -> np.ndarray:
@@ -61,11 +61,14 @@ def upsample_map(alpha, size: tuple[int, int], smooth: bool = True) -> np.ndarra
 
 
 def _normalise(m: np.ndarray) -> np.ndarray:
-    """Scale a map to [0, 1] by its own range, so every word's focus is visible."""
-    lo, hi = float(m.min()), float(m.max())
-    if hi - lo < 1e-12:
-        return np.zeros_like(m)
-    return (m - lo) / (hi - lo)
+    """Scale a map to [0, 1] by its own maximum, so every word's focus is visible.
+
+    Dividing by the maximum (not min-max) keeps a diffuse map looking diffuse: a word that attends
+    everywhere lights up the whole image instead of having its small differences stretched into
+    spurious blobs.
+    """
+    hi = float(m.max())
+    return m / hi if hi > 1e-12 else np.zeros_like(m)
 
 
 def display_image(image: Image.Image, min_size: int = MIN_DISPLAY_SIZE) -> Image.Image:
@@ -83,15 +86,24 @@ def overlay_attention(
     image: Image.Image,
     alpha,
     smooth: bool = True,
-    cmap: str = DEFAULT_CMAP,
+    cmap: str | None = DEFAULT_CMAP,
     opacity: float = OVERLAY_OPACITY,
 ) -> Image.Image:
-    """The image with one attention map (h, w) blended on top as a colour map (normalised per map)."""
+    """The image with one attention map (h, w) blended on top (the map normalised by its maximum).
+
+    ``cmap=None`` (default), the look of the paper's figures: a black layer blended over the image
+    with opacity ``opacity * (1 - attention)``, so attended regions keep their true colours and the
+    rest is dimmed. A matplotlib colour map name (``"jet"``, ``"inferno"``) blends that heat map
+    over the whole image at a constant ``opacity`` instead (red/yellow = attended).
+    """
     image = image.convert("RGB")
     m = _normalise(upsample_map(alpha, (image.height, image.width), smooth))  # (H, W)
-    heat = colormaps[cmap](m)[..., :3]  # (H, W, 3) in [0, 1]
-    base = np.asarray(image, dtype=np.float32) / 255.0
-    out = (1.0 - opacity) * base + opacity * heat
+    base = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
+    if cmap is None:
+        out = base * (1.0 - opacity * (1.0 - m))[..., None]
+    else:
+        heat = colormaps[cmap](m)[..., :3]  # (H, W, 3) in [0, 1]
+        out = (1.0 - opacity) * base + opacity * heat
     return Image.fromarray(np.clip(out * 255.0 + 0.5, 0, 255).astype(np.uint8))
 
 
@@ -101,7 +113,7 @@ def plot_attention(
     alphas,
     smooth: bool = True,
     max_cols: int = 5,
-    cmap: str = DEFAULT_CMAP,
+    cmap: str | None = DEFAULT_CMAP,
     panel_inches: float = 2.2,
 ) -> Figure:
     """A grid of panels: the image titled with the whole caption, then one panel per word.
@@ -145,11 +157,12 @@ def save_attention_figure(
     path: str | os.PathLike,
     smooth: bool = True,
     max_cols: int = 5,
+    cmap: str | None = DEFAULT_CMAP,
     dpi: int = 100,
 ) -> Path:
     """:func:`plot_attention` written to ``path`` as PNG."""
     path = Path(path)
-    fig = plot_attention(image, words, alphas, smooth=smooth, max_cols=max_cols)
+    fig = plot_attention(image, words, alphas, smooth=smooth, max_cols=max_cols, cmap=cmap)
     fig.savefig(path, format="png", dpi=dpi)
     return path
 
@@ -171,7 +184,7 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 def _wrap_words(draw: ImageDraw.ImageDraw, words: Sequence[str], font, width: int) -> list[list[int]]:
     """Indices of ``words`` per line so that no line is wider than ``width`` pixels."""
     lines: list[list[int]] = [[]]
-    for i, w in enumerate(words):
+    for i in range(len(words)):
         trial = " ".join(words[j] for j in [*lines[-1], i])
         if lines[-1] and draw.textlength(trial, font=font) > width:
             lines.append([])
@@ -184,14 +197,14 @@ def attention_frames(
     words: Sequence[str],
     alphas,
     smooth: bool = True,
-    cmap: str = DEFAULT_CMAP,
+    cmap: str | None = DEFAULT_CMAP,
 ) -> list[Image.Image]:
     """One RGB frame per word: the overlay for that word above the sentence so far (word highlighted)."""
     maps = _as_maps(alphas)
     if len(words) != maps.shape[0]:
         raise ValueError(f"{len(words)} words but {maps.shape[0]} attention maps")
     shown = display_image(image)
-    font_size = max(14, shown.width // 16)
+    font_size = max(14, shown.width // 14)
     font = _font(font_size)
     margin = font_size // 2
     probe = ImageDraw.Draw(shown.copy())
@@ -222,10 +235,11 @@ def save_attention_gif(
     path: str | os.PathLike,
     smooth: bool = True,
     duration_ms: int = 800,
+    cmap: str | None = DEFAULT_CMAP,
 ) -> Path:
     """The sentence as an animated GIF, one frame per word (looping)."""
     path = Path(path)
-    frames = attention_frames(image, words, alphas, smooth)
+    frames = attention_frames(image, words, alphas, smooth, cmap)
     if not frames:  # an empty caption: a still of the image
         frames = [display_image(image)]
     # Each frame differs (the sentence grows), so PIL keeps exactly one GIF frame per word.

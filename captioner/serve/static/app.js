@@ -14,6 +14,7 @@
   };
   const OVERLAY_LONG_SIDE = 480; // heatmap canvas resolution; CSS stretches it over the image
   const THUMB_LONG_SIDE = 192; // 96 CSS px at 2x
+  const MIN_DISPLAY = 380; // CSS px: smaller images are enlarged to this
 
   const $ = (id) => document.getElementById(id);
   const el = {
@@ -59,13 +60,15 @@
 
   // -- heatmaps ----------------------------------------------------------------------------------
   // Bilinear upsampling of the (h, w) attention grid to (H, W), sampling at cell centres (like
-  // align_corners=False), normalised by the map's maximum, coloured and alpha-blended: low attention
-  // mostly shows the image, high attention shows the colour.
+  // align_corners=False), coloured and alpha-blended: low attention mostly shows the image, high
+  // attention shows the colour.
   function heatmap(map, W, H, opacity) {
     const h = map.length, w = map[0].length;
+    // Normalised by the peak, but never by less than 3x the uniform weight: a flat map (the model
+    // looking everywhere) stays dim instead of being stretched into a confident-looking blob.
     let max = 0;
     for (const row of map) for (const v of row) if (v > max) max = v;
-    const scale = max > 0 ? 1 / max : 0;
+    const scale = 1 / Math.max(max, 3 / (h * w), 1e-12);
     const table = lut(el.cmap.value);
     const img = new ImageData(W, H);
     const d = img.data;
@@ -222,7 +225,8 @@
     state.hover = -1;
     if (state.url) URL.revokeObjectURL(state.url);
     state.url = URL.createObjectURL(file);
-    el.photo.classList.remove("tiny");
+    el.photo.classList.remove("pixelated");
+    el.photo.style.width = "";
     el.photo.src = state.url;
     el.caption.replaceChildren();
     el.meta.textContent = "";
@@ -257,6 +261,7 @@
     if (seq !== state.seq) return; // a newer request superseded this one
     el.busy.hidden = true;
     if (!res.ok) {
+      if (!state.result) el.result.hidden = true; // nothing worth showing (maybe not even an image)
       setStatus(`${data.error || res.statusText} (HTTP ${res.status})`, true);
       return;
     }
@@ -272,7 +277,13 @@
 
   function imageReady() {
     const img = el.photo;
-    const done = () => img.classList.toggle("tiny", Math.max(img.naturalWidth, img.naturalHeight) < 256);
+    // Small images (like the 64 px shapes) are shown enlarged, crisp when it is a large factor.
+    const done = () => {
+      const long = Math.max(img.naturalWidth, img.naturalHeight);
+      const s = long > 0 && long < MIN_DISPLAY ? MIN_DISPLAY / long : 1;
+      img.style.width = s > 1 ? `${Math.round(img.naturalWidth * s)}px` : "";
+      img.classList.toggle("pixelated", s >= 3);
+    };
     if (img.complete && img.naturalWidth) { done(); return Promise.resolve(); }
     return new Promise((resolve) => {
       img.addEventListener("load", () => { done(); resolve(); }, { once: true });

@@ -1,0 +1,49 @@
+"""Distributed data parallel on CPU: 2 processes over gloo, through `captioner fit/validate`."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import fit_args
+
+ROOT = Path(__file__).resolve().parent.parent
+DDP = ["--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2"]
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    cwd.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MASTER_PORT=str(29500 + os.getpid() % 1000))
+    return subprocess.run([sys.executable, "-m", "captioner.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _metric(out: str, name: str) -> float:
+    m = re.search(rf"{re.escape(name)}\s+│?\s*([0-9.e+-]+)", out)
+    assert m, out[-2000:]
+    return float(m.group(1))
+
+
+@pytest.mark.slow
+def test_two_process_ddp_fit_and_validation_equal_single_process(shapes_dir, tiny_checkpoint, tmp_path) -> None:
+    fit = _run(fit_args(shapes_dir, tmp_path, "--trainer.max_steps", "4", "--last_checkpoint.every_n_steps", "2", *DDP),
+               tmp_path)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 4
+    # validation of the same (trained) weights: 2 ranks, gathered and de-duplicated, == 1 process
+    val = fit_args(shapes_dir, tmp_path)[1:]  # drop "fit"
+    single = _run(["validate", *val, "--ckpt_path", str(tiny_checkpoint)], tmp_path / "single")
+    double = _run(["validate", *val, "--ckpt_path", str(tiny_checkpoint), *DDP], tmp_path / "double")
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert _metric(single.stdout, "val/CIDEr") > 0  # a comparison of real captions, not of zeros
+    for name in ("val/CIDEr", "val/Bleu_4", "val/exact_match"):
+        assert _metric(double.stdout, name) == pytest.approx(_metric(single.stdout, name), abs=1e-6)
