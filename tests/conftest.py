@@ -31,7 +31,7 @@ def fit_args(shapes_dir: Path, root: Path, *extra: str) -> list[str]:
         "--data.data_dir", str(shapes_dir), "--data.shapes_image_size", "32",
         "--data.num_workers", "0", "--data.batch_size", "8", "--data.eval_batch_size", "8",
         "--data.min_count", "1",
-        "--model.encoder.channels", "16", "--model.encoder.grid", "4",
+        "--model.encoder.channels", "16", "--model.encoder.grid", "4", "--model.encoder.image_size", "32",
         "--model.decoder.embed_dim", "16", "--model.decoder.attention_dim", "16",
         "--model.decoder.decoder_dim", "16", "--model.optim.warmup_steps", "0",
         "--trainer.default_root_dir", str(root), "--trainer.logger", "false",

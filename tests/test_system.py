@@ -90,6 +90,7 @@ def test_checkpoint_round_trip_gives_identical_captions(tiny_checkpoint, shapes_
     ckpt = read_checkpoint(tiny_checkpoint)
     assert set(ckpt["hyper_parameters"]) >= {"encoder", "decoder", "optim", "loss", "decoding"}
     assert ckpt["captioner"]["vocab"][:4] == list(SPECIALS)
+    assert ckpt["captioner"]["preprocessing"]["image_size"] == 32
     loaded = load_checkpoint(tiny_checkpoint)
     system = CaptioningSystem(
         encoder=EncoderConfig(**ckpt["hyper_parameters"]["encoder"]),

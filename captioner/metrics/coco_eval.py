@@ -324,14 +324,6 @@ def score_captions(
         bleu, bleu_per_image = _bleu(gts, res)
         for n in range(4):
             result.metrics[f"Bleu_{n + 1}"] = bleu[n]
-        if meteor_scorer is not None:
-            try:
-                score, scores = meteor_scorer.compute_score(gts, res)
-                result.metrics["METEOR"] = float(score)
-                for k, s in zip(ids, scores):
-                    result.per_image[k]["METEOR"] = float(s)
-            except (OSError, ValueError) as exc:  # JVM died (e.g. could not reserve -Xmx2G)
-                _skip(result, "METEOR", f"the METEOR Java process failed ({exc!r})")
         rouge, rouge_per_image = Rouge().compute_score(gts, res)
         result.metrics["ROUGE_L"] = float(rouge)
         cider, cider_per_image = Cider().compute_score(gts, res)
@@ -340,6 +332,14 @@ def score_captions(
             result.per_image[k].update(Bleu_4=float(bleu_per_image[3][i]),
                                        ROUGE_L=float(rouge_per_image[i]),
                                        CIDEr=float(cider_per_image[i]))
+        if meteor_scorer is not None:  # last: its JVM has had the most time to start
+            try:
+                score, scores = meteor_scorer.compute_score(gts, res)
+                result.metrics["METEOR"] = float(score)
+                for k, s in zip(ids, scores):
+                    result.per_image[k]["METEOR"] = float(s)
+            except (OSError, ValueError) as exc:  # JVM died (e.g. could not reserve -Xmx2G)
+                _skip(result, "METEOR", f"the METEOR Java process failed ({exc!r})")
     finally:
         if meteor_scorer is not None:
             _close_meteor(meteor_scorer)
@@ -356,6 +356,8 @@ def score_captions(
                       f"downloaded ({type(exc).__name__}: {exc})")
             _skip(result, "SPICE", reason)
 
+    # COCOEvalCap's key order, for tables and JSON.
+    result.metrics = {m: result.metrics[m] for m in METRIC_KEYS if m in result.metrics}
     result.per_image = {k: {m: v[m] for m in METRIC_KEYS if m in v}
                         for k, v in result.per_image.items()}
     result.nltk_corpus_bleu4 = nltk_corpus_bleu4(
