@@ -218,7 +218,10 @@ class CaptioningSystem(L.LightningModule):
         refs = dm.references(split) if dm is not None and hasattr(dm, "references") else None
         if not refs:
             return
-        refs = {i: refs[i] for i in preds if i in refs}
+        preds = {i: p for i, p in preds.items() if i in refs}
+        if not preds:
+            return
+        refs = {i: refs[i] for i in preds}
         scores = validation_scores(preds, refs)
         exact = sum(p in refs[i] for i, p in preds.items()) / len(preds)
         self.log(f"{prefix}/CIDEr", float(scores["CIDEr"]), prog_bar=True, sync_dist=False, rank_zero_only=False)
