@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -57,11 +56,7 @@ def load_pipeline(a: argparse.Namespace):
     except ValueError as err:
         raise UsageError(str(err)) from None
     try:
-        with warnings.catch_warnings():
-            # torch warns about foreign pickle protocols before refusing the file; the refusal
-            # below already says everything, in one line
-            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            loaded = load_checkpoint(a.checkpoint, device)
+        loaded = load_checkpoint(a.checkpoint, device)
     except CheckpointError as err:
         raise UsageError(" ".join(str(err).split())) from None
     return CaptionPipeline(loaded, beam_size=a.beam_size, max_length=a.max_length)
