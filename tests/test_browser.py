@@ -108,6 +108,11 @@ def test_upload_caption_and_attention_heatmap(tiny_checkpoint, browser, tmp_path
     with live_server(app) as url:
         browser.get(url)
         wait.until(lambda d: "soft attention" in d.find_element(By.ID, "model-info").text)
+        # Greedy decoding: a barely trained model's beam search may settle on an empty caption.
+        browser.execute_script(
+            "const b = document.getElementById('beam'); b.value = '1';"
+            "b.dispatchEvent(new Event('input'));")
+        assert browser.find_element(By.ID, "beam-out").text == "1"
         browser.find_element(By.ID, "file").send_keys(str(image))
         wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("done", "error"))
         status = browser.find_element(By.ID, "status")

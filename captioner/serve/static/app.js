@@ -349,9 +349,13 @@
       const info = await res.json();
       state.maxUploadMb = info.max_upload_mb || state.maxUploadMb;
       if (info.max_beam_size) el.beam.max = String(info.max_beam_size);
+      if (info.beam_size && !state.file) { // start from the checkpoint's own decoding setting
+        el.beam.value = String(info.beam_size);
+        el.beamOut.value = el.beam.value;
+      }
       el.hint.textContent = `PNG, JPEG, WebP, GIF, BMP or TIFF, up to ${state.maxUploadMb} MB`;
       const pill = (t) => { const s = document.createElement("span"); s.className = "pill"; s.textContent = t; return s; };
-      el.modelInfo.replaceChildren("model", pill(info.model), pill(`${info.vocab_size} words`));
+      el.modelInfo.replaceChildren("model", pill(info.model), pill(`vocabulary ${info.vocab_size}`));
     } catch {
       el.modelInfo.textContent = "";
     }
