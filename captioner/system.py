@@ -229,6 +229,8 @@ class CaptioningSystem(L.LightningModule):
         self.log(f"{prefix}/exact_match", float(exact))
         logger.info("%s: CIDEr-D %.3f  BLEU-4 %.3f  exact %.3f on %d images", stage,
                     scores["CIDEr"], scores["Bleu_4"], exact, len(preds))
+        for i in sorted(preds)[:3]:  # a glimpse of what the numbers mean
+            logger.info("  %s: %r (reference: %r)", i, preds[i], refs[i][0])
 
     # -- optimisers ----------------------------------------------------------------------------
     def configure_optimizers(self):
