@@ -95,6 +95,9 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
 class CaptionPipeline:
     """Images -> captions with per-word attention maps, in batches."""
 
@@ -105,7 +108,13 @@ class CaptionPipeline:
         max_length: int | None = None,
         length_penalty: float | None = None,
         suppress_unk: bool | None = None,
+        precision: str = "fp32",
     ) -> None:
+        """``precision="bf16"``: run encoder and decoder under bfloat16 autocast (for GPUs with
+        bf16 units; on CPUs without them it is slower). Scores stay float32."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.precision = precision
         d = loaded.decoding
         self.loaded = loaded
         self.beam_size = beam_size if beam_size is not None else int(d.get("beam_size", 1))
@@ -130,13 +139,17 @@ class CaptionPipeline:
     def caption_tensors(self, images: Tensor, beam_size: int | None = None) -> list[Caption]:
         """images (B, 3, S, S), already preprocessed."""
         model = self.loaded.model
-        features, (h, w) = model.encode(images.to(self.device))
-        gen = self.generate(features, beam_size)
+        dev = self.device
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            features, (h, w) = model.encode(images.to(dev, non_blocking=True))
+            gen = self.generate(features, beam_size)
+        # One device-to-host copy per tensor, not one per image.
+        lengths, tokens, scores = gen.lengths.tolist(), gen.tokens.tolist(), gen.scores.float().tolist()
+        alphas = gen.alphas.float().cpu()  # (B, T, N)
         out = []
-        for i in range(images.size(0)):
-            n = int(gen.lengths[i])
-            words = self.loaded.vocab.decode(gen.tokens[i, :n].tolist(), strip=False)
-            out.append(Caption(words, float(gen.scores[i]), gen.alphas[i, :n].float().cpu().view(n, h, w), (h, w)))
+        for i, n in enumerate(lengths):
+            words = self.loaded.vocab.decode(tokens[i][:n], strip=False)
+            out.append(Caption(words, scores[i], alphas[i, :n].reshape(n, h, w), (h, w)))
         return out
 
     def caption_images(self, images: Iterable[Image.Image], beam_size: int | None = None) -> list[Caption]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -30,8 +31,11 @@ class Preprocessing:
         """RGB PIL image -> normalised float tensor (3, S, S)."""
         if image.size != (self.image_size, self.image_size):
             image = image.resize((self.image_size, self.image_size), Image.BICUBIC)
-        x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-        x = x.view(self.image_size, self.image_size, 3).permute(2, 0, 1).float().div_(255.0)
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return (x - mean) / std
+        # numpy, not torch: the same float32 operations (so the same values), but no intra-op
+        # thread pool, which costs far more than the arithmetic on one small image (measured:
+        # 1.5 ms against 30 ms with two torch threads on a 2-core VM).
+        x = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32)  # (3, S, S)
+        x /= np.float32(255.0)
+        x -= np.asarray(self.mean, dtype=np.float32).reshape(3, 1, 1)
+        x /= np.asarray(self.std, dtype=np.float32).reshape(3, 1, 1)
+        return torch.from_numpy(x)

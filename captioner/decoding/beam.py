@@ -52,11 +52,11 @@ def beam_search(
         logp = logp.view(b, k, v)
         if suppress_unk:
             logp[..., UNK_ID] = float("-inf")
-        # finished beams: only <pad>, at no cost
-        frozen = torch.full_like(logp, float("-inf"))
-        frozen[..., PAD_ID] = 0.0
-        logp = torch.where(done.unsqueeze(-1), frozen, logp)
-        cand = (scores.unsqueeze(-1) + logp).view(b, k * v)  # (B, K*V)
+        # finished beams: only <pad>, at no cost (in place: logp is a fresh tensor of ours)
+        pad = torch.where(done, 0.0, logp[..., PAD_ID])  # (B, K)
+        logp.masked_fill_(done.unsqueeze(-1), float("-inf"))
+        logp[..., PAD_ID] = pad
+        cand = logp.add_(scores.unsqueeze(-1)).view(b, k * v)  # (B, K*V)
         scores, flat = cand.topk(k, dim=-1)  # (B, K)
         origin = torch.div(flat, v, rounding_mode="floor")  # (B, K) which beam it extends
         tok = flat % v
@@ -79,8 +79,7 @@ def beam_search(
     tokens = tokens.gather(1, order.unsqueeze(-1).expand(-1, -1, t))
     alphas = alphas.gather(1, order.view(b, k, 1, 1).expand(-1, -1, t, n))
     lengths = lengths.gather(1, order)
-    nbest = [
-        [(tokens[i, j, : int(lengths[i, j])].tolist(), float(final[i, j])) for j in range(k)]
-        for i in range(b)
-    ]
+    # Python lists built from one host copy of each tensor (not one sync per hypothesis).
+    tok_l, len_l, score_l = tokens.tolist(), lengths.tolist(), final.tolist()
+    nbest = [[(tok_l[i][j][: len_l[i][j]], score_l[i][j]) for j in range(k)] for i in range(b)]
     return Generated(tokens[:, 0], lengths[:, 0], final[:, 0], alphas[:, 0], nbest)

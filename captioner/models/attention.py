@@ -38,7 +38,8 @@ class AttentionOutput:
     entropy: Tensor | None = None  # (B,)
 
 
-# Elements of the (images, K, N, A) temporary of the additive scores computed at once (16 MB).
+# Elements of the (images, K, N, A) temporary of the additive scores computed at once (16 MB;
+# decoding uses a quarter of that, through one buffer).
 SCORE_CHUNK_ELEMENTS = 1 << 22
 
 
@@ -85,14 +86,28 @@ class AdditiveScores(nn.Module):
         w2 = self.score.weight * 2.0  # (1, A)
         bias = self.score.bias - self.score.weight.sum()  # (1,)
         per_image = q2.size(1) * n * a
-        step = max(1, SCORE_CHUNK_ELEMENTS // per_image)
-        # A (B, K, N, A) temporary is 64 MB for 32 images x 5 beams at 14x14, and allocating that
-        # per word costs more than the arithmetic (fresh pages): go a few images at a time.
-        parts = [
-            F.linear(torch.sigmoid_(proj2[i : i + step].unsqueeze(1) + q2[i : i + step]), w2, bias)
-            for i in range(0, b, step)
-        ]  # each (b', K, N, 1); sigmoid in place: the sum is not needed for the backward pass
-        return (parts[0] if len(parts) == 1 else torch.cat(parts)).view(-1, n)
+        if torch.is_grad_enabled() and (proj2.requires_grad or q2.requires_grad):
+            if per_image * b <= SCORE_CHUNK_ELEMENTS:
+                return self._scores(proj2, q2, w2, bias).view(-1, n)
+            step = max(1, SCORE_CHUNK_ELEMENTS // per_image)
+            parts = [self._scores(proj2[i : i + step], q2[i : i + step], w2, bias) for i in range(0, b, step)]
+            return torch.cat(parts).view(-1, n)
+        # Decoding: a (B, K, N, A) temporary is 64 MB for 32 images x 5 beams at 14x14, and
+        # allocating that per word costs more than the arithmetic (fresh pages). Go a few images
+        # at a time through one reused buffer.
+        step = max(1, min(b, SCORE_CHUNK_ELEMENTS // 4 // per_image))
+        buf = proj2.new_empty(step, q2.size(1), n, a)
+        out = proj2.new_empty(b, q2.size(1), n, 1)
+        for i in range(0, b, step):
+            e = buf[: min(step, b - i)]
+            torch.add(proj2[i : i + step].unsqueeze(1), q2[i : i + step], out=e)
+            out[i : i + step] = F.linear(e.sigmoid_(), w2, bias)
+        return out.view(-1, n)
+
+    @staticmethod
+    def _scores(proj2: Tensor, q2: Tensor, w2: Tensor, bias: Tensor) -> Tensor:
+        # sigmoid in place: the sum itself is not needed for the backward pass
+        return F.linear(torch.sigmoid_(proj2.unsqueeze(1) + q2), w2, bias)  # (b, K, N, 1)
 
 
 def _expectation(alpha: Tensor, features: Tensor) -> Tensor:

@@ -44,6 +44,49 @@ class DecoderOutput:
 State = tuple[Tensor, Tensor]
 
 
+class _StepInputs:
+    """The LSTM's inputs of every teacher-forced step, kept (detached) for _LSTMWeightGrads."""
+
+    def __init__(self, emb: Tensor) -> None:
+        self.emb = emb.detach()  # (B, T, E)
+        self.z: list[Tensor] = []  # T x (B, D)
+        self.h: list[Tensor] = []  # T x (B, H), the state each step starts from
+
+    def add(self, z: Tensor, h: Tensor) -> None:
+        self.z.append(z.detach())
+        self.h.append(h.detach())
+
+
+class _LSTMWeightGrads(torch.autograd.Function):
+    """Identity on the per-step input projections x (B, T, 4H) that also owns the gradients of
+    the LSTM weights.
+
+    The time loop multiplies by detached weights, so autograd does not form and sum a (4H, E+D)
+    weight gradient at every step (most of the backward pass's memory traffic at D = 2048).
+    Every step adds x[:, t] to its gates, so the gradient reaching x is dL/dgates for all steps
+    at once, and each weight gradient is one product over all B*T rows:
+    dW_ih = G^T [E y; z], dW_hh = G^T h_prev. Same sums as per-step autograd, in one matmul.
+    Its backward runs after every step's (x feeds all of them), when the record is complete.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight_ih: Tensor, weight_hh: Tensor, record: _StepInputs) -> Tensor:
+        ctx.record = record
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        rec: _StepInputs = ctx.record
+        g = grad.reshape(-1, grad.size(-1))  # (B*T, 4H), rows in (b, t) order
+        grad_ih = grad_hh = None
+        if ctx.needs_input_grad[1]:
+            inputs = torch.cat([rec.emb, torch.stack(rec.z, 1)], -1)  # (B, T, E + D)
+            grad_ih = g.t() @ inputs.reshape(g.size(0), -1)
+        if ctx.needs_input_grad[2]:
+            grad_hh = g.t() @ torch.stack(rec.h, 1).reshape(g.size(0), -1)
+        return grad, grad_ih, grad_hh, None
+
+
 class AttentionDecoder(nn.Module):
     """LSTM with attention, gated context and the deep output layer.
 
@@ -98,22 +141,26 @@ class AttentionDecoder(nn.Module):
         """Image-only work of the attention, done once per image."""
         return self.attention.precompute(features)
 
-    def _embed_input_proj(self, emb: Tensor) -> Tensor:
+    def _embed_input_proj(self, emb: Tensor, weight_ih: Tensor | None = None) -> Tensor:
         """The embedding's part of the LSTM input projection, plus both biases: (..., 4H)."""
         e = self.config.embed_dim
-        w = self.lstm.weight_ih[:, :e]
+        w = (self.lstm.weight_ih if weight_ih is None else weight_ih)[:, :e]
         return nn.functional.linear(emb, w, self.lstm.bias_ih + self.lstm.bias_hh)
 
-    def _cell(self, x_emb: Tensor, state: State, cache: tuple[Tensor, ...]) -> tuple[State, Tensor, AttentionOutput]:
+    def _cell(
+        self, x_emb: Tensor, state: State, cache: tuple[Tensor, ...], record: _StepInputs | None = None
+    ) -> tuple[State, Tensor, AttentionOutput]:
         h, c = state
         att = self.attention(cache, h)
         z = att.context  # (B, D)
         if self.gate is not None:
             z = torch.sigmoid(self.gate(h)) * z
         e = self.config.embed_dim
-        gates = x_emb + nn.functional.linear(z, self.lstm.weight_ih[:, e:]) + nn.functional.linear(
-            h, self.lstm.weight_hh
-        )  # (B, 4H)
+        w_ih, w_hh = self.lstm.weight_ih, self.lstm.weight_hh
+        if record is not None:  # teacher forcing: weight gradients come from _LSTMWeightGrads
+            record.add(z, h)
+            w_ih, w_hh = w_ih.detach(), w_hh.detach()
+        gates = x_emb + nn.functional.linear(z, w_ih[:, e:]) + nn.functional.linear(h, w_hh)  # (B, 4H)
         i, f, g, o = gates.chunk(4, dim=1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
@@ -143,12 +190,22 @@ class AttentionDecoder(nn.Module):
         steps = inputs.size(1)
         mask = torch.arange(steps, device=captions.device).unsqueeze(0) < (lengths.to(captions.device) - 1).unsqueeze(1)
         emb = self.embedding(inputs)  # (B, T, E)
-        x_emb = self._embed_input_proj(emb)  # (B, T, 4H), one matmul for all steps
+        record = None
+        needs_grads = self.lstm.weight_ih.requires_grad or self.lstm.weight_hh.requires_grad
+        if torch.is_grad_enabled() and needs_grads and not torch.compiler.is_compiling():
+            # The loop uses detached LSTM weights; their gradients are formed once for all steps.
+            # (Not under torch.compile, which cannot trace the record; it fuses the loop itself.)
+            record = _StepInputs(emb)
+            x_emb = self._embed_input_proj(emb, self.lstm.weight_ih.detach())
+            x_emb = _LSTMWeightGrads.apply(x_emb, self.lstm.weight_ih, self.lstm.weight_hh, record)
+        else:
+            x_emb = self._embed_input_proj(emb)  # (B, T, 4H), one matmul for all steps
         cache = self.precompute(features)
         state = self.init_state(features)
         hs, zs, alphas, logps, sampled, ents = [], [], [], [], [], []
-        for t in range(steps):
-            state, z, att = self._cell(x_emb[:, t], state, cache)
+        # unbind: one backward node gathers the T step gradients, instead of T (B, T, 4H) buffers
+        for x_t in x_emb.unbind(1):
+            state, z, att = self._cell(x_t, state, cache, record)
             hs.append(state[0])
             zs.append(z)
             alphas.append(att.alpha)

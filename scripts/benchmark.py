@@ -1,0 +1,14 @@
+#!/usr/bin/env python
+"""Speed and memory benchmarks with random weights; the logic lives in ``captioner.benchmark``.
+
+    python scripts/benchmark.py decoder --json            # training, beam search, greedy
+    python scripts/benchmark.py caption --images 32       # encoder alone vs the whole caption path
+    python scripts/benchmark.py memory --images 1000      # resident memory while streaming
+"""
+
+import sys
+
+from captioner.benchmark import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""The feature cache: extraction, resuming, refusing incomplete caches, training from it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from captioner.cli import main
+from captioner.data.datamodule import CaptionDataModule
+from captioner.data.features import (
+    FeatureCacheError,
+    FeatureStore,
+    bytes_per_image,
+    extract_features,
+)
+from captioner.models import DecoderConfig, EncoderConfig, create_encoder
+from captioner.system import CaptioningSystem
+from tests.conftest import fit_args
+
+# A frozen torchvision encoder at the fixture's 32 px: a 1x1 map pooled to a 2x2 grid.
+ENCODER = {"name": "resnet50", "grid": 2, "image_size": 32, "trainable_blocks": 0}
+
+
+def _datamodule(shapes_dir: Path, **kwargs) -> CaptionDataModule:
+    enc = EncoderConfig(**ENCODER)
+    return CaptionDataModule(dataset="shapes", data_dir=str(shapes_dir), shapes_image_size=32, min_count=1,
+                             num_workers=0, batch_size=8, preprocessing=create_encoder(enc).preprocessing, **kwargs)
+
+
+class CountingEncoder(torch.nn.Module):
+    """Wraps an encoder, counts forward passes and can fail after a number of them."""
+
+    def __init__(self, encoder, fail_after: int | None = None) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.calls = 0
+        self.fail_after = fail_after
+
+    def forward(self, images):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise KeyboardInterrupt  # an interrupted run
+        return self.encoder(images)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    torch.manual_seed(0)
+    return create_encoder(EncoderConfig(**ENCODER)).eval()
+
+
+@pytest.fixture(scope="module")
+def cache(shapes_dir, encoder, tmp_path_factory) -> Path:
+    dm = _datamodule(shapes_dir)
+    dm.prepare_data()
+    out = tmp_path_factory.mktemp("features") / "cache"
+    splits = {s: dm.split_records(s) for s in ("train", "val", "test")}
+    extract_features(splits, encoder, out, dm.preprocessing, ENCODER, batch_size=8, shard_size=16)
+    return out
+
+
+def test_index_describes_the_cache(cache, shapes_dir) -> None:
+    index = json.loads((cache / "index.json").read_text())
+    dm = _datamodule(shapes_dir)
+    counts = {s: len(dm.split_records(s)) for s in ("train", "val", "test")}
+    total = sum(counts.values())
+    assert index["complete"] and index["dtype"] == "float16"
+    assert index["counts"] == {**counts, "images": total}
+    assert index["grid"] == [2, 2] and index["num_regions"] == 4 and index["dim"] == 2048
+    assert index["encoder"] == ENCODER and index["preprocessing"] == dm.preprocessing.to_dict()
+    assert index["splits"]["val"] == [r.image_id for r in dm.split_records("val")]
+    rows = [s["rows"] for s in index["shards"]]
+    assert sum(rows) == total and set(rows[:-1]) <= {16} and 0 < rows[-1] <= 16
+    assert index["done"] == list(range(len(rows)))
+    assert index["bytes_per_image"] == 4 * 2048 * 2
+    assert len(index["index"]) == total
+    # the COCO budget quoted in the docs: ResNet-101 14x14x2048 in float16
+    assert bytes_per_image(196, 2048) == 802_816
+
+
+def test_store_returns_the_encoder_output(cache, shapes_dir, encoder) -> None:
+    from captioner.data.images import load_image
+
+    dm = _datamodule(shapes_dir)
+    store = FeatureStore(cache)
+    assert len(store) == sum(len(dm.split_records(s)) for s in ("train", "val", "test"))
+    assert store.grid == (2, 2)
+    for rec in dm.split_records("test")[:2] + dm.split_records("train")[-2:]:
+        with torch.inference_mode():
+            expected = encoder(dm.preprocessing(load_image(rec.path)).unsqueeze(0))[0][0]
+        got = store.get(rec.image_id)
+        assert got.dtype == torch.float16 and got.shape == (4, 2048)
+        torch.testing.assert_close(got.float(), expected, rtol=2e-3, atol=1e-3)
+    with pytest.raises(FeatureCacheError, match="not in the feature cache"):
+        store.get(10**9)
+
+
+def test_interrupted_extraction_is_refused_then_resumed(shapes_dir, encoder, tmp_path) -> None:
+    dm = _datamodule(shapes_dir)
+    splits = {"train": dm.split_records("train")[:32]}  # 4 shards of 8, batches of 4
+    out = tmp_path / "cache"
+    broken = CountingEncoder(encoder, fail_after=1 + 2 + 1)  # probe + shard 0 + half of shard 1
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(splits, broken, out, dm.preprocessing, ENCODER, batch_size=4, shard_size=8)
+    index = json.loads((out / "index.json").read_text())
+    assert not index["complete"] and index["done"] == [0]
+    with pytest.raises(FeatureCacheError, match="incomplete .1 of 4 shards"):
+        FeatureStore(out)
+    first = (out / "shard-00000.npy").stat().st_mtime_ns
+
+    counting = CountingEncoder(encoder)
+    extract_features(splits, counting, out, dm.preprocessing, ENCODER, batch_size=4, shard_size=8)
+    assert counting.calls == 1 + 3 * 2  # the probe, then only shards 1-3
+    assert (out / "shard-00000.npy").stat().st_mtime_ns == first
+    store = FeatureStore(out)
+    assert len(store) == 32
+    counting.calls = 0  # a complete cache: nothing left to do
+    extract_features(splits, counting, out, dm.preprocessing, ENCODER, batch_size=4, shard_size=8)
+    assert counting.calls == 1
+
+
+def test_a_different_cache_in_the_folder_is_refused(cache, shapes_dir, encoder) -> None:
+    dm = _datamodule(shapes_dir)
+    with pytest.raises(FeatureCacheError, match="different feature cache.*shard_size"):
+        extract_features({"train": dm.split_records("train"), "val": dm.split_records("val"),
+                          "test": dm.split_records("test")}, encoder, cache, dm.preprocessing, ENCODER,
+                         shard_size=10)
+    with pytest.raises(FeatureCacheError, match="no feature cache"):
+        FeatureStore(cache.parent / "nowhere")
+
+
+def test_datamodule_serves_features_without_reading_images(cache, shapes_dir, monkeypatch) -> None:
+    import captioner.data.datamodule as datamodule
+
+    def no_images(path):
+        raise AssertionError(f"read {path}")
+
+    monkeypatch.setattr(datamodule, "load_image", no_images)
+    dm = _datamodule(shapes_dir, feature_cache=str(cache))
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert "images" not in batch
+    assert batch["features"].shape == (8, 4, 2048) and batch["features"].dtype == torch.float32
+    val = next(iter(dm.val_dataloader()))
+    assert val["features"].shape[1:] == (4, 2048)
+
+    torch.manual_seed(0)
+    system = CaptioningSystem(encoder=EncoderConfig(**ENCODER),
+                              decoder=DecoderConfig(embed_dim=16, attention_dim=16, decoder_dim=16),
+                              vocab=dm.vocab.to_list()).train()
+    opt = torch.optim.Adam([p for p in system.parameters() if p.requires_grad], lr=1e-3)
+    loss = system.compute_loss(batch)["loss"]
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    assert system.model.decoder.lstm.weight_ih.grad.abs().sum() > 0
+
+
+def _write_config(path: Path, shapes_dir: Path, **encoder) -> Path:
+    import yaml
+
+    cfg = {"model": {"encoder": {**ENCODER, **encoder}},
+           "data": {"dataset": "shapes", "data_dir": str(shapes_dir), "shapes_image_size": 32,
+                    "min_count": 1, "num_workers": 0}}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_cli_extract_then_fit_from_the_cache(shapes_dir, tmp_path, capsys) -> None:
+    cfg = _write_config(tmp_path / "cfg.yaml", shapes_dir)
+    out = tmp_path / "cache"
+    code = main(["features", "extract", "--config", str(cfg), "--out", str(out), "--device", "cpu",
+                 "--batch-size", "16", "--splits", "train", "val"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    dm = _datamodule(shapes_dir)
+    n_train, n_val = len(dm.split_records("train")), len(dm.split_records("val"))
+    assert summary["counts"] == {"train": n_train, "val": n_val, "images": n_train + n_val}
+    assert summary["bytes"] == (n_train + n_val) * 4 * 2048 * 2
+
+    root = tmp_path / "run"
+    main(fit_args(shapes_dir, root, "--model.encoder.name", "resnet50", "--model.encoder.grid", "2",
+                  "--model.encoder.image_size", "32", "--model.encoder.trainable_blocks", "0",
+                  "--data.feature_cache", str(out), "--trainer.fast_dev_run", "true"))
+
+
+@pytest.mark.parametrize(("encoder", "message"), [
+    ({"trainable_blocks": 1}, "trainable_blocks is 1"),
+    ({"name": "shapes_cnn"}, "shapes_cnn always trains"),
+])
+def test_cli_refuses_an_encoder_that_trains(shapes_dir, tmp_path, capsys, encoder, message) -> None:
+    cfg = _write_config(tmp_path / "cfg.yaml", shapes_dir, **encoder)
+    assert main(["features", "extract", "--config", str(cfg), "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "frozen encoder" in err and message in err
+    assert not (tmp_path / "c").exists()
+
+
+def test_cli_reports_bad_configs(tmp_path, capsys) -> None:
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("model:\n  encoder:\n    name: resnet50\n    colour: red\n")
+    assert main(["features", "extract", "--config", str(cfg), "--out", str(tmp_path / "c")]) == 2
+    assert "unknown setting(s) colour" in capsys.readouterr().err
+    assert main(["features", "extract", "--config", str(tmp_path / "nope.yaml"), "--out", "x"]) == 2
