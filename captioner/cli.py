@@ -1,6 +1,6 @@
 """The ``captioner`` command.
 
-``fit``, ``validate``, ``test`` (and ``predict``) go through LightningCLI and take ``--config``
+``fit``, ``validate`` and ``test`` go through LightningCLI and take ``--config``
 YAML files; the other sub-commands are plain argparse programs that use the library.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 logger = logging.getLogger("captioner")
 
-LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
 
 # -- LightningCLI ------------------------------------------------------------------------------

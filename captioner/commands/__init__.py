@@ -10,10 +10,4 @@ MODULES = ("caption", "attend", "evaluate", "features", "serve")
 
 def register_all(subparsers) -> None:
     for name in MODULES:
-        try:
-            mod = importlib.import_module(f"captioner.commands.{name}")
-        except ModuleNotFoundError as err:
-            if err.name != f"captioner.commands.{name}":
-                raise
-            continue  # not built yet
-        mod.register(subparsers)
+        importlib.import_module(f"captioner.commands.{name}").register(subparsers)
