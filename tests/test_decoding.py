@@ -117,3 +117,12 @@ def test_sampling_is_reproducible_and_top1_is_greedy(decoder) -> None:
 def test_beam_runs_exactly_max_steps_without_early_stop(decoder) -> None:
     gen = beam_search(decoder, torch.randn(2, 7, 12), beam_size=3, max_length=9, early_stop=False)
     assert gen.tokens.size(1) == 9
+
+
+def test_no_empty_caption_even_when_end_is_most_likely_first(decoder) -> None:
+    with torch.no_grad():
+        decoder.out.bias[END_ID] = 50.0  # <end> wins every step
+    feats = torch.randn(3, 7, 12)
+    for gen in (greedy(decoder, feats), beam_search(decoder, feats, beam_size=4), sample(decoder, feats)):
+        assert gen.lengths.tolist() == [1, 1, 1]
+    assert greedy(decoder, feats, min_length=0).lengths.tolist() == [0, 0, 0]

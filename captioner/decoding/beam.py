@@ -18,6 +18,7 @@ def beam_search(
     max_length: int = 20,
     length_penalty: float = 0.0,
     suppress_unk: bool = False,
+    min_length: int = 1,
     early_stop: bool = True,
 ) -> Generated:
     """Keep the ``beam_size`` best partial captions per image.
@@ -25,7 +26,8 @@ def beam_search(
     A beam that emitted ``<end>`` stays in the beam with its score frozen (it extends with
     ``<pad>`` at no cost), so finished and unfinished captions compete on equal terms and a
     caption is returned even when no beam ends before ``max_length``. Final ranking divides each
-    score by ``words ** length_penalty`` (0: raw log-probability). ``early_stop=False`` runs all
+    score by ``words ** length_penalty`` (0: raw log-probability). ``<end>`` is not allowed before
+    ``min_length`` words. ``early_stop=False`` runs all
     ``max_length`` steps (for benchmarks). With ``beam_size=1`` this is exactly greedy decoding.
     """
     if beam_size < 1:
@@ -46,12 +48,14 @@ def beam_search(
     tokens = torch.empty(b, k, 0, dtype=torch.long, device=dev)
     alphas = torch.empty(b, k, 0, n, device=dev)
     batch_offset = (torch.arange(b, device=dev) * k).unsqueeze(1)  # (B, 1)
-    for _ in range(max_length):
+    for step in range(max_length):
         logp, state, alpha = decoder.step(prev, state, cache)  # (B*K, V), .., (B*K, N)
         v = logp.size(-1)
         logp = logp.view(b, k, v)
         if suppress_unk:
             logp[..., UNK_ID] = float("-inf")
+        if step < min_length:  # no empty caption, the classic failure of beam search
+            logp[..., END_ID] = float("-inf")
         # finished beams: only <pad>, at no cost (in place: logp is a fresh tensor of ours)
         pad = torch.where(done, 0.0, logp[..., PAD_ID])  # (B, K)
         logp.masked_fill_(done.unsqueeze(-1), float("-inf"))

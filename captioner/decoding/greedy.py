@@ -16,6 +16,7 @@ def greedy(
     features: Tensor,
     max_length: int = 20,
     suppress_unk: bool = False,
+    min_length: int = 1,
     early_stop: bool = True,
 ) -> Generated:
     """The most likely word at each step. features (B, N, D); at most ``max_length`` tokens."""
@@ -26,10 +27,12 @@ def greedy(
     done = torch.zeros(b, dtype=torch.bool, device=features.device)
     scores = torch.zeros(b, device=features.device)
     tokens, alphas = [], []
-    for _ in range(max_length):
+    for step in range(max_length):
         logp, state, alpha = decoder.step(prev, state, cache)  # (B, V), .., (B, N)
         if suppress_unk:
             logp[:, UNK_ID] = float("-inf")
+        if step < min_length:  # no empty caption, the classic failure of beam search
+            logp[:, END_ID] = float("-inf")
         best, tok = logp.max(dim=-1)
         tok = torch.where(done, torch.full_like(tok, PAD_ID), tok)
         scores += torch.where(done, torch.zeros_like(best), best)

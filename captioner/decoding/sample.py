@@ -18,6 +18,7 @@ def sample(
     temperature: float = 1.0,
     top_k: int = 0,
     suppress_unk: bool = False,
+    min_length: int = 1,
     generator: torch.Generator | None = None,
 ) -> Generated:
     """Draw each word from softmax(logits / temperature), restricted to the top k when k > 0.
@@ -33,10 +34,12 @@ def sample(
     done = torch.zeros(b, dtype=torch.bool, device=features.device)
     scores = torch.zeros(b, device=features.device)
     tokens, alphas = [], []
-    for _ in range(max_length):
+    for step in range(max_length):
         logp, state, alpha = decoder.step(prev, state, cache)
         if suppress_unk:
             logp[:, UNK_ID] = float("-inf")
+        if step < min_length:  # no empty caption, the classic failure of beam search
+            logp[:, END_ID] = float("-inf")
         logits = logp / temperature
         if top_k > 0:
             kth = logits.topk(min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
