@@ -45,10 +45,11 @@ def test_decoder_benchmark_reports_its_figures(capsys, attention: str) -> None:
     assert report["settings"]["attention"] == attention
 
 
-def test_caption_benchmark_reports_its_figures(capsys) -> None:
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_caption_benchmark_reports_its_figures(capsys, precision: str) -> None:
     report = _run(capsys, "caption", "--encoder", "shapes_cnn", "--image-size", "32", "--images", "3",
                   "--batch-size", "2", "--vocab", "20", "--decoder-dim", "8", "--source-size", "40x30",
-                  "--beam-size", "2", "--max-length", "3", "--repeats", "1")
+                  "--beam-size", "2", "--max-length", "3", "--repeats", "1", "--precision", precision)
     assert report["encoder_ms_per_image"] > 0 and report["caption_ms_per_image"] > 0
     assert report["ratio"] == pytest.approx(report["caption_ms_per_image"] / report["encoder_ms_per_image"])
 
