@@ -66,16 +66,7 @@ def run_lightning(args: Sequence[str]) -> None:
         # Sharding is done by the data module's EpochSampler (resumable, no repeats across ranks).
         trainer_defaults={"use_distributed_sampler": False, "plugins": [AtomicCheckpointIO()]},
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else None,
     )
-
-
-def _has_omegaconf() -> bool:
-    try:
-        import omegaconf  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 # -- argparse sub-commands ---------------------------------------------------------------------

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from captioner.data.transforms import Preprocessing
 from captioner.data.vocab import Vocabulary
-from captioner.decoding import Generated, beam_search, greedy
+from captioner.decoding import DecodingConfig, Generated, generate
 from captioner.models import Captioner, DecoderConfig, EncoderConfig
 
 logger = logging.getLogger(__name__)
@@ -115,25 +115,31 @@ class CaptionPipeline:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.precision = precision
-        d = loaded.decoding
         self.loaded = loaded
-        self.beam_size = beam_size if beam_size is not None else int(d.get("beam_size", 1))
-        self.max_length = max_length if max_length is not None else int(d.get("max_length", 20))
-        self.length_penalty = length_penalty if length_penalty is not None else float(d.get("length_penalty", 0.0))
-        self.suppress_unk = suppress_unk if suppress_unk is not None else bool(d.get("suppress_unk", False))
+        self.decoding = DecodingConfig.from_dict(
+            loaded.decoding, beam_size=beam_size, max_length=max_length,
+            length_penalty=length_penalty, suppress_unk=suppress_unk)
         if self.beam_size < 1:
             raise ValueError(f"beam size must be >= 1, got {self.beam_size}")
+
+    @property
+    def beam_size(self) -> int:
+        return self.decoding.beam_size
+
+    @property
+    def max_length(self) -> int:
+        return self.decoding.max_length
+
+    @property
+    def length_penalty(self) -> float:
+        return self.decoding.length_penalty
 
     @property
     def device(self) -> torch.device:
         return next(self.loaded.model.parameters()).device
 
     def generate(self, features: Tensor, beam_size: int | None = None) -> Generated:
-        k = self.beam_size if beam_size is None else beam_size
-        dec = self.loaded.model.decoder
-        if k == 1:
-            return greedy(dec, features, self.max_length, self.suppress_unk)
-        return beam_search(dec, features, k, self.max_length, self.length_penalty, self.suppress_unk)
+        return generate(self.loaded.model.decoder, features, self.decoding, beam_size)
 
     @torch.inference_mode()
     def caption_tensors(self, images: Tensor, beam_size: int | None = None) -> list[Caption]:

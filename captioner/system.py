@@ -12,7 +12,7 @@ from torch import Tensor
 
 from captioner.data.transforms import Preprocessing
 from captioner.data.vocab import PAD_ID, Vocabulary
-from captioner.decoding import beam_search, greedy
+from captioner.decoding import DecodingConfig, generate
 from captioner.models import Captioner, DecoderConfig, EncoderConfig
 from captioner.models.decoder import DecoderOutput
 
@@ -46,16 +46,6 @@ class LossConfig:
     reinforce: float = 0.1  # hard: the learning signal's scale (the paper's code divides by 10)
     entropy: float = 0.002  # hard: lambda_e
     baseline_decay: float = 0.9  # hard: b <- decay * b + (1 - decay) * log p(y | s, a)
-
-
-@dataclass
-class DecodingConfig:
-    """Free-running decoding used for validation (and as the checkpoint's default)."""
-
-    beam_size: int = 1
-    max_length: int = 20
-    length_penalty: float = 0.0
-    suppress_unk: bool = False
 
 
 class CaptioningSystem(L.LightningModule):
@@ -109,10 +99,12 @@ class CaptioningSystem(L.LightningModule):
         out: DecoderOutput = self.model.decoder(self.features(batch), captions, lengths)
         targets = captions[:, 1:]  # (B, T)
         mask = out.mask.float()  # (B, T)
+        # (B*T, V) rows rather than a (B, V, T) transpose: the same sums, without a strided
+        # copy of the largest tensor of the step.
         ce = F.cross_entropy(
-            out.logits.float().transpose(1, 2), targets, reduction="none",
+            out.logits.float().flatten(0, 1), targets.flatten(), reduction="none",
             ignore_index=PAD_ID, label_smoothing=self.loss_config.label_smoothing,
-        )  # (B, T)
+        ).view_as(targets)  # (B, T)
         ce_caption = (ce * mask).sum(1)  # (B,)  -log p(y | a) per caption
         n_tokens = mask.sum().clamp(min=1)
         if self.loss_config.reduction == "token":
@@ -157,13 +149,8 @@ class CaptioningSystem(L.LightningModule):
         return logs["loss"]
 
     # -- free-running validation ---------------------------------------------------------------
-    def generate(self, features: Tensor, beam_size: int | None = None, max_length: int | None = None):
-        d = self.decoding
-        beam_size = d.beam_size if beam_size is None else beam_size
-        max_length = d.max_length if max_length is None else max_length
-        if beam_size == 1:
-            return greedy(self.model.decoder, features, max_length, d.suppress_unk)
-        return beam_search(self.model.decoder, features, beam_size, max_length, d.length_penalty, d.suppress_unk)
+    def generate(self, features: Tensor, beam_size: int | None = None):
+        return generate(self.model.decoder, features, self.decoding, beam_size)
 
     def _eval_step(self, batch: dict, prefix: str) -> None:
         if not batch:

@@ -6,12 +6,8 @@ Leaves a screenshot in ``test-artifacts/browser.png``.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +17,8 @@ from PIL import Image
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+
+from tests.helpers import live_server  # noqa: E402
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
@@ -42,29 +40,6 @@ pytestmark = pytest.mark.skipif(
     CHROMIUM is None or CHROMEDRIVER is None,
     reason="needs Chromium and chromedriver (apt-get install chromium chromium-driver)",
 )
-
-
-@contextlib.contextmanager
-def live_server(app):
-    """``app`` under uvicorn on a free loopback port, in a background thread."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started, "uvicorn did not start"
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
 
 
 @pytest.fixture
@@ -105,7 +80,8 @@ def test_upload_caption_and_attention_heatmap(tiny_checkpoint, browser, tmp_path
     image = scene(tmp_path / "scene.png")
     app = create_app(tiny_checkpoint)
     wait = WebDriverWait(browser, 30)
-    with live_server(app) as url:
+    with live_server(app) as port:
+        url = f"http://127.0.0.1:{port}/"
         browser.get(url)
         wait.until(lambda d: "soft attention" in d.find_element(By.ID, "model-info").text)
         # Greedy decoding: a barely trained model's beam search may settle on an empty caption.
@@ -165,7 +141,8 @@ def test_bad_upload_shows_an_error(tiny_checkpoint, browser, tmp_path):
 
     bogus = tmp_path / "notes.png"
     bogus.write_bytes(b"this is text, not a picture\n" * 20)
-    with live_server(create_app(tiny_checkpoint)) as url:
+    with live_server(create_app(tiny_checkpoint)) as port:
+        url = f"http://127.0.0.1:{port}/"
         browser.get(url)
         browser.find_element(By.ID, "file").send_keys(str(bogus))
         WebDriverWait(browser, 30).until(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import re
 import socket
@@ -22,6 +21,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from captioner.inference import load_checkpoint  # noqa: E402
 from captioner.serve import create_app  # noqa: E402
+from tests.helpers import live_server  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -206,29 +206,6 @@ def test_upload_without_content_length_is_counted(small_client):
                           headers={"content-type": f"multipart/form-data; boundary={boundary}"})
     assert r.status_code == 413
     assert "too large" in r.json()["error"]
-
-
-@contextlib.contextmanager
-def live_server(app):
-    """``app`` under uvicorn on a free loopback port, in a background thread."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started, "uvicorn did not start"
-    try:
-        yield port
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
 
 
 def test_streamed_upload_is_refused_before_it_ends(loaded):

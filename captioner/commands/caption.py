@@ -41,25 +41,22 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="where the model runs (auto: cuda when available)")
 
 
-def load_pipeline(a: argparse.Namespace):
-    """Checkpoint and decoding options -> CaptionPipeline, or UsageError (exit 2) with one line."""
+def load_model(checkpoint: Path, device: str):
+    """A checkpoint on ``auto|cpu|cuda`` -> LoadedModel, or UsageError (exit 2) with one line."""
     from captioner.cli import UsageError
-    from captioner.inference import (
-        CaptionPipeline,
-        CheckpointError,
-        load_checkpoint,
-        resolve_device,
-    )
+    from captioner.inference import CheckpointError, load_checkpoint, resolve_device
 
     try:
-        device = resolve_device(a.device)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    try:
-        loaded = load_checkpoint(a.checkpoint, device)
-    except CheckpointError as err:
+        return load_checkpoint(checkpoint, resolve_device(device))
+    except (ValueError, CheckpointError) as err:
         raise UsageError(" ".join(str(err).split())) from None
-    return CaptionPipeline(loaded, beam_size=a.beam_size, max_length=a.max_length)
+
+
+def load_pipeline(a: argparse.Namespace):
+    """Checkpoint and decoding options -> CaptionPipeline, or UsageError (exit 2) with one line."""
+    from captioner.inference import CaptionPipeline
+
+    return CaptionPipeline(load_model(a.checkpoint, a.device), beam_size=a.beam_size, max_length=a.max_length)
 
 
 def _write(line: str) -> None:

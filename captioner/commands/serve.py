@@ -57,16 +57,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
     except ImportError as err:
         raise UsageError(f"captioner serve needs the serve extra ({err.name} is missing): "
                          "pip install 'captioner[serve]'") from None
-    from captioner.inference import CheckpointError, load_checkpoint, resolve_device
+    from captioner.commands.caption import load_model
 
-    try:
-        device = resolve_device(a.device)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    try:
-        loaded = load_checkpoint(a.checkpoint, device)
-    except CheckpointError as err:
-        raise UsageError(str(err)) from None
+    loaded = load_model(a.checkpoint, a.device)
     app = create_app(loaded, max_upload_mb=a.max_upload_mb, max_batch=a.max_batch, max_queue=a.max_queue)
     if not _is_loopback(a.host):
         logger.warning("listening on %s: anyone who can reach this address can use the model "

@@ -202,6 +202,7 @@ class CaptionDataModule(L.LightningDataModule):
         self._vocab: Vocabulary | None = None
         self._resume: dict | None = None
         self._train_sampler: EpochSampler | None = None
+        self._feature_store = None
 
     # -- preparing -----------------------------------------------------------------------------
     @property
@@ -272,15 +273,15 @@ class CaptionDataModule(L.LightningDataModule):
         """All reference captions per image id, as space-joined tokens."""
         return {r.image_id: [" ".join(c) for c in r.captions] for r in self.split_records(split)}
 
-    def raw_references(self, split: str) -> dict[int, list[str]]:
-        return {r.image_id: list(r.raw) or [" ".join(c) for c in r.captions] for r in self.split_records(split)}
-
     def _features(self):
+        """The feature cache, opened (its index read) once for all splits."""
         if not self.feature_cache:
             return None
-        from captioner.data.features import FeatureStore
+        if self._feature_store is None:
+            from captioner.data.features import FeatureStore
 
-        return FeatureStore(self.feature_cache)
+            self._feature_store = FeatureStore(self.feature_cache)
+        return self._feature_store
 
     def dataset_for(self, split: str, mode: str | None = None) -> CaptionDataset:
         mode = mode or (self.captions_per_image if split == "train" else "first")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from captioner.data.vocab import END_ID, PAD_ID, START_ID, UNK_ID
-from captioner.decoding.common import Generated, word_lengths
+from captioner.data.vocab import END_ID, PAD_ID, START_ID
+from captioner.decoding.common import Generated, ban_tokens, word_lengths
 from captioner.models.decoder import AttentionDecoder
 
 
@@ -52,10 +52,7 @@ def beam_search(
         logp, state, alpha = decoder.step(prev, state, cache)  # (B*K, V), .., (B*K, N)
         v = logp.size(-1)
         logp = logp.view(b, k, v)
-        if suppress_unk:
-            logp[..., UNK_ID] = float("-inf")
-        if step < min_length:  # no empty caption, the classic failure of beam search
-            logp[..., END_ID] = float("-inf")
+        ban_tokens(logp, step, suppress_unk, min_length)
         # finished beams: only <pad>, at no cost (in place: logp is a fresh tensor of ours)
         pad = torch.where(done, 0.0, logp[..., PAD_ID])  # (B, K)
         logp.masked_fill_(done.unsqueeze(-1), float("-inf"))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from captioner.data.vocab import END_ID, PAD_ID
+from captioner.data.vocab import END_ID, PAD_ID, START_ID, UNK_ID
+from captioner.models.decoder import AttentionDecoder
 
 
 @dataclass
@@ -40,5 +42,44 @@ def word_lengths(tokens: Tensor) -> Tensor:
     return torch.where(stop, idx, torch.full_like(idx, t)).min(dim=1).values
 
 
-def expand_cache(cache: tuple[Tensor, ...], k: int) -> tuple[Tensor, ...]:
-    return tuple(c.repeat_interleave(k, dim=0) for c in cache)
+def ban_tokens(logp: Tensor, step: int, suppress_unk: bool, min_length: int) -> None:
+    """In place, on (..., V) log-probabilities: no ``<unk>`` when suppressed, and no ``<end>``
+    before ``min_length`` words (an empty caption is the classic failure of beam search)."""
+    if suppress_unk:
+        logp[..., UNK_ID] = float("-inf")
+    if step < min_length:
+        logp[..., END_ID] = float("-inf")
+
+
+def single_path(
+    decoder: AttentionDecoder,
+    features: Tensor,
+    choose: Callable[[Tensor], Tensor],
+    max_length: int,
+    suppress_unk: bool,
+    min_length: int,
+    early_stop: bool,
+) -> Generated:
+    """One caption per image, the next word picked by ``choose(logp (B, V)) -> (B,)``; the
+    loop shared by greedy decoding and sampling. Scores sum the picked words' log-probabilities."""
+    b = features.size(0)
+    cache = decoder.precompute(features)
+    state = decoder.init_state(features)
+    prev = torch.full((b,), START_ID, dtype=torch.long, device=features.device)
+    done = torch.zeros(b, dtype=torch.bool, device=features.device)
+    scores = torch.zeros(b, device=features.device)
+    tokens, alphas = [], []
+    for step in range(max_length):
+        logp, state, alpha = decoder.step(prev, state, cache)  # (B, V), .., (B, N)
+        ban_tokens(logp, step, suppress_unk, min_length)
+        tok = torch.where(done, torch.full_like(prev, PAD_ID), choose(logp))
+        scores += torch.where(done, torch.zeros_like(scores), logp.gather(1, tok.unsqueeze(1)).squeeze(1))
+        tokens.append(tok)
+        alphas.append(alpha)
+        done |= tok == END_ID
+        prev = tok
+        if early_stop and bool(done.all()):
+            break
+    toks = torch.stack(tokens, 1)  # (B, T)
+    return Generated(toks, word_lengths(toks), scores, torch.stack(alphas, 1))
+

@@ -188,12 +188,14 @@ class ShapesCNN(Encoder):
         self.grid = config.grid
         self.out_dim = c
         self.preprocessing = encoder_preprocessing(config)
+        # The features are always pooled to grid x grid, so the code is fixed: made once, moved
+        # with the module, not saved in checkpoints.
+        self.register_buffer("pos", positional_grid(self.pos_channels, self.grid, self.grid), persistent=False)
 
     def forward(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
         x = self.body(images)  # (B, C, S/8, S/8)
         if x.shape[-1] != self.grid or x.shape[-2] != self.grid:
             x = nn.functional.adaptive_avg_pool2d(x, self.grid)
-        b, _, h, w = x.shape
-        pos = positional_grid(self.pos_channels, h, w).to(x)  # (P, h, w)
-        x = self.mix(torch.cat([x, pos.unsqueeze(0).expand(b, -1, -1, -1)], 1))
+        pos = self.pos.to(x.dtype).unsqueeze(0).expand(x.size(0), -1, -1, -1)  # (B, P, h, w)
+        x = self.mix(torch.cat([x, pos], 1))
         return _to_regions(x)

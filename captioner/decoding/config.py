@@ -1,0 +1,39 @@
+"""Decoding settings and the one place that turns them into a strategy call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+from torch import Tensor
+
+from captioner.decoding.beam import beam_search
+from captioner.decoding.common import Generated
+from captioner.decoding.greedy import greedy
+from captioner.models.decoder import AttentionDecoder
+
+
+@dataclass
+class DecodingConfig:
+    """Free-running decoding: validation during training, and the checkpoint's default."""
+
+    beam_size: int = 1
+    max_length: int = 20
+    length_penalty: float = 0.0
+    suppress_unk: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict, **overrides) -> DecodingConfig:
+        """From a checkpoint's ``decoding`` hyperparameters (unknown keys ignored); ``None``
+        overrides keep the stored value."""
+        names = {f.name for f in fields(cls)}
+        cfg = cls(**{k: v for k, v in d.items() if k in names})
+        return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def generate(decoder: AttentionDecoder, features: Tensor, config: DecodingConfig,
+             beam_size: int | None = None) -> Generated:
+    """Greedy when the beam is 1 (beam search of width 1 gives the same caption, slower)."""
+    k = config.beam_size if beam_size is None else beam_size
+    if k == 1:
+        return greedy(decoder, features, config.max_length, config.suppress_unk)
+    return beam_search(decoder, features, k, config.max_length, config.length_penalty, config.suppress_unk)
