@@ -141,9 +141,12 @@ def bench_decoder(
     device: str = "cpu",
     compile: bool = False,
     parts: Sequence[str] = ("train", "beam", "greedy"),
+    precision: str = "fp32",
 ) -> dict:
-    """Decoder training step, beam search and greedy decoding at the given shapes."""
+    """Decoder training step, beam search and greedy decoding at the given shapes;
+    ``precision="bf16"`` runs them under bf16 autocast (as ``--trainer.precision bf16-mixed`` does)."""
     dev = torch.device(device)
+    autocast = lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")  # noqa: E731
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     cfg = DecoderConfig(attention=attention, embed_dim=embed_dim, attention_dim=attention_dim,
@@ -159,7 +162,8 @@ def bench_decoder(
         decoder.train()
 
         def train_step() -> None:
-            loss = caption_loss(forward, features, captions, lengths)
+            with autocast():
+                loss = caption_loss(forward, features, captions, lengths)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -172,12 +176,12 @@ def bench_decoder(
     if compile:  # decoding calls decoder.step once per word
         decoder.step = torch.compile(decoder.step)
     if "beam" in parts:
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast():
             secs = _time(lambda: beam_search(decoder, features, beam_size, max_steps, early_stop=False),
                          repeats, dev)
         result.update(beam_ms_per_image=1000 * secs / batch, beam_images_per_s=batch / secs)
     if "greedy" in parts:
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast():
             secs = _time(lambda: greedy(decoder, features, max_steps, early_stop=False), repeats, dev)
         result.update(greedy_ms_per_image=1000 * secs / batch, greedy_images_per_s=batch / secs)
     result["peak_rss_mb"] = peak_rss_mb()
@@ -239,6 +243,7 @@ def bench_caption(
     repeats: int = 3,
     device: str = "cpu",
     precision: str = "fp32",
+    num_workers: int = 2,
 ) -> dict:
     """Per image: the encoder's forward pass alone vs ``CaptionPipeline.caption_paths`` (read +
     preprocess + encode + beam search), on ``images`` generated JPEG files."""
@@ -260,7 +265,7 @@ def bench_caption(
                     model.encode(x.to(dev))
 
         def whole_path() -> None:
-            for _path, caption, error in pipeline.caption_paths(paths, batch_size=batch_size):
+            for _path, caption, error in pipeline.caption_paths(paths, batch_size=batch_size, num_workers=num_workers):
                 assert caption is not None, error
 
         enc_s = _time(encode_only, repeats, dev)
@@ -324,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--repeats", type=int, default=3)
     d.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     d.add_argument("--compile", action="store_true", help="torch.compile the decoder")
+    d.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16: autocast")
     d.add_argument("--only", nargs="+", choices=("train", "beam", "greedy"), default=None,
                    help="run only these parts")
 
@@ -341,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--repeats", type=int, default=3)
     c.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     c.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    c.add_argument("--num-workers", type=int, default=2, help="image-reading threads (as `captioner caption`)")
 
     m = sub.add_parser("memory", help="resident memory while captioning many images in a stream")
     common(m)
@@ -354,12 +361,12 @@ def run(a: argparse.Namespace) -> dict:
         figures = bench_decoder(
             a.encoder_dim, a.grid, a.vocab, a.batch, a.embed_dim, a.attention_dim, a.decoder_dim,
             a.caption_length, a.beam_size, a.max_steps, a.attention, a.repeats, a.device, a.compile,
-            a.only or ("train", "beam", "greedy"),
+            a.only or ("train", "beam", "greedy"), a.precision,
         )
     elif a.bench == "caption":
         w, _, h = a.source_size.partition("x")
         figures = bench_caption(a.encoder, a.image_size, a.beam_size, a.images, a.batch_size, a.max_length,
-                                a.vocab, a.decoder_dim, (int(w), int(h)), a.repeats, a.device, a.precision)
+                                a.vocab, a.decoder_dim, (int(w), int(h)), a.repeats, a.device, a.precision, a.num_workers)
     else:
         marks = [c for c in (100, 500, 1000) if c < a.images] + [a.images]
         figures = bench_memory(a.images, marks, a.batch_size)

@@ -6,7 +6,9 @@ import logging
 import os
 import pickle
 import warnings
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,10 +168,22 @@ class CaptionPipeline:
     def caption_paths(
         self, paths: Iterable[Path], batch_size: int = 16, beam_size: int | None = None, num_workers: int = 0
     ) -> Iterator[tuple[Path, Caption | None, str | None]]:
-        """Streams (path, caption, None) or (path, None, error) in input order; memory stays flat."""
+        """Streams (path, caption, None) or (path, None, error) in input order; memory stays flat.
+
+        ``num_workers`` > 0 reads and preprocesses images in that many threads (PIL decoding and
+        resizing release the GIL), at most two batches ahead of the model, so reading overlaps
+        the model's work: on a GPU the model is otherwise idle while JPEGs are decoded."""
         from captioner.data.images import ImageLoadError, load_image
 
         pre = self.loaded.preprocessing
+
+        def read(p: Path) -> tuple[Path, Tensor | None, str | None]:
+            try:
+                return p, pre(load_image(p)), None
+            except ImageLoadError as err:
+                return p, None, err.reason
+            except Exception as err:  # never let one file end the run
+                return p, None, f"{type(err).__name__}: {err}"
 
         def flush(items):
             good = [(p, x) for p, x, e in items if e is None]
@@ -177,16 +191,27 @@ class CaptionPipeline:
             for p, _x, e in items:
                 yield (p, None, e) if e is not None else (p, next(caps), None)
 
-        pending = []
-        for p in paths:
-            try:
-                pending.append((p, pre(load_image(p)), None))
-            except ImageLoadError as err:
-                pending.append((p, None, err.reason))
-            except Exception as err:  # never let one file end the run
-                pending.append((p, None, f"{type(err).__name__}: {err}"))
-            if sum(e is None for _, _, e in pending) >= batch_size:
+        pool = ThreadPoolExecutor(num_workers, thread_name_prefix="captioner-read") if num_workers > 0 else None
+        try:
+            pending = []
+            for item in _read_ahead(pool, read, paths, 2 * batch_size) if pool else map(read, paths):
+                pending.append(item)
+                if sum(e is None for _, _, e in pending) >= batch_size:
+                    yield from flush(pending)
+                    pending = []
+            if pending:
                 yield from flush(pending)
-                pending = []
-        if pending:
-            yield from flush(pending)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _read_ahead(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, ahead: int) -> Iterator:
+    """``map(fn, items)`` in input order, with at most ``ahead`` calls running or done early."""
+    window: deque[Future] = deque()
+    for item in items:
+        window.append(pool.submit(fn, item))
+        if len(window) >= ahead:
+            yield window.popleft().result()
+    while window:
+        yield window.popleft().result()

@@ -74,6 +74,25 @@ def test_caption_json_reports_bad_files_and_captions_the_rest(tiny_checkpoint, m
     assert "3 of 8 images could not be captioned" in caplog.text
 
 
+def test_reading_threads_give_the_same_stream_in_input_order(tiny_checkpoint, mixed_folder):
+    """caption_paths with reader threads: same captions and per-file errors, in input order,
+    as reading inline; a batch smaller than the read-ahead window is fine."""
+    from captioner.inference import CaptionPipeline, load_checkpoint
+
+    folder, good, bad = mixed_folder
+    paths = sorted([*good, *bad]) * 3  # longer than the read-ahead window (2 batches)
+    pipeline = CaptionPipeline(load_checkpoint(tiny_checkpoint, device="cpu"), beam_size=2)
+    inline = list(pipeline.caption_paths(paths, batch_size=2, num_workers=0))
+    threaded = list(pipeline.caption_paths(iter(paths), batch_size=2, num_workers=3))
+    assert [p for p, _, _ in threaded] == paths
+    for (p1, c1, e1), (p2, c2, e2) in zip(threaded, inline, strict=True):
+        assert (p1, e1) == (p2, e2)
+        if c1 is not None:
+            assert (c1.words, c1.score) == (c2.words, c2.score)
+            torch.testing.assert_close(c1.alphas, c2.alphas)
+    assert sum(e is not None for _, _, e in threaded) == 3 * len(bad)
+
+
 def test_caption_text_output_all_good(tiny_checkpoint, tmp_path, shapes_dir, capsys):
     good = _good_images(tmp_path / "imgs", shapes_dir, n=3)
     extra = tmp_path / "single.png"

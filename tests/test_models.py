@@ -43,7 +43,8 @@ def test_every_encoder_and_attention_trains(encoder: str, attention: str) -> Non
     assert out.logits.shape == (2, 5, 20)
     assert out.alphas.shape == (2, 5, h * w)
     assert torch.isfinite(out.logits).all() and torch.isfinite(out.alphas).all()
-    torch.testing.assert_close(out.alphas.sum(-1), torch.ones(2, 5))
+    # each real step's map sums to 1; steps after a caption's end are not computed (zeros)
+    torch.testing.assert_close(out.alphas.sum(-1), out.mask.float())
     loss = out.logits.logsumexp(-1).sum() + (out.alphas ** 2).sum()
     if out.sample_log_probs is not None:
         loss = loss + out.sample_log_probs.sum() + out.entropies.sum()
@@ -87,6 +88,21 @@ def test_local_weights_file_is_loaded(tmp_path) -> None:
     torch.testing.assert_close(enc.blocks[0][0].weight, ref.features[0].weight)
 
 
+def test_shapes_cnn_can_append_the_position_code_to_every_region() -> None:
+    from captioner.models.encoder import positional_grid
+
+    mixed = create_encoder(EncoderConfig(name="shapes_cnn", grid=4, channels=16))
+    appended = create_encoder(EncoderConfig(name="shapes_cnn", grid=4, channels=16, position="append"))
+    assert appended.out_dim == mixed.out_dim + appended.pos_channels
+    feats, (h, w) = appended(torch.randn(2, 3, 32, 32))
+    assert feats.shape == (2, h * w, appended.out_dim)
+    code = positional_grid(appended.pos_channels, h, w).flatten(1).T  # (N, P)
+    torch.testing.assert_close(feats[0, :, -appended.pos_channels:], code)
+    torch.testing.assert_close(feats[1, :, -appended.pos_channels:], code)
+    with pytest.raises(ValueError, match="encoder.position"):
+        create_encoder(EncoderConfig(name="shapes_cnn", position="concat"))
+
+
 def test_unknown_names_give_clear_errors() -> None:
     with pytest.raises(ValueError, match="unknown encoder 'nope'.*resnet101"):
         create_encoder(EncoderConfig(name="nope"))
@@ -94,6 +110,61 @@ def test_unknown_names_give_clear_errors() -> None:
         AttentionDecoder(DecoderConfig(attention="nope"), 10, 8)
     with pytest.raises(ValueError, match="divisible"):
         AttentionDecoder(DecoderConfig(attention="multihead", attention_dim=10, num_heads=4), 10, 8)
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS.names())
+def test_bf16_autocast_gradients_match_fp32(attention: str) -> None:
+    """Under autocast (what --trainer.precision bf16-mixed does) every parameter still gets an
+    fp32 gradient, close to the fp32 one: the LSTM's hand-written weight gradients included."""
+    torch.manual_seed(0)
+    dec = AttentionDecoder(DecoderConfig(attention=attention, **SMALL_DEC), vocab_size=15, encoder_dim=12).eval()
+    feats = torch.randn(3, 5, 12)
+    caps, lengths = _captions(3, 6, 15)
+
+    def grads(bf16: bool) -> dict[str, torch.Tensor]:
+        dec.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = dec(feats, caps, lengths)
+        out.logits.float().logsumexp(-1).sum().backward()
+        return {n: p.grad for n, p in dec.named_parameters() if p.grad is not None}
+
+    ref, low = grads(False), grads(True)
+    assert ref.keys() == low.keys()
+    for name, g in low.items():
+        assert g.dtype == torch.float32, name
+        assert torch.isfinite(g).all(), name
+        if ref[name].norm() < 1e-4:  # e.g. the score bias: softmax ignores it, its gradient is noise
+            continue
+        # bf16 keeps ~3 significant digits; compare directions, not values
+        cos = torch.nn.functional.cosine_similarity(g.flatten(), ref[name].flatten(), dim=0)
+        assert cos > 0.97, (name, float(cos))
+
+
+@pytest.mark.parametrize("attention", ["soft", "multihead"])
+def test_mixed_lengths_batch_equals_captions_one_by_one(attention: str) -> None:
+    """forward drops rows from the batch as their captions end (longest first, then put back in
+    order): loss and every gradient equal those of the captions decoded one at a time."""
+    torch.manual_seed(0)
+    dec = AttentionDecoder(DecoderConfig(attention=attention, **SMALL_DEC), vocab_size=15, encoder_dim=12).eval()
+    feats = torch.randn(4, 5, 12)
+    caps, _ = _captions(4, 7, 15)
+    lengths = torch.tensor([4, 7, 2, 5])  # unsorted, one caption with a single step
+    for i, n in enumerate(lengths.tolist()):
+        caps[i, n - 1], caps[i, n:] = 2, 0
+
+    def loss_and_grads(rows: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        dec.zero_grad(set_to_none=True)
+        out = dec(feats[rows], caps[rows], lengths[rows])
+        ce = torch.nn.functional.cross_entropy(out.logits.transpose(1, 2), caps[rows, 1:], reduction="none")
+        loss = (ce * out.mask).sum()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in dec.named_parameters() if p.grad is not None}
+
+    loss, grads = loss_and_grads([0, 1, 2, 3])
+    singles = [loss_and_grads([i]) for i in range(4)]
+    torch.testing.assert_close(loss, sum(s[0] for s in singles))
+    for name, g in grads.items():
+        torch.testing.assert_close(g, sum(s[1][name] for s in singles), msg=name)
 
 
 def test_decoder_cell_equals_lstmcell_and_step_equals_forward() -> None:
@@ -107,8 +178,10 @@ def test_decoder_cell_equals_lstmcell_and_step_equals_forward() -> None:
     for t in range(caps.size(1) - 1):
         h0, c0 = state
         logp, state, alpha = dec.step(caps[:, t], state, cache)
-        torch.testing.assert_close(logp, torch.log_softmax(out.logits[:, t], -1))
-        torch.testing.assert_close(alpha, out.alphas[:, t])
+        real = out.mask[:, t]  # forward skips the steps after each caption's end
+        assert real.any()
+        torch.testing.assert_close(logp[real], torch.log_softmax(out.logits[real, t], -1))
+        torch.testing.assert_close(alpha[real], out.alphas[real, t])
         # same state as nn.LSTMCell on [E y; beta * z]
         att = dec.attention(cache, h0)
         z = torch.sigmoid(dec.gate(h0)) * att.context

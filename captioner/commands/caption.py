@@ -80,7 +80,8 @@ def cmd_caption(a: argparse.Namespace) -> int:
     failed = 0
     with tqdm(total=len(paths), unit="img", file=sys.stderr, disable=not show, leave=False) as bar:
         try:
-            for path, caption, error in pipeline.caption_paths(paths, batch_size=a.batch_size):
+            for path, caption, error in pipeline.caption_paths(paths, batch_size=a.batch_size,
+                                                               num_workers=max(0, a.num_workers)):
                 if error is not None:
                     failed += 1
                     if a.json:
@@ -113,6 +114,8 @@ def register(subparsers) -> None:
     )
     add_model_arguments(p)
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass")
+    p.add_argument("--num-workers", type=int, default=2,
+                   help="threads that read and resize images while the model works (0: none)")
     p.add_argument("--json", action="store_true",
                    help='JSON lines: {"image", "caption", "score"} or {"image", "error"}')
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,

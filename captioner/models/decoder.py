@@ -53,8 +53,18 @@ class _StepInputs:
         self.h: list[Tensor] = []  # T x (B, H), the state each step starts from
 
     def add(self, z: Tensor, h: Tensor) -> None:
-        self.z.append(z.detach())
-        self.h.append(h.detach())
+        # Steps run on the first b_t rows only; the other rows' gate gradients are zero.
+        self.z.append(_pad_rows(z.detach(), self.emb.size(0)))
+        self.h.append(_pad_rows(h.detach(), self.emb.size(0)))
+
+
+def _pad_rows(x: Tensor, rows: int) -> Tensor:
+    """Zero rows appended to (b, ...) up to (rows, ...); autograd passes the first b through."""
+    if x.size(0) == rows:
+        return x
+    if x.dtype == torch.bool:
+        return torch.cat([x, x.new_zeros((rows - x.size(0), *x.shape[1:]))])
+    return nn.functional.pad(x, (0, 0) * (x.dim() - 1) + (0, rows - x.size(0)))
 
 
 class _LSTMWeightGrads(torch.autograd.Function):
@@ -72,6 +82,7 @@ class _LSTMWeightGrads(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight_ih: Tensor, weight_hh: Tensor, record: _StepInputs) -> Tensor:
         ctx.record = record
+        ctx.weight_dtype = weight_ih.dtype  # under autocast x and the record are bf16/fp16
         return x.view_as(x)
 
     @staticmethod
@@ -80,10 +91,11 @@ class _LSTMWeightGrads(torch.autograd.Function):
         g = grad.reshape(-1, grad.size(-1))  # (B*T, 4H), rows in (b, t) order
         grad_ih = grad_hh = None
         if ctx.needs_input_grad[1]:
-            inputs = torch.cat([rec.emb, torch.stack(rec.z, 1)], -1)  # (B, T, E + D)
-            grad_ih = g.t() @ inputs.reshape(g.size(0), -1)
+            inputs = torch.cat([rec.emb.to(g.dtype), torch.stack(rec.z, 1).to(g.dtype)], -1)  # (B, T, E + D)
+            grad_ih = (g.t() @ inputs.reshape(g.size(0), -1)).to(ctx.weight_dtype)
         if ctx.needs_input_grad[2]:
-            grad_hh = g.t() @ torch.stack(rec.h, 1).reshape(g.size(0), -1)
+            hs = torch.stack(rec.h, 1).to(g.dtype)  # (B, T, H)
+            grad_hh = (g.t() @ hs.reshape(g.size(0), -1)).to(ctx.weight_dtype)
         return grad, grad_ih, grad_hh, None
 
 
@@ -188,7 +200,15 @@ class AttentionDecoder(nn.Module):
         assert captions.dim() == 2 and captions.size(0) == features.size(0), "captions must be (B, L)"
         inputs = captions[:, :-1]  # (B, T)
         steps = inputs.size(1)
-        mask = torch.arange(steps, device=captions.device).unsqueeze(0) < (lengths.to(captions.device) - 1).unsqueeze(1)
+        lengths = lengths.to(captions.device)
+        mask = torch.arange(steps, device=captions.device).unsqueeze(0) < (lengths - 1).unsqueeze(1)
+        # Longest captions first, so that step t runs on the first b_t rows only: the rows whose
+        # caption has ended drop out instead of being computed and masked (a third of the work
+        # on typical length spreads). Outputs are put back in the caller's order at the end.
+        order = torch.argsort(lengths, descending=True, stable=True)
+        restore = torch.argsort(order)
+        features, inputs = features[order], inputs[order]
+        active = (lengths[order] - 1).clamp(min=1).tolist()  # real steps per row, descending
         emb = self.embedding(inputs)  # (B, T, E)
         record = None
         needs_grads = self.lstm.weight_ih.requires_grad or self.lstm.weight_hh.requires_grad
@@ -200,23 +220,30 @@ class AttentionDecoder(nn.Module):
             x_emb = _LSTMWeightGrads.apply(x_emb, self.lstm.weight_ih, self.lstm.weight_hh, record)
         else:
             x_emb = self._embed_input_proj(emb)  # (B, T, 4H), one matmul for all steps
-        cache = self.precompute(features)
+        full_cache = self.precompute(features)
         state = self.init_state(features)
+        batch, rows, cache = features.size(0), features.size(0), full_cache
         hs, zs, alphas, logps, sampled, ents = [], [], [], [], [], []
         # unbind: one backward node gathers the T step gradients, instead of T (B, T, 4H) buffers
-        for x_t in x_emb.unbind(1):
-            state, z, att = self._cell(x_t, state, cache, record)
-            hs.append(state[0])
-            zs.append(z)
-            alphas.append(att.alpha)
+        for t, x_t in enumerate(x_emb.unbind(1)):
+            while rows > 1 and active[rows - 1] <= t:
+                rows -= 1
+            if rows < state[0].size(0):
+                state = (state[0][:rows], state[1][:rows])
+                cache = tuple(x[:rows] for x in full_cache)
+            state, z, att = self._cell(x_t[:rows], state, cache, record)
+            hs.append(_pad_rows(state[0], batch))
+            zs.append(_pad_rows(z, batch))
+            alphas.append(_pad_rows(att.alpha, batch))
             if att.sample_log_prob is not None:
-                logps.append(att.sample_log_prob)
-                sampled.append(att.sampled)
-                ents.append(att.entropy)
-        logits = self._logits(emb, torch.stack(hs, 1), torch.stack(zs, 1))  # (B, T, V)
-        out = DecoderOutput(logits, torch.stack(alphas, 1), mask)
+                logps.append(_pad_rows(att.sample_log_prob, batch))
+                sampled.append(_pad_rows(att.sampled, batch))
+                ents.append(_pad_rows(att.entropy, batch))
+        h_all, z_all = torch.stack(hs, 1)[restore], torch.stack(zs, 1)[restore]  # (B, T, H), (B, T, D)
+        logits = self._logits(emb[restore], h_all, z_all)  # (B, T, V)
+        out = DecoderOutput(logits, torch.stack(alphas, 1)[restore], mask)
         if logps:
-            out.sample_log_probs = torch.stack(logps, 1)
-            out.sampled = torch.stack(sampled, 1)
-            out.entropies = torch.stack(ents, 1)
+            out.sample_log_probs = torch.stack(logps, 1)[restore]
+            out.sampled = torch.stack(sampled, 1)[restore]
+            out.entropies = torch.stack(ents, 1)[restore]
         return out

@@ -39,6 +39,10 @@ class EncoderConfig:
     trainable_blocks: int = 0
     image_size: int | None = None  # None: the encoder's default
     channels: int = 128  # shapes_cnn width
+    # shapes_cnn: "mix" feeds the position code through a 1x1 conv with the features; "append"
+    # also appends it to every region feature as is, so each attention context carries the
+    # attended position linearly (what spatial words are decided from).
+    position: str = "mix"
 
 
 class Encoder(nn.Module):
@@ -186,7 +190,10 @@ class ShapesCNN(Encoder):
         self.pos_channels = 32
         self.mix = nn.Sequential(nn.Conv2d(c + self.pos_channels, c, 1), nn.ReLU(inplace=True))
         self.grid = config.grid
-        self.out_dim = c
+        if config.position not in ("mix", "append"):
+            raise ValueError(f"encoder.position must be 'mix' or 'append', got {config.position!r}")
+        self.append_position = config.position == "append"
+        self.out_dim = c + self.pos_channels * self.append_position
         self.preprocessing = encoder_preprocessing(config)
         # The features are always pooled to grid x grid, so the code is fixed: made once, moved
         # with the module, not saved in checkpoints.
@@ -198,4 +205,6 @@ class ShapesCNN(Encoder):
             x = nn.functional.adaptive_avg_pool2d(x, self.grid)
         pos = self.pos.to(x.dtype).unsqueeze(0).expand(x.size(0), -1, -1, -1)  # (B, P, h, w)
         x = self.mix(torch.cat([x, pos], 1))
+        if self.append_position:
+            x = torch.cat([x, pos], 1)  # (B, C + P, h, w)
         return _to_regions(x)

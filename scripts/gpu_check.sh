@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# GPU figures in one go: decoder and caption benchmarks in fp32 and bf16 autocast, then a
+# bf16-mixed `shapes` training run and its test-split evaluation.
+#
+#   bash scripts/gpu_check.sh [OUT_DIR]            # on a CUDA machine with captioner installed
+#   DEVICE=cpu QUICK=1 bash scripts/gpu_check.sh   # a quick dry run of the same steps on the CPU
+#
+# Writes OUT_DIR/bench.jsonl (one JSON object per benchmark), OUT_DIR/fit.log and
+# OUT_DIR/metrics.json. PYTHON picks the interpreter (default: python3); FIT=0 skips the training.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${1:-gpu_out}
+DEVICE=${DEVICE:-cuda}
+PY=${PYTHON:-python3}
+EPOCHS=${EPOCHS:-40}
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT_DIR"
+
+if [[ "${QUICK:-0}" == 1 ]]; then
+  DEC=(--encoder-dim 64 --grid 4 --vocab 100 --batch 4 --embed-dim 32 --attention-dim 32 --decoder-dim 32 --repeats 1)
+  CAP=(--encoder shapes_cnn --image-size 64 --images 4 --batch-size 2 --repeats 1)
+  FIT=(--data.shapes_num_images 80 --data.batch_size 16 --trainer.max_epochs 1 --trainer.limit_train_batches 2)
+  EPOCHS=1
+else
+  DEC=(--repeats 5)
+  CAP=(--images 128 --batch-size 64 --repeats 3)
+  FIT=()
+fi
+if [[ "$DEVICE" == cuda ]]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT_DIR/gpu.txt"
+  ACCEL=(--trainer.accelerator gpu --trainer.precision bf16-mixed)
+else
+  ACCEL=(--trainer.accelerator cpu)
+fi
+
+: >"$OUT_DIR/bench.jsonl"
+for precision in fp32 bf16; do
+  "$PY" scripts/benchmark.py decoder --device "$DEVICE" --precision "$precision" "${DEC[@]}" --json | tee -a "$OUT_DIR/bench.jsonl"
+  "$PY" scripts/benchmark.py caption --device "$DEVICE" --precision "$precision" "${CAP[@]}" --json | tee -a "$OUT_DIR/bench.jsonl"
+done
+
+[[ "${FIT:-1}" == 1 ]] || exit 0
+run=runs/gpu-check
+rm -rf "$run"
+start=$(date +%s)
+"$PY" -m captioner.cli fit --config configs/shapes.yaml "${ACCEL[@]}" --trainer.max_time null \
+  --trainer.max_epochs "$EPOCHS" --early_stopping.patience 1000 --trainer.enable_progress_bar false \
+  --trainer.default_root_dir "$run" --trainer.logger false --checkpoint.dirpath "$run/checkpoints" \
+  --data.data_dir "$run/data" "${FIT[@]}" 2>&1 | tee "$OUT_DIR/fit.log" | grep -v "^\s*$" | tail -n 5
+echo "fit: $(( $(date +%s) - start )) s for $EPOCHS epochs" | tee -a "$OUT_DIR/fit.log"
+"$PY" -m captioner.cli evaluate --checkpoint "$run/checkpoints/best.ckpt" --config configs/shapes.yaml \
+  --set data_dir="$run/data" --split test --device "$DEVICE" --output "$OUT_DIR/metrics.json" 2>&1 | tail -n 20
