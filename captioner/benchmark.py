@@ -243,15 +243,17 @@ def bench_caption(
     repeats: int = 3,
     device: str = "cpu",
     precision: str = "fp32",
-    num_workers: int = 2,
+    num_workers: int | None = None,
 ) -> dict:
     """Per image: the encoder's forward pass alone vs ``CaptionPipeline.caption_paths`` (read +
     preprocess + encode + beam search), on ``images`` generated JPEG files."""
+    from captioner.commands.caption import reader_threads
     from captioner.inference import CaptionPipeline
 
     dev = torch.device(device)
     loaded = random_model(encoder, image_size, vocab, decoder_dim, device=device)
     pipeline = CaptionPipeline(loaded, beam_size=beam_size, max_length=max_length, precision=precision)
+    threads = reader_threads(num_workers, pipeline)  # as `captioner caption` chooses them
     with tempfile.TemporaryDirectory(prefix="captioner-bench-") as tmp:
         paths = write_images(Path(tmp), images, source_size)
         model = loaded.model
@@ -265,7 +267,7 @@ def bench_caption(
                     model.encode(x.to(dev))
 
         def whole_path() -> None:
-            for _path, caption, error in pipeline.caption_paths(paths, batch_size=batch_size, num_workers=num_workers):
+            for _path, caption, error in pipeline.caption_paths(paths, batch_size=batch_size, num_workers=threads):
                 assert caption is not None, error
 
         enc_s = _time(encode_only, repeats, dev)
@@ -274,6 +276,7 @@ def bench_caption(
         "encoder_ms_per_image": 1000 * enc_s / images,
         "caption_ms_per_image": 1000 * cap_s / images,
         "ratio": cap_s / enc_s,
+        "reader_threads": threads,
         "peak_rss_mb": peak_rss_mb(),
     }
 
@@ -347,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--repeats", type=int, default=3)
     c.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     c.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
-    c.add_argument("--num-workers", type=int, default=2, help="image-reading threads (as `captioner caption`)")
+    c.add_argument("--num-workers", type=int, default=None,
+                   help="image-reading threads (default: as `captioner caption`, 0 on CPU, 4 on GPU)")
 
     m = sub.add_parser("memory", help="resident memory while captioning many images in a stream")
     common(m)

@@ -500,7 +500,10 @@ def format_grounding_table(grounding: Mapping[str, Any]) -> str:
           _pct(grounding["object_f1"]), _pct(grounding["relation_accuracy"]),
           str(grounding["relations"])]],
     )
-    return words + "\n\n" + objects
+    ceiling = grounding.get("attention_correctness_ceiling")
+    note = "" if ceiling is None else (
+        f"\n(attention correctness of the best one-cell map on this grid, same words: {_pct(ceiling)})")
+    return words + note + "\n\n" + objects
 
 
 def find_metrics_csv(

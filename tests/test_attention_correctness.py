@@ -251,3 +251,28 @@ def test_evaluate_grounding_on_generated_shapes_with_oracle_attention(tmp_path):
     shuffled = [dict(s, attention=np.roll(s["attention"], 3, axis=2)) for s in samples]
     assert evaluate_grounding(shuffled, grounding)["attention_correctness"] < \
         out["attention_correctness"] / 2
+
+
+def test_ceiling_is_the_best_one_cell_map_and_bounds_every_map(tmp_path):
+    """attention_correctness_ceiling: the best one-cell map reaches it, and no map (a mixture of
+    cells) beats it, word by word."""
+    root = generate_shapes(tmp_path / "shapes", ShapesConfig(num_images=12, seed=5))
+    grounding = load_grounding(root)
+    grid, rng = 8, np.random.default_rng(0)
+    for key, image in list(grounding["images"].items())[:6]:
+        caption = image["captions"][0]
+        n = len(caption["tokens"])
+        one = evaluate_grounding([{"image_id": int(key), "tokens": caption["tokens"],
+                                   "attention": rng.random((n, grid, grid)) ** 8}], grounding)
+        assert one["attention_correctness"] <= one["attention_correctness_ceiling"] + 1e-12
+        # the best single cell, on every word of the first mention, reaches that mention's ceiling
+        end = max(g["token"] for g in caption["groundings"] if g["object"] == caption["groundings"][0]["object"])
+        first = {"image_id": int(key), "tokens": caption["tokens"][: end + 1]}
+        scores = []
+        for cell in range(grid * grid):
+            att = np.zeros((end + 1, grid, grid))
+            att[:, cell // grid, cell % grid] = 1.0
+            scores.append(evaluate_grounding([dict(first, attention=att)], grounding))
+        best = max(s["attention_correctness"] for s in scores)
+        assert best == pytest.approx(scores[0]["attention_correctness_ceiling"])
+        assert 0 < best < 1  # 8-px cells on 9-17 px objects: upsampling spills over the edge

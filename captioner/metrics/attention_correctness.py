@@ -198,6 +198,13 @@ def _ratio(num: float, den: float) -> float:
     return num / den if den else math.nan
 
 
+def _single_cell_best(regions: Sequence[_Region], grid: tuple[int, int], mode: str) -> np.ndarray:
+    """For each region, the highest correctness any one-cell map on ``grid`` reaches."""
+    cells = grid[0] * grid[1]
+    one_hot = torch.eye(cells, dtype=torch.float64).view(cells, *grid)  # (h*w, h, w)
+    return np.array([_correctness(one_hot, [r] * cells, mode).max() for r in regions])
+
+
 def evaluate_grounding(
     samples: Iterable[Mapping[str, Any]],
     grounding: Mapping[str, Any],
@@ -264,7 +271,7 @@ def evaluate_grounding(
                 word_masks.append((key, k))
                 classes.append(_WORD_CLASS[tokens[t]])
 
-    correctness, hits = np.zeros(0), np.zeros(0, dtype=bool)
+    correctness, hits, ceiling = np.zeros(0), np.zeros(0, dtype=bool), np.zeros(0)
     if maps:
         grids = {tuple(m.shape) for m in maps}
         if len(grids) != 1:
@@ -275,6 +282,8 @@ def evaluate_grounding(
         stacked = torch.stack(maps)  # (N, h, w)
         correctness = _correctness(stacked, word_regions, mode)  # (N,)
         hits = _pointing(stacked, word_regions, mode)  # (N,)
+        best = dict(zip(regions, _single_cell_best(list(regions.values()), grid, mode), strict=True))
+        ceiling = np.array([best[wm] for wm in word_masks])  # (N,)
 
     def summary(select: Sequence[bool] | None = None) -> dict[str, Any]:
         c, h = correctness, hits
@@ -286,6 +295,7 @@ def evaluate_grounding(
                 "pointing_game": float(h.mean()) if n else math.nan, "count": n}
 
     overall = summary()
+    overall_ceiling = float(ceiling.mean()) if len(ceiling) else math.nan
     precision, recall = _ratio(n_matched, n_mentions), _ratio(n_mentioned, n_objects)
     if math.isnan(precision) or math.isnan(recall):
         f1 = math.nan
@@ -294,6 +304,9 @@ def evaluate_grounding(
     return {
         "attention_correctness": overall["attention_correctness"],
         "pointing_game": overall["pointing_game"],
+        # the correctness of the best map on this grid (all mass on one cell), same words: the
+        # metric's ceiling at this resolution, since upsampling spreads a cell over the region's edge
+        "attention_correctness_ceiling": overall_ceiling,
         "per_class": {cls: summary([c == cls for c in classes]) for cls in WORD_CLASSES},
         "grounded_words": overall["count"],
         "object_precision": precision,
