@@ -47,6 +47,10 @@ class LossConfig:
     entropy: float = 0.002  # hard: lambda_e
     baseline_decay: float = 0.9  # hard: b <- decay * b + (1 - decay) * log p(y | s, a)
 
+    def __post_init__(self) -> None:
+        if self.reduction not in ("caption", "token"):
+            raise ValueError(f"loss.reduction must be 'caption' or 'token', got {self.reduction!r}")
+
 
 class CaptioningSystem(L.LightningModule):
     """Trains a ``Captioner``. ``vocab`` is linked from the data module by ``captioner fit``."""

@@ -62,6 +62,11 @@ def test_reinforce_moves_the_attention_parameters() -> None:
     assert logs["baseline"].item() == pytest.approx(0.9 * 5.0 + 0.1 * (-nll).mean().item(), rel=1e-5)
 
 
+def test_loss_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="loss.reduction"):
+        LossConfig(reduction="sentence")
+
+
 @pytest.mark.parametrize("attention", ["soft", "hard", "multihead"])
 def test_tiny_model_overfits_one_batch(attention: str) -> None:
     system = _system(attention, doubly_stochastic=0.01).train()
