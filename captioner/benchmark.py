@@ -29,11 +29,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from captioner.data.vocab import END_ID, PAD_ID, SPECIALS, START_ID, Vocabulary
+from captioner.data.vocab import END_ID, SPECIALS, START_ID, Vocabulary
 from captioner.decoding import beam_search, greedy
+from captioner.inference import autocast
 from captioner.models import AttentionDecoder, Captioner, DecoderConfig, EncoderConfig
+from captioner.system import LossConfig, caption_loss
 
 logger = logging.getLogger(__name__)
 
@@ -112,18 +113,6 @@ def random_captions(batch: int, length: int, vocab: int, generator: torch.Genera
     return caps, torch.full((batch,), length, dtype=torch.long)
 
 
-def caption_loss(decoder: AttentionDecoder, features, captions, lengths, dsr_weight: float = 1.0):
-    """Cross-entropy summed over words, mean over captions, plus the doubly stochastic term over
-    real steps (the loss of ``CaptioningSystem`` with its defaults)."""
-    out = decoder(features, captions, lengths)
-    targets = captions[:, 1:]  # (B, T)
-    mask = out.mask.float()
-    ce = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten(), reduction="none",
-                         ignore_index=PAD_ID).view_as(mask)  # (B, T)
-    att_sum = (out.alphas.float() * mask.unsqueeze(-1)).sum(1)  # (B, N)
-    return (ce * mask).sum(1).mean() + dsr_weight * ((1.0 - att_sum) ** 2).sum(1).mean()
-
-
 # -- decoder -----------------------------------------------------------------------------------
 def bench_decoder(
     encoder_dim: int = 2048,
@@ -146,7 +135,6 @@ def bench_decoder(
     """Decoder training step, beam search and greedy decoding at the given shapes;
     ``precision="bf16"`` runs them under bf16 autocast (as ``--trainer.precision bf16-mixed`` does)."""
     dev = torch.device(device)
-    autocast = lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")  # noqa: E731
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     cfg = DecoderConfig(attention=attention, embed_dim=embed_dim, attention_dim=attention_dim,
@@ -162,8 +150,9 @@ def bench_decoder(
         decoder.train()
 
         def train_step() -> None:
-            with autocast():
-                loss = caption_loss(forward, features, captions, lengths)
+            with autocast(dev, precision):
+                # the loss of CaptioningSystem with its defaults (lambda = 1)
+                loss = caption_loss(forward(features, captions, lengths), captions, LossConfig()).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -176,12 +165,12 @@ def bench_decoder(
     if compile:  # decoding calls decoder.step once per word
         decoder.step = torch.compile(decoder.step)
     if "beam" in parts:
-        with torch.inference_mode(), autocast():
+        with torch.inference_mode(), autocast(dev, precision):
             secs = _time(lambda: beam_search(decoder, features, beam_size, max_steps, early_stop=False),
                          repeats, dev)
         result.update(beam_ms_per_image=1000 * secs / batch, beam_images_per_s=batch / secs)
     if "greedy" in parts:
-        with torch.inference_mode(), autocast():
+        with torch.inference_mode(), autocast(dev, precision):
             secs = _time(lambda: greedy(decoder, features, max_steps, early_stop=False), repeats, dev)
         result.update(greedy_ms_per_image=1000 * secs / batch, greedy_images_per_s=batch / secs)
     result["peak_rss_mb"] = peak_rss_mb()
@@ -247,13 +236,12 @@ def bench_caption(
 ) -> dict:
     """Per image: the encoder's forward pass alone vs ``CaptionPipeline.caption_paths`` (read +
     preprocess + encode + beam search), on ``images`` generated JPEG files."""
-    from captioner.commands.caption import reader_threads
     from captioner.inference import CaptionPipeline
 
     dev = torch.device(device)
     loaded = random_model(encoder, image_size, vocab, decoder_dim, device=device)
     pipeline = CaptionPipeline(loaded, beam_size=beam_size, max_length=max_length, precision=precision)
-    threads = reader_threads(num_workers, pipeline)  # as `captioner caption` chooses them
+    threads = pipeline.reader_threads(num_workers)  # as `captioner caption` chooses them
     with tempfile.TemporaryDirectory(prefix="captioner-bench-") as tmp:
         paths = write_images(Path(tmp), images, source_size)
         model = loaded.model
@@ -262,7 +250,7 @@ def bench_caption(
 
         @torch.inference_mode()
         def encode_only() -> None:
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            with autocast(dev, precision):
                 for x in batches:
                     model.encode(x.to(dev))
 

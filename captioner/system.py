@@ -52,6 +52,33 @@ class LossConfig:
             raise ValueError(f"loss.reduction must be 'caption' or 'token', got {self.reduction!r}")
 
 
+@dataclass
+class CaptionLoss:
+    loss: Tensor  # cross-entropy (reduced as configured) + lambda * doubly stochastic term
+    nll: Tensor  # (B,) -log p(y | a) per caption
+    mask: Tensor  # (B, T) float, 1 on real steps
+    dsr: Tensor  # the doubly stochastic term
+
+
+def caption_loss(out: DecoderOutput, captions: Tensor, config: LossConfig) -> CaptionLoss:
+    """Cross-entropy over real steps plus the doubly stochastic term (without REINFORCE): the
+    training loss of ``CaptioningSystem`` for a teacher-forced ``out`` of ``captions`` (B, L)."""
+    targets = captions[:, 1:]  # (B, T)
+    mask = out.mask.float()  # (B, T)
+    # (B*T, V) rows rather than a (B, V, T) transpose: the same sums, without a strided
+    # copy of the largest tensor of the step.
+    ce = F.cross_entropy(
+        out.logits.float().flatten(0, 1), targets.flatten(), reduction="none",
+        ignore_index=PAD_ID, label_smoothing=config.label_smoothing,
+    ).view_as(targets)  # (B, T)
+    nll = (ce * mask).sum(1)  # (B,)
+    ce_loss = nll.sum() / mask.sum().clamp(min=1) if config.reduction == "token" else nll.mean()
+    # Doubly stochastic regularisation over real steps only: sum_i (1 - sum_t alpha_ti)^2.
+    att_sum = (out.alphas.float() * mask.unsqueeze(-1)).sum(1)  # (B, N)
+    dsr = ((1.0 - att_sum) ** 2).sum(1).mean()
+    return CaptionLoss(ce_loss + config.doubly_stochastic * dsr, nll, mask, dsr)
+
+
 class CaptioningSystem(L.LightningModule):
     """Trains a ``Captioner``. ``vocab`` is linked from the data module by ``captioner fit``."""
 
@@ -101,28 +128,11 @@ class CaptioningSystem(L.LightningModule):
     def compute_loss(self, batch: dict) -> dict[str, Tensor]:
         captions, lengths = batch["captions"], batch["lengths"]
         out: DecoderOutput = self.model.decoder(self.features(batch), captions, lengths)
-        targets = captions[:, 1:]  # (B, T)
-        mask = out.mask.float()  # (B, T)
-        # (B*T, V) rows rather than a (B, V, T) transpose: the same sums, without a strided
-        # copy of the largest tensor of the step.
-        ce = F.cross_entropy(
-            out.logits.float().flatten(0, 1), targets.flatten(), reduction="none",
-            ignore_index=PAD_ID, label_smoothing=self.loss_config.label_smoothing,
-        ).view_as(targets)  # (B, T)
-        ce_caption = (ce * mask).sum(1)  # (B,)  -log p(y | a) per caption
-        n_tokens = mask.sum().clamp(min=1)
-        if self.loss_config.reduction == "token":
-            ce_loss = ce_caption.sum() / n_tokens
-        else:
-            ce_loss = ce_caption.mean()
-        # Doubly stochastic regularisation over real steps only: sum_i (1 - sum_t alpha_ti)^2.
-        att_sum = (out.alphas.float() * mask.unsqueeze(-1)).sum(1)  # (B, N)
-        dsr = ((1.0 - att_sum) ** 2).sum(1).mean()
-        loss = ce_loss + self.loss_config.doubly_stochastic * dsr
-        logs = {"loss": loss, "ce": ce_caption.sum() / n_tokens, "dsr": dsr}
+        cl = caption_loss(out, captions, self.loss_config)
+        logs = {"loss": cl.loss, "ce": cl.nll.sum() / cl.mask.sum().clamp(min=1), "dsr": cl.dsr}
         if out.sample_log_probs is not None:
-            loss_rl, extra = self._reinforce(out, ce_caption.detach(), mask)
-            logs["loss"] = loss + loss_rl
+            loss_rl, extra = self._reinforce(out, cl.nll.detach(), cl.mask)
+            logs["loss"] = cl.loss + loss_rl
             logs.update(extra)
         return logs
 

@@ -59,14 +59,6 @@ def load_pipeline(a: argparse.Namespace):
     return CaptionPipeline(load_model(a.checkpoint, a.device), beam_size=a.beam_size, max_length=a.max_length)
 
 
-def reader_threads(requested: int | None, pipeline) -> int:
-    """Image-reading threads: as asked, else 4 when the model runs on a GPU and 0 on the CPU
-    (measured on 2 cores: reader threads competing with the model's own threads gain nothing)."""
-    if requested is not None:
-        return max(0, requested)
-    return 4 if next(pipeline.loaded.model.parameters()).device.type == "cuda" else 0
-
-
 def _write(line: str) -> None:
     sys.stdout.write(line + "\n")
     sys.stdout.flush()  # line by line, so a pipe downstream sees captions as they come
@@ -89,7 +81,7 @@ def cmd_caption(a: argparse.Namespace) -> int:
     with tqdm(total=len(paths), unit="img", file=sys.stderr, disable=not show, leave=False) as bar:
         try:
             for path, caption, error in pipeline.caption_paths(paths, batch_size=a.batch_size,
-                                                               num_workers=reader_threads(a.num_workers, pipeline)):
+                                                               num_workers=a.num_workers):
                 if error is not None:
                     failed += 1
                     if a.json:

@@ -45,17 +45,13 @@ State = tuple[Tensor, Tensor]
 
 
 class _StepInputs:
-    """The LSTM's inputs of every teacher-forced step, kept (detached) for _LSTMWeightGrads."""
+    """The LSTM's inputs of every teacher-forced step (detached), for _LSTMWeightGrads. ``z`` and
+    ``h`` are set once the time loop has run, from the tensors the forward pass stacks anyway."""
 
     def __init__(self, emb: Tensor) -> None:
         self.emb = emb.detach()  # (B, T, E)
-        self.z: list[Tensor] = []  # T x (B, D)
-        self.h: list[Tensor] = []  # T x (B, H), the state each step starts from
-
-    def add(self, z: Tensor, h: Tensor) -> None:
-        # Steps run on the first b_t rows only; the other rows' gate gradients are zero.
-        self.z.append(_pad_rows(z.detach(), self.emb.size(0)))
-        self.h.append(_pad_rows(h.detach(), self.emb.size(0)))
+        self.z: Tensor | None = None  # (B, T, D) the gated contexts
+        self.h: Tensor | None = None  # (B, T, H) the state each step starts from
 
 
 def _pad_rows(x: Tensor, rows: int) -> Tensor:
@@ -91,11 +87,10 @@ class _LSTMWeightGrads(torch.autograd.Function):
         g = grad.reshape(-1, grad.size(-1))  # (B*T, 4H), rows in (b, t) order
         grad_ih = grad_hh = None
         if ctx.needs_input_grad[1]:
-            inputs = torch.cat([rec.emb.to(g.dtype), torch.stack(rec.z, 1).to(g.dtype)], -1)  # (B, T, E + D)
+            inputs = torch.cat([rec.emb.to(g.dtype), rec.z.to(g.dtype)], -1)  # (B, T, E + D)
             grad_ih = (g.t() @ inputs.reshape(g.size(0), -1)).to(ctx.weight_dtype)
         if ctx.needs_input_grad[2]:
-            hs = torch.stack(rec.h, 1).to(g.dtype)  # (B, T, H)
-            grad_hh = (g.t() @ hs.reshape(g.size(0), -1)).to(ctx.weight_dtype)
+            grad_hh = (g.t() @ rec.h.to(g.dtype).reshape(g.size(0), -1)).to(ctx.weight_dtype)
         return grad, grad_ih, grad_hh, None
 
 
@@ -160,7 +155,7 @@ class AttentionDecoder(nn.Module):
         return nn.functional.linear(emb, w, self.lstm.bias_ih + self.lstm.bias_hh)
 
     def _cell(
-        self, x_emb: Tensor, state: State, cache: tuple[Tensor, ...], record: _StepInputs | None = None
+        self, x_emb: Tensor, state: State, cache: tuple[Tensor, ...], detach_weights: bool = False
     ) -> tuple[State, Tensor, AttentionOutput]:
         h, c = state
         att = self.attention(cache, h)
@@ -169,8 +164,7 @@ class AttentionDecoder(nn.Module):
             z = torch.sigmoid(self.gate(h)) * z
         e = self.config.embed_dim
         w_ih, w_hh = self.lstm.weight_ih, self.lstm.weight_hh
-        if record is not None:  # teacher forcing: weight gradients come from _LSTMWeightGrads
-            record.add(z, h)
+        if detach_weights:  # teacher forcing: weight gradients come from _LSTMWeightGrads
             w_ih, w_hh = w_ih.detach(), w_hh.detach()
         gates = x_emb + nn.functional.linear(z, w_ih[:, e:]) + nn.functional.linear(h, w_hh)  # (B, 4H)
         i, f, g, o = gates.chunk(4, dim=1)
@@ -222,6 +216,7 @@ class AttentionDecoder(nn.Module):
             x_emb = self._embed_input_proj(emb)  # (B, T, 4H), one matmul for all steps
         full_cache = self.precompute(features)
         state = self.init_state(features)
+        h0 = state[0]
         batch, rows, cache = features.size(0), features.size(0), full_cache
         hs, zs, alphas, logps, sampled, ents = [], [], [], [], [], []
         # unbind: one backward node gathers the T step gradients, instead of T (B, T, 4H) buffers
@@ -231,7 +226,7 @@ class AttentionDecoder(nn.Module):
             if rows < state[0].size(0):
                 state = (state[0][:rows], state[1][:rows])
                 cache = tuple(x[:rows] for x in full_cache)
-            state, z, att = self._cell(x_t[:rows], state, cache, record)
+            state, z, att = self._cell(x_t[:rows], state, cache, record is not None)
             hs.append(_pad_rows(state[0], batch))
             zs.append(_pad_rows(z, batch))
             alphas.append(_pad_rows(att.alpha, batch))
@@ -239,8 +234,13 @@ class AttentionDecoder(nn.Module):
                 logps.append(_pad_rows(att.sample_log_prob, batch))
                 sampled.append(_pad_rows(att.sampled, batch))
                 ents.append(_pad_rows(att.entropy, batch))
-        h_all, z_all = torch.stack(hs, 1)[restore], torch.stack(zs, 1)[restore]  # (B, T, H), (B, T, D)
-        logits = self._logits(emb[restore], h_all, z_all)  # (B, T, V)
+        h_all, z_all = torch.stack(hs, 1), torch.stack(zs, 1)  # (B, T, H), (B, T, D), sorted order
+        if record is not None:
+            # Step t starts from step t-1's state (h0 at t = 0); rows that have ended are zeros,
+            # where the gate gradients are zero too.
+            record.z = z_all.detach()
+            record.h = torch.cat([h0.unsqueeze(1), h_all[:, :-1]], 1).detach()
+        logits = self._logits(emb[restore], h_all[restore], z_all[restore])  # (B, T, V)
         out = DecoderOutput(logits, torch.stack(alphas, 1)[restore], mask)
         if logps:
             out.sample_log_probs = torch.stack(logps, 1)[restore]
