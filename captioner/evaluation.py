@@ -65,35 +65,43 @@ class ImageIdMismatch(ValueError):
 # ---------------------------------------------------------------------------------------------
 # configuration
 # ---------------------------------------------------------------------------------------------
-def read_data_config(
-    paths: Sequence[str | os.PathLike], overrides: Mapping[str, Any] | None = None
-) -> dict[str, Any]:
-    """The ``data:`` section of LightningCLI YAML configs (later files win), plus ``overrides``.
+def read_config_section(paths: Sequence[str | os.PathLike], *keys: str) -> dict[str, Any]:
+    """The section at ``keys`` (``"data"``, or ``"model", "encoder"``) of LightningCLI YAML configs,
+    merged (later files win).
 
-    Accepts plain keyword sections and ``class_path``/``init_args`` ones. Raises ``ValueError``
-    naming the file for unreadable YAML and ``FileNotFoundError`` for a missing file.
+    Accepts plain keyword sections and ``class_path``/``init_args`` ones at every level. Raises
+    ``ValueError`` naming the file for unreadable YAML or a section that is not a mapping, and
+    ``FileNotFoundError`` for a missing file.
     """
     import yaml
 
-    data: dict[str, Any] = {}
+    name = ".".join(keys)
+    merged: dict[str, Any] = {}
     for path in paths:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: config file not found")
         try:
-            cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            section = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
             raise ValueError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
-        if not isinstance(cfg, dict):
-            raise ValueError(f"{path}: expected a mapping with a 'data' section")
-        section = cfg.get("data") or {}
-        if isinstance(section, dict) and "init_args" in section:
-            section = section["init_args"] or {}
         if not isinstance(section, dict):
-            raise ValueError(f"{path}: 'data' must be a mapping of CaptionDataModule arguments")
-        data.update(section)
-    data.update(overrides or {})
-    return data
+            raise ValueError(f"{path}: expected a mapping with a {keys[0]!r} section")
+        for key in keys:
+            section = section.get(key) or {}
+            if isinstance(section, dict) and "init_args" in section:
+                section = section["init_args"] or {}
+            if not isinstance(section, dict):
+                raise ValueError(f"{path}: {name!r} must be a mapping of keyword arguments")
+        merged.update(section)
+    return merged
+
+
+def read_data_config(
+    paths: Sequence[str | os.PathLike], overrides: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The ``data:`` section of LightningCLI YAML configs (later files win), plus ``overrides``."""
+    return {**read_config_section(paths, "data"), **(overrides or {})}
 
 
 def build_datamodule(data_cfg: Mapping[str, Any], preprocessing: Any) -> CaptionDataModule:
@@ -706,5 +714,5 @@ __all__ = [
     "align_ids", "build_datamodule", "caption_records", "coco_annotation_references",
     "evaluate_checkpoint", "evaluate_predictions", "exact_match", "find_metrics_csv",
     "format_grounding_table", "karpathy_references", "load_results", "plot_curves",
-    "read_curves", "read_data_config", "results_json", "write_json", "write_report",
+    "read_config_section", "read_curves", "read_data_config", "results_json", "write_json", "write_report",
 ]

@@ -19,42 +19,21 @@ logger = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 
 
-def _init_args(section, name: str) -> dict:
-    """A config section as keyword arguments; accepts LightningCLI's ``class_path``/``init_args``."""
-    from captioner.cli import UsageError
-
-    if section is None:
-        return {}
-    if not isinstance(section, dict):
-        raise UsageError(f"config section {name!r} must be a mapping, got {type(section).__name__}")
-    if "class_path" in section:
-        section = section.get("init_args") or {}
-    return dict(section)
-
-
 def read_config(path: Path) -> tuple[dict, dict]:
     """-> (data kwargs, encoder kwargs) from a ``captioner fit`` YAML config."""
-    import yaml
-
     from captioner.cli import UsageError
+    from captioner.evaluation import read_config_section
 
     try:
-        cfg = yaml.safe_load(path.read_text()) or {}
-    except OSError as err:
-        raise UsageError(f"cannot read config {path}: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise UsageError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(cfg, dict):
-        raise UsageError(f"{path}: expected a mapping with `data` and `model` sections")
-    data = _init_args(cfg.get("data"), "data")
-    model = _init_args(cfg.get("model"), "model")
-    return data, _init_args(model.get("encoder"), "model.encoder")
+        return read_config_section([path], "data"), read_config_section([path], "model", "encoder")
+    except (OSError, ValueError) as err:
+        raise UsageError(str(err)) from None
 
 
 def build(data_kwargs: dict, encoder_kwargs: dict):
     """-> (CaptionDataModule, EncoderConfig), refusing an encoder that trains."""
     from captioner.cli import UsageError
-    from captioner.data.datamodule import CaptionDataModule
+    from captioner.evaluation import build_datamodule
     from captioner.models.encoder import ENCODERS, EncoderConfig, encoder_preprocessing
 
     fields = {f.name for f in dataclasses.fields(EncoderConfig)}
@@ -70,13 +49,10 @@ def build(data_kwargs: dict, encoder_kwargs: dict):
         raise UsageError(
             f"features can only be cached for a frozen encoder ({why}): cached features would not "
             "follow the encoder as it trains. Use a torchvision encoder with trainable_blocks: 0")
-    data_kwargs = {k: v for k, v in data_kwargs.items() if k not in ("feature_cache", "preprocessing")}
-    try:
-        dm = CaptionDataModule(**data_kwargs, preprocessing=encoder_preprocessing(enc))
-    except TypeError as err:
-        raise UsageError(f"data: {err}") from None
+    try:  # generates shapes when absent, as `captioner fit` does
+        dm = build_datamodule(data_kwargs, encoder_preprocessing(enc))
     except ValueError as err:
-        raise UsageError(str(err)) from None
+        raise UsageError(f"data: {err}") from None
     return dm, enc
 
 
@@ -91,7 +67,6 @@ def cmd_extract(a: argparse.Namespace) -> int:
         device = resolve_device(a.device)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    dm.prepare_data()  # shapes: generated when absent (as `captioner fit` does)
     present = list(dm.records)
     splits = a.splits or [s for s in SPLITS if s in present]
     missing = [s for s in splits if s not in present]
