@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -36,6 +35,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from captioner.data.atomic import atomic_write
 from captioner.data.images import load_image
 from captioner.data.records import ImageRecord
 from captioner.data.transforms import Preprocessing
@@ -64,18 +64,7 @@ def _shard_name(i: int) -> str:
 
 def _write_json(path: Path, data: dict) -> None:
     """Atomically: a crash leaves the previous index, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".index-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    _readable(tmp)
-    os.replace(tmp, path)
-
-
-def _readable(path: str) -> None:
-    """mkstemp makes owner-only files; a cache is meant to be shared like any data file."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    atomic_write(path, lambda f: f.write(json.dumps(data).encode()))
 
 
 def _shard_ok(path: Path, rows: int, n: int, d: int) -> bool:
@@ -191,11 +180,7 @@ def extract_features(
                     f"in shard {i}; is the encoder's preprocessing right?")
             buf[filled : filled + len(half)] = half.cpu().numpy()
             filled += len(half)
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=".shard-", suffix=".npy")
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, buf)
-        _readable(tmp)
-        os.replace(tmp, out / shards[i]["file"])
+        atomic_write(out / shards[i]["file"], lambda f: np.save(f, buf))  # noqa: B023 (called at once)
         done.add(i)
         index["done"] = sorted(done)
         _write_json(index_path, index)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from pathlib import Path
+
+from captioner.data.atomic import atomic_write
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
@@ -80,12 +80,7 @@ class Vocabulary:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write ``{"words": [...]}`` atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".vocab-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"words": self.itos}, f)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: f.write(json.dumps({"words": self.itos}).encode()))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Vocabulary:
