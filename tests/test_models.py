@@ -103,6 +103,36 @@ def test_shapes_cnn_can_append_the_position_code_to_every_region() -> None:
         create_encoder(EncoderConfig(name="shapes_cnn", position="concat"))
 
 
+@pytest.mark.parametrize("grid", [8, 16])
+def test_shapes_cnn_cells_are_centred_on_their_own_pixels(grid: int) -> None:
+    """With constant (symmetric) kernels each output cell's receptive field is a symmetric
+    window, so the gradient's centroid is its centre: it must be the middle of the cell's pixels
+    (what the upsampled attention map assumes), for cells whose field is not cut by the border."""
+    enc = create_encoder(EncoderConfig(name="shapes_cnn", grid=grid, channels=16)).eval()
+    with torch.no_grad():
+        for m in enc.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.fill_(0.01)
+    size = 64
+    x = torch.full((1, 3, size, size), 0.5, requires_grad=True)
+    feats, (h, w) = enc(x)
+    assert (h, w) == (grid, grid)
+    cell = size // grid
+    coords = torch.arange(size, dtype=torch.float64)
+    checked = 0
+    for r in range(grid):
+        (g,) = torch.autograd.grad(feats[0, r * grid + r, :16].sum(), x, retain_graph=True)
+        weight = g.abs().sum((0, 1)).double()  # (S, S)
+        rows = weight.sum(1).nonzero().flatten()
+        if rows.min() == 0 or rows.max() == size - 1:
+            continue  # truncated by the border: its centroid moves inwards
+        centre = cell * r + (cell - 1) / 2
+        assert (weight.sum(1) * coords).sum() / weight.sum() == pytest.approx(centre, abs=1e-6)
+        assert (weight.sum(0) * coords).sum() / weight.sum() == pytest.approx(centre, abs=1e-6)
+        checked += 1
+    assert checked >= 2
+
+
 def test_unknown_names_give_clear_errors() -> None:
     with pytest.raises(ValueError, match="unknown encoder 'nope'.*resnet101"):
         create_encoder(EncoderConfig(name="nope"))

@@ -172,35 +172,51 @@ def positional_grid(channels: int, h: int, w: int) -> Tensor:
     return torch.cat([row, col], 0)
 
 
-def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+def _conv(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+    # Stride 2 uses a 4x4 kernel with padding 1: its output o is centred on input 2o + 0.5, so
+    # after k such layers grid cell o is centred on pixel 2^k o + (2^k - 1) / 2, the middle of its
+    # own pixels (a 3x3 stride-2 stack centres it on 2^k o, half a cell up and left, and the
+    # attention then peaks on the neighbouring cell). Stride 1 keeps the centre.
+    kernel, padding = (4, 1) if stride == 2 else (3, dilation)
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, padding, dilation, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 @register_encoder("shapes_cnn")
 class ShapesCNN(Encoder):
-    """Three strided conv layers and one more at 1/8 resolution, then a 1x1 conv over
-    [features; 2-D position code]."""
+    """Four conv layers, the first two to three strided so that the output is ``grid`` x ``grid``
+    (image size / grid = 4 or 8), then a 1x1 conv over [features; 2-D position code].
+
+    Every grid cell's receptive field is centred on the cell's own pixels, so an attention map
+    upsampled onto the image sits where the features came from.
+    """
 
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
         c = config.channels
+        self.preprocessing = encoder_preprocessing(config)
+        self.grid = config.grid
+        size = self.preprocessing.image_size
         # Strided from the first layer: shapes are flat colour, so full-resolution layers buy
-        # little and cost most of the compute. Receptive field 31 px, enough for a big shape.
-        self.body = nn.Sequential(_conv(3, c // 4, 2), _conv(c // 4, c // 2, 2), _conv(c // 2, c, 2), _conv(c, c))
+        # little and cost most of the compute. Image/grid = 8: three stride-2 layers; 4: two, and
+        # the last layer dilated so the receptive field stays ~35 px, enough for a big shape.
+        # Other ratios: three, then adaptive pooling (cells no longer aligned).
+        n_down = 2 if size == 4 * self.grid else 3
+        strides = [2, 2, 2 if n_down == 3 else 1]
+        self.body = nn.Sequential(_conv(3, c // 4, strides[0]), _conv(c // 4, c // 2, strides[1]),
+                                  _conv(c // 2, c, strides[2]), _conv(c, c, dilation=2 ** (3 - n_down)))
         self.pos_channels = 32
         self.mix = nn.Sequential(nn.Conv2d(c + self.pos_channels, c, 1), nn.ReLU(inplace=True))
-        self.grid = config.grid
         if config.position not in ("mix", "append"):
             raise ValueError(f"encoder.position must be 'mix' or 'append', got {config.position!r}")
         self.append_position = config.position == "append"
         self.out_dim = c + self.pos_channels * self.append_position
-        self.preprocessing = encoder_preprocessing(config)
         # The features are always pooled to grid x grid, so the code is fixed: made once, moved
         # with the module, not saved in checkpoints.
         self.register_buffer("pos", positional_grid(self.pos_channels, self.grid, self.grid), persistent=False)
 
     def forward(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        x = self.body(images)  # (B, C, S/8, S/8)
+        x = self.body(images)  # (B, C, S/8, S/8) or (B, C, S/4, S/4)
         if x.shape[-1] != self.grid or x.shape[-2] != self.grid:
             x = nn.functional.adaptive_avg_pool2d(x, self.grid)
         pos = self.pos.to(x.dtype).unsqueeze(0).expand(x.size(0), -1, -1, -1)  # (B, P, h, w)
