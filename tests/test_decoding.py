@@ -23,7 +23,7 @@ def _reference_beam(decoder, features, k, max_length):
     cache = decoder.precompute(features)
     state = decoder.init_state(features)
     hyps = [([], 0.0, state, [], False)]
-    for _ in range(max_length):
+    for step in range(max_length):
         cands = []
         for toks, score, st, alphas, done in hyps:
             if done:
@@ -32,6 +32,8 @@ def _reference_beam(decoder, features, k, max_length):
             prev = torch.tensor([toks[-1] if toks else 1])
             logp, st2, alpha = decoder.step(prev, st, cache)
             for v in range(logp.size(-1)):
+                if v in (PAD_ID, 1) or (step == 0 and v == END_ID):
+                    continue  # never <pad>/<start>; no empty captions (min_length 1)
                 cands.append((toks + [v], score + float(logp[0, v]), st2, alphas + [alpha[0]], v == END_ID))
         cands.sort(key=lambda c: -c[1])
         hyps = cands[:k]
@@ -126,3 +128,16 @@ def test_no_empty_caption_even_when_end_is_most_likely_first(decoder) -> None:
     for gen in (greedy(decoder, feats), beam_search(decoder, feats, beam_size=4), sample(decoder, feats)):
         assert gen.lengths.tolist() == [1, 1, 1]
     assert greedy(decoder, feats, min_length=0).lengths.tolist() == [0, 0, 0]
+
+
+def test_pad_and_start_are_never_emitted(decoder) -> None:
+    with torch.no_grad():
+        decoder.out.bias[PAD_ID] = 50.0  # would end every caption unseen
+        decoder.out.bias[1] = 49.0  # <start>
+    feats = torch.randn(3, 7, 12)
+    for gen in (greedy(decoder, feats, max_length=6), beam_search(decoder, feats, beam_size=3, max_length=6),
+                sample(decoder, feats, max_length=6)):
+        assert gen.lengths.min() >= 1
+        for i in range(3):
+            words = gen.tokens[i, : int(gen.lengths[i])]
+            assert not ((words == PAD_ID) | (words == 1)).any()

@@ -43,8 +43,11 @@ def word_lengths(tokens: Tensor) -> Tensor:
 
 
 def ban_tokens(logp: Tensor, step: int, suppress_unk: bool, min_length: int) -> None:
-    """In place, on (..., V) log-probabilities: no ``<unk>`` when suppressed, and no ``<end>``
+    """In place, on (..., V) log-probabilities: never ``<pad>`` or ``<start>`` (not words; a
+    ``<pad>`` would end the caption unseen), no ``<unk>`` when suppressed, and no ``<end>``
     before ``min_length`` words (an empty caption is the classic failure of beam search)."""
+    logp[..., PAD_ID] = float("-inf")
+    logp[..., START_ID] = float("-inf")
     if suppress_unk:
         logp[..., UNK_ID] = float("-inf")
     if step < min_length:
