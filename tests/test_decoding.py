@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from captioner.data.vocab import END_ID, PAD_ID
+from captioner.data.vocab import END_ID, PAD_ID, START_ID
 from captioner.decoding import beam_search, greedy, sample
 from captioner.models import AttentionDecoder, DecoderConfig
 
@@ -32,7 +32,7 @@ def _reference_beam(decoder, features, k, max_length):
             prev = torch.tensor([toks[-1] if toks else 1])
             logp, st2, alpha = decoder.step(prev, st, cache)
             for v in range(logp.size(-1)):
-                if v in (PAD_ID, 1) or (step == 0 and v == END_ID):
+                if v in (PAD_ID, START_ID) or (step == 0 and v == END_ID):
                     continue  # never <pad>/<start>; no empty captions (min_length 1)
                 cands.append((toks + [v], score + float(logp[0, v]), st2, alphas + [alpha[0]], v == END_ID))
         cands.sort(key=lambda c: -c[1])
@@ -133,11 +133,11 @@ def test_no_empty_caption_even_when_end_is_most_likely_first(decoder) -> None:
 def test_pad_and_start_are_never_emitted(decoder) -> None:
     with torch.no_grad():
         decoder.out.bias[PAD_ID] = 50.0  # would end every caption unseen
-        decoder.out.bias[1] = 49.0  # <start>
+        decoder.out.bias[START_ID] = 49.0
     feats = torch.randn(3, 7, 12)
     for gen in (greedy(decoder, feats, max_length=6), beam_search(decoder, feats, beam_size=3, max_length=6),
                 sample(decoder, feats, max_length=6)):
         assert gen.lengths.min() >= 1
         for i in range(3):
             words = gen.tokens[i, : int(gen.lengths[i])]
-            assert not ((words == PAD_ID) | (words == 1)).any()
+            assert not ((words == PAD_ID) | (words == START_ID)).any()

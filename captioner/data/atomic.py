@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) -> None:
@@ -28,3 +29,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) 
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
+    """``data`` as JSON through :func:`atomic_write` (``json.dumps`` in one shot: its C encoder)."""
+    atomic_write(path, lambda f: f.write(json.dumps(data).encode()))

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from captioner.data.atomic import atomic_write
+from captioner.data.atomic import atomic_write, atomic_write_json
 from captioner.data.images import load_image
 from captioner.data.records import ImageRecord
 from captioner.data.transforms import Preprocessing
@@ -60,11 +60,6 @@ def bytes_per_image(num_regions: int, dim: int) -> int:
 
 def _shard_name(i: int) -> str:
     return f"shard-{i:05d}.npy"
-
-
-def _write_json(path: Path, data: dict) -> None:
-    """Atomically: a crash leaves the previous index, never half of one."""
-    atomic_write(path, lambda f: f.write(json.dumps(data).encode()))
 
 
 def _shard_ok(path: Path, rows: int, n: int, d: int) -> bool:
@@ -157,7 +152,7 @@ def extract_features(
         "done": sorted(done),
         "index": {str(r.image_id): [i // shard_size, i % shard_size] for i, r in enumerate(records)},
     }
-    _write_json(index_path, index)
+    atomic_write_json(index_path, index)  # a crash leaves the previous index
 
     todo = [i for i in range(len(shards)) if i not in done]
     batches = [list(range(b, min(b + batch_size, starts[i] + shards[i]["rows"])))
@@ -183,7 +178,7 @@ def extract_features(
         atomic_write(out / shards[i]["file"], lambda f: np.save(f, buf))  # noqa: B023 (called at once)
         done.add(i)
         index["done"] = sorted(done)
-        _write_json(index_path, index)
+        atomic_write_json(index_path, index)
         logger.info("shard %d/%d written (%d images)", len(done), len(shards), rows)
 
     # Verify before declaring the cache usable: every shard present, with the planned shape.
@@ -193,7 +188,7 @@ def extract_features(
         raise FeatureCacheError(f"{out}: verification failed (bad shards: {bad or 'none'}, "
                                 f"{total} rows for {len(records)} images)")
     index["complete"] = True
-    _write_json(index_path, index)
+    atomic_write_json(index_path, index)
     logger.info("feature cache %s complete: %d images, %d shards, %s bytes per image",
                 out, len(records), len(shards), f"{index['bytes_per_image']:,}")
     return index

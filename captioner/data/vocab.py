@@ -8,7 +8,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
-from captioner.data.atomic import atomic_write
+from captioner.data.atomic import atomic_write_json
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
@@ -80,7 +80,7 @@ class Vocabulary:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write ``{"words": [...]}`` atomically."""
-        atomic_write(path, lambda f: f.write(json.dumps({"words": self.itos}).encode()))
+        atomic_write_json(path, {"words": self.itos})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Vocabulary:

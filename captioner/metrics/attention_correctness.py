@@ -198,11 +198,11 @@ def _ratio(num: float, den: float) -> float:
     return num / den if den else math.nan
 
 
-def _single_cell_best(regions: Sequence[_Region], grid: tuple[int, int], mode: str) -> np.ndarray:
-    """For each region, the highest correctness any one-cell map on ``grid`` reaches."""
-    cells = grid[0] * grid[1]
-    one_hot = torch.eye(cells, dtype=torch.float64).view(cells, *grid)  # (h*w, h, w)
-    return np.array([_correctness(one_hot, [r] * cells, mode).max() for r in regions])
+def _single_cell_best(regions: Sequence[_Region]) -> np.ndarray:
+    """For each region, the highest correctness any one-cell map reaches: all mass on cell i
+    scores ``projection[i] / cell_mass[i]`` (the region's share where a cell sends no mass)."""
+    return np.array([np.where(r.cell_mass > 0, r.projection / np.where(r.cell_mass > 0, r.cell_mass, 1.0),
+                              r.share).max() for r in regions])
 
 
 def evaluate_grounding(
@@ -282,7 +282,7 @@ def evaluate_grounding(
         stacked = torch.stack(maps)  # (N, h, w)
         correctness = _correctness(stacked, word_regions, mode)  # (N,)
         hits = _pointing(stacked, word_regions, mode)  # (N,)
-        best = dict(zip(regions, _single_cell_best(list(regions.values()), grid, mode), strict=True))
+        best = dict(zip(regions, _single_cell_best(list(regions.values())), strict=True))
         ceiling = np.array([best[wm] for wm in word_masks])  # (N,)
 
     def summary(select: Sequence[bool] | None = None) -> dict[str, Any]:

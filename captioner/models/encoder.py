@@ -198,13 +198,12 @@ class ShapesCNN(Encoder):
         self.grid = config.grid
         size = self.preprocessing.image_size
         # Strided from the first layer: shapes are flat colour, so full-resolution layers buy
-        # little and cost most of the compute. Image/grid = 8: three stride-2 layers; 4: two, and
-        # the last layer dilated so the receptive field stays ~35 px, enough for a big shape.
-        # Other ratios: three, then adaptive pooling (cells no longer aligned).
-        n_down = 2 if size == 4 * self.grid else 3
-        strides = [2, 2, 2 if n_down == 3 else 1]
-        self.body = nn.Sequential(_conv(3, c // 4, strides[0]), _conv(c // 4, c // 2, strides[1]),
-                                  _conv(c // 2, c, strides[2]), _conv(c, c, dilation=2 ** (3 - n_down)))
+        # little and cost most of the compute. Image/grid = 8: three stride-2 layers; 4 ("fine"):
+        # two, and the last layer dilated so the receptive field stays ~35 px, enough for a big
+        # shape. Other ratios: three, then adaptive pooling (cells no longer aligned).
+        fine = size == 4 * self.grid
+        self.body = nn.Sequential(_conv(3, c // 4, 2), _conv(c // 4, c // 2, 2),
+                                  _conv(c // 2, c, 1 if fine else 2), _conv(c, c, dilation=2 if fine else 1))
         self.pos_channels = 32
         self.mix = nn.Sequential(nn.Conv2d(c + self.pos_channels, c, 1), nn.ReLU(inplace=True))
         if config.position not in ("mix", "append"):
