@@ -46,16 +46,26 @@ class LossConfig:
     reinforce: float = 0.1  # hard: the learning signal's scale (the paper's code divides by 10)
     entropy: float = 0.002  # hard: lambda_e
     baseline_decay: float = 0.9  # hard: b <- decay * b + (1 - decay) * log p(y | s, a)
+    # hard: "moving_average" (the paper's b) or "expectation": each caption's own baseline, its
+    # log-likelihood under the expected context (a second teacher-forced pass, which is also
+    # trained: weight semi_sampling, the sampled pass 1 - semi_sampling)
+    baseline: str = "moving_average"
+    # hard: credit step t's location with the log-likelihood of words t.. only (it cannot change
+    # earlier words), not the whole caption's: the same expected gradient, less variance
+    reward_to_go: bool = False
 
     def __post_init__(self) -> None:
         if self.reduction not in ("caption", "token"):
             raise ValueError(f"loss.reduction must be 'caption' or 'token', got {self.reduction!r}")
+        if self.baseline not in ("moving_average", "expectation"):
+            raise ValueError(f"loss.baseline must be 'moving_average' or 'expectation', got {self.baseline!r}")
 
 
 @dataclass
 class CaptionLoss:
     loss: Tensor  # cross-entropy (reduced as configured) + lambda * doubly stochastic term
     nll: Tensor  # (B,) -log p(y | a) per caption
+    ce: Tensor  # (B, T) -log p(y_t | ...) per step, 0 on padding
     mask: Tensor  # (B, T) float, 1 on real steps
     dsr: Tensor  # the doubly stochastic term
 
@@ -76,7 +86,13 @@ def caption_loss(out: DecoderOutput, captions: Tensor, config: LossConfig) -> Ca
     # Doubly stochastic regularisation over real steps only: sum_i (1 - sum_t alpha_ti)^2.
     att_sum = (out.alphas.float() * mask.unsqueeze(-1)).sum(1)  # (B, N)
     dsr = ((1.0 - att_sum) ** 2).sum(1).mean()
-    return CaptionLoss(ce_loss + config.doubly_stochastic * dsr, nll, mask, dsr)
+    return CaptionLoss(ce_loss + config.doubly_stochastic * dsr, nll, ce * mask, mask, dsr)
+
+
+def _rows_of(out: DecoderOutput, rows: slice) -> DecoderOutput:
+    """The captions ``rows`` of a teacher-forced output."""
+    return DecoderOutput(*(None if x is None else x[rows] for x in (
+        out.logits, out.alphas, out.mask, out.sample_log_probs, out.sampled, out.entropies)))
 
 
 class CaptioningSystem(L.LightningModule):
@@ -127,36 +143,98 @@ class CaptioningSystem(L.LightningModule):
 
     def compute_loss(self, batch: dict) -> dict[str, Tensor]:
         captions, lengths = batch["captions"], batch["lengths"]
-        out: DecoderOutput = self.model.decoder(self.features(batch), captions, lengths)
+        decoder = self.model.decoder
+        features = self.features(batch)
+        if decoder.training and decoder.config.attention == "hard" and self.loss_config.baseline == "expectation":
+            return self._hard_loss_with_expectation_baseline(features, captions, lengths)
+        out: DecoderOutput = decoder(features, captions, lengths)
         cl = caption_loss(out, captions, self.loss_config)
         logs = {"loss": cl.loss, "ce": cl.nll.sum() / cl.mask.sum().clamp(min=1), "dsr": cl.dsr}
         if out.sample_log_probs is not None:
-            loss_rl, extra = self._reinforce(out, cl.nll.detach(), cl.mask)
+            loss_rl, extra = self._reinforce(out, cl.ce.detach(), cl.mask)
             logs["loss"] = cl.loss + loss_rl
             logs.update(extra)
         return logs
 
-    def _reinforce(self, out: DecoderOutput, nll: Tensor, mask: Tensor) -> tuple[Tensor, dict]:
+    def _hard_loss_with_expectation_baseline(self, features: Tensor, captions: Tensor, lengths: Tensor) -> dict:
+        """Both halves of semi-sampling on every caption: an expectation pass and a sampled pass,
+        weighted p = semi_sampling and 1 - p (the expected value of the paper's coin), the first
+        pass's log-likelihood being the second's REINFORCE baseline. Both run as one decoder call
+        over the batch twice over (fewer, larger products than two calls)."""
+        decoder = self.model.decoder
+        p = decoder.semi_sampling
+        b = features.size(0)
+        rows = torch.arange(2 * b, device=features.device) >= b  # expectation rows, then sampled
+        both = decoder(torch.cat([features, features]), torch.cat([captions, captions]),
+                       torch.cat([lengths, lengths]), rows)
+        soft = caption_loss(_rows_of(both, slice(0, b)), captions, self.loss_config)
+        out = _rows_of(both, slice(b, 2 * b))
+        hard = caption_loss(out, captions, self.loss_config)
+        loss_rl, extra = self._reinforce(out, hard.ce.detach(), hard.mask, soft.ce.detach())
+        n_words = hard.mask.sum().clamp(min=1)
+        return {
+            "loss": p * soft.loss + (1 - p) * (hard.loss + loss_rl),
+            "ce": hard.nll.sum() / n_words, "ce_expectation": soft.nll.sum() / n_words,
+            "dsr": hard.dsr, **extra,
+        }
+
+    def _reinforce(
+        self, out: DecoderOutput, ce: Tensor, mask: Tensor, baseline_ce: Tensor | None = None
+    ) -> tuple[Tensor, dict]:
         """REINFORCE for hard attention (Xu et al. 2015, Eq. 12): the learning signal is
-        log p(y | s, a) minus a moving-average baseline; plus an entropy bonus on alpha."""
+        log p(y | s, a) minus a baseline; plus an entropy bonus on alpha. ``ce`` (B, T) holds
+        -log p(y_t) per step; ``baseline_ce`` the same under the expected context, or None for
+        the moving average."""
         cfg = self.loss_config
-        reward = -nll  # (B,) log p(y | s, a)
-        if not bool(self.baseline_initialised):
-            self.reward_baseline.copy_(reward.mean())
-            self.baseline_initialised.fill_(True)
-        advantage = reward - self.reward_baseline  # (B,)
+
+        def returns(x: Tensor) -> Tensor:  # (B, T) log-likelihood credited to each step
+            if cfg.reward_to_go:
+                return -x.flip(1).cumsum(1).flip(1)
+            return -x.sum(1, keepdim=True).expand_as(x)
+
+        reward = returns(ce)  # (B, T)
+        if baseline_ce is not None:
+            baseline = returns(baseline_ce)
+        else:
+            # The moving average follows log p(y | s, a) per caption (per word with reward_to_go,
+            # scaled by the words left at each step).
+            observed = -ce.sum() / mask.sum().clamp(min=1) if cfg.reward_to_go else -ce.sum(1).mean()
+            if not bool(self.baseline_initialised):
+                self.reward_baseline.copy_(observed)
+                self.baseline_initialised.fill_(True)
+            baseline = self.reward_baseline.clone()  # before this batch's update
+            if cfg.reward_to_go:
+                baseline = baseline * mask.flip(1).cumsum(1).flip(1)
+            if self.training:
+                self.reward_baseline.mul_(cfg.baseline_decay).add_((1 - cfg.baseline_decay) * observed)
+        advantage = reward - baseline  # (B, T)
         sampled = out.sampled.float() * mask  # steps that used a sample, not the expectation
-        log_p_s = (out.sample_log_probs.float() * sampled).sum(1)  # (B,)
+        signal = (advantage * out.sample_log_probs.float() * sampled).sum(1)  # (B,)
         entropy = (out.entropies.float() * mask).sum(1).mean()
-        loss = -(cfg.reinforce * advantage * log_p_s).mean() - cfg.entropy * entropy
-        if self.training:
-            self.reward_baseline.mul_(cfg.baseline_decay).add_((1 - cfg.baseline_decay) * reward.mean())
-        return loss, {"reinforce": loss.detach(), "entropy": entropy.detach(), "baseline": self.reward_baseline.clone()}
+        loss = -(cfg.reinforce * signal).mean() - cfg.entropy * entropy
+        extra = {"reinforce": loss.detach(), "entropy": entropy.detach()}
+        if baseline_ce is None:
+            extra["baseline"] = self.reward_baseline.clone()
+        return loss, extra
+
+    def _anneal_semi_sampling(self) -> bool:
+        """Hard attention's warm-up: the expectation's share falls from 1 to semi_sampling.
+        True when there is a warm-up."""
+        decoder = self.model.decoder
+        c = decoder.config
+        if c.attention != "hard" or c.semi_sampling_warmup_steps <= 0:
+            return False
+        done = min(1.0, self.global_step / c.semi_sampling_warmup_steps)
+        decoder.semi_sampling = 1.0 - (1.0 - c.semi_sampling) * done
+        return True
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
         if not batch:  # every image of the batch was unreadable and skipped
             return None
+        annealing = self._anneal_semi_sampling()
         logs = self.compute_loss(batch)
+        if annealing:
+            logs["semi_sampling"] = torch.tensor(self.model.decoder.semi_sampling)
         bs = batch["captions"].size(0)
         self.log("train/loss", logs["loss"], prog_bar=True, batch_size=bs)
         self.log_dict({f"train/{k}": v for k, v in logs.items() if k != "loss"}, batch_size=bs)

@@ -10,7 +10,8 @@ import torch
 from captioner.data.vocab import SPECIALS
 from captioner.inference import CaptionPipeline, CheckpointError, load_checkpoint, read_checkpoint
 from captioner.models import DecoderConfig, EncoderConfig
-from captioner.system import CaptioningSystem, LossConfig
+from captioner.models.decoder import DecoderOutput
+from captioner.system import CaptioningSystem, LossConfig, caption_loss
 from tests.conftest import fit_args
 
 VOCAB = [*SPECIALS, *(f"w{i}" for i in range(12))]
@@ -50,10 +51,11 @@ def test_reinforce_moves_the_attention_parameters() -> None:
     system = _system("hard", doubly_stochastic=0.0, entropy=0.0).train()
     out = system.model(_batch()["images"], _batch()["captions"], _batch()["lengths"])
     mask = out.mask.float()
-    nll = torch.rand(6) * 10  # any learning signal
+    ce = torch.rand(mask.shape) * mask  # any learning signal, (B, T) per step
+    nll = ce.sum(1)
     system.reward_baseline.fill_(5.0)
     system.baseline_initialised.fill_(True)
-    loss, logs = system._reinforce(out, nll, mask)
+    loss, logs = system._reinforce(out, ce, mask)
     loss.backward()
     att = system.model.decoder.attention
     for p in (att.encoder_proj.weight, att.hidden_proj.weight, att.score.weight):
@@ -134,3 +136,91 @@ def test_malicious_checkpoint_is_refused_and_nothing_runs(tmp_path, monkeypatch)
         load_checkpoint(tmp_path / "garbage.ckpt")
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "missing.ckpt")
+
+
+# -- hard attention's training recipe ------------------------------------------------------------
+def _hard_system(**settings) -> CaptioningSystem:
+    """A hard-attention system; ``settings`` go to DecoderConfig or LossConfig by name."""
+    dec = {k: v for k, v in settings.items() if k in DecoderConfig.__dataclass_fields__}
+    loss = {k: v for k, v in settings.items() if k not in dec}
+    torch.manual_seed(0)
+    return CaptioningSystem(
+        encoder=EncoderConfig(name="shapes_cnn", grid=4, channels=16, image_size=32),
+        decoder=DecoderConfig(attention="hard", embed_dim=32, attention_dim=32, decoder_dim=48, dropout=0.0, **dec),
+        loss=LossConfig(doubly_stochastic=0.0, **loss),
+        vocab=VOCAB,
+    ).train()
+
+
+@pytest.mark.parametrize("unit", ["step", "caption", "batch"])
+def test_semi_sampling_unit_sets_what_one_draw_covers(unit: str) -> None:
+    system = _hard_system(semi_sampling_unit=unit)
+    batch = _batch(b=32, length=9)
+    torch.manual_seed(1)
+    out = system.model(batch["images"], batch["captions"], batch["lengths"])
+    real = out.mask
+    per_caption = [set(out.sampled[i][real[i]].tolist()) for i in range(32)]
+    if unit == "step":  # some caption mixes samples and expectations
+        assert any(len(s) == 2 for s in per_caption)
+    else:  # every caption is all sampled or all expectation
+        assert all(len(s) == 1 for s in per_caption)
+        kinds = {next(iter(s)) for s in per_caption}
+        assert len(kinds) == (1 if unit == "batch" else 2)
+
+
+def test_expectation_baseline_with_semi_sampling_one_is_the_expectation_loss() -> None:
+    """With p = 1 the sampled pass has weight 0: the loss is the expectation pass's alone."""
+    system = _hard_system(semi_sampling=1.0, baseline="expectation")
+    batch = _batch()
+    logs = system.compute_loss(batch)
+    system.model.decoder.eval()  # hard attention in eval mode uses the expectation
+    features = system.model.encode(batch["images"])[0]
+    expected = caption_loss(system.model.decoder(features, batch["captions"], batch["lengths"]),
+                            batch["captions"], system.loss_config)
+    torch.testing.assert_close(logs["loss"], expected.loss)
+    torch.testing.assert_close(logs["ce_expectation"], expected.nll.sum() / expected.mask.sum())
+
+
+def test_expectation_baseline_trains_every_parameter() -> None:
+    system = _hard_system(baseline="expectation", reward_to_go=True)
+    logs = system.compute_loss(_batch())
+    logs["loss"].backward()
+    missing = [n for n, p in system.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert not missing
+    assert "baseline" not in logs  # no moving average is kept in this mode
+
+
+@pytest.mark.parametrize("to_go", [False, True])
+def test_reward_to_go_credits_a_location_with_later_words_only(to_go: bool) -> None:
+    system = _hard_system(reward_to_go=to_go, entropy=0.0)
+    b, t = 2, 4
+    log_p = torch.zeros(b, t, requires_grad=True)
+    out = DecoderOutput(torch.zeros(b, t, len(VOCAB)), torch.full((b, t, 16), 1 / 16), torch.ones(b, t, dtype=torch.bool),
+                        log_p, torch.ones(b, t, dtype=torch.bool), torch.zeros(b, t))
+    ce = torch.zeros(b, t)
+    ce[:, 1] = 3.0  # only the second word is badly predicted, under the sampled locations
+    loss, _ = system._reinforce(out, ce, torch.ones(b, t), baseline_ce=torch.zeros(b, t))
+    loss.backward()
+    grad = log_p.grad[0]  # d loss / d log p(s_t): positive pushes s_t down
+    assert (grad[:2] > 0).all()
+    if to_go:  # steps after the bad word cannot have caused it
+        assert (grad[2:] == 0).all()
+    else:
+        assert (grad[2:] > 0).all()
+
+
+def test_semi_sampling_warmup_anneals_from_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    system = _hard_system(semi_sampling=0.5, semi_sampling_warmup_steps=100)
+    seen = []
+    for step in (0, 50, 100, 400):
+        monkeypatch.setattr(CaptioningSystem, "global_step", property(lambda self, s=step: s))
+        system._anneal_semi_sampling()
+        seen.append(system.model.decoder.semi_sampling)
+    assert seen == pytest.approx([1.0, 0.75, 0.5, 0.5])
+
+
+def test_hard_training_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="semi_sampling_unit"):
+        DecoderConfig(attention="hard", semi_sampling_unit="word")
+    with pytest.raises(ValueError, match="loss.baseline"):
+        LossConfig(baseline="learned")

@@ -152,7 +152,11 @@ class HardAttention(AdditiveScores):
         self.semi_sampling = semi_sampling
         self.test_mode = test_mode
 
-    def forward(self, cache: tuple[Tensor, ...], h: Tensor) -> AttentionOutput:
+    def forward(
+        self, cache: tuple[Tensor, ...], h: Tensor, sample_rows: Tensor | None = None
+    ) -> AttentionOutput:
+        """``sample_rows`` (B,) bool, training only: which rows use a sample (True) or the
+        expectation (False) at this step; None draws that per row with ``semi_sampling``."""
         features, proj = cache
         logits = self.scores(proj, h)  # (B*K, N)
         alpha = F.softmax(logits, dim=-1)
@@ -166,7 +170,9 @@ class HardAttention(AdditiveScores):
         log_alpha = F.log_softmax(logits, dim=-1)
         loc = torch.multinomial(alpha.detach().float(), 1).squeeze(1)  # (B*K,)
         sampled_ctx = features[rows, loc]
-        sampled = torch.rand(alpha.size(0), device=alpha.device) >= self.semi_sampling  # (B,)
+        if sample_rows is None:
+            sample_rows = torch.rand(alpha.size(0), device=alpha.device) >= self.semi_sampling
+        sampled = sample_rows  # (B,)
         context = torch.where(sampled.unsqueeze(1), sampled_ctx, expectation)
         sample_log_prob = log_alpha.gather(1, loc.unsqueeze(1)).squeeze(1)  # (B,)
         entropy = -(alpha * log_alpha).sum(-1)  # (B,)

@@ -22,12 +22,22 @@ class DecoderConfig:
     gate: str = "scalar"  # "scalar" (the paper's beta_t), "vector" (per channel) or "none"
     deep_output: bool = True  # Eq. 7; False: logits = W h_t
     num_heads: int = 8  # multihead only
-    semi_sampling: float = 0.5  # hard only
+    semi_sampling: float = 0.5  # hard only: probability of the expectation instead of a sample
+    # hard only: what one semi-sampling draw covers: "step" (each step of each caption), "caption"
+    # (all steps of a caption) or "batch" (the whole minibatch, as the paper's released code does)
+    semi_sampling_unit: str = "step"
+    # hard only: the expectation's share starts at 1 and falls linearly to semi_sampling over
+    # this many optimiser steps, so that the maps are informative before samples are drawn
+    semi_sampling_warmup_steps: int = 0
     hard_test_mode: str = "expectation"  # hard only: "expectation" or "argmax"
 
     def __post_init__(self) -> None:
         if self.gate not in ("scalar", "vector", "none"):
             raise ValueError(f"gate must be 'scalar', 'vector' or 'none', got {self.gate!r}")
+        if self.semi_sampling_unit not in ("step", "caption", "batch"):
+            raise ValueError(
+                f"semi_sampling_unit must be 'step', 'caption' or 'batch', got {self.semi_sampling_unit!r}"
+            )
 
 
 @dataclass
@@ -118,6 +128,7 @@ class AttentionDecoder(nn.Module):
         elif c.attention == "hard":
             extra = {"semi_sampling": c.semi_sampling, "test_mode": c.hard_test_mode}
         self.attention = create_attention(c.attention, encoder_dim, c.decoder_dim, c.attention_dim, **extra)
+        self.semi_sampling = c.semi_sampling  # hard, training: CaptioningSystem anneals it in warm-up
         self.embedding = nn.Embedding(vocab_size, c.embed_dim)
         self.init_h = nn.Linear(encoder_dim, c.decoder_dim)
         self.init_c = nn.Linear(encoder_dim, c.decoder_dim)
@@ -155,10 +166,15 @@ class AttentionDecoder(nn.Module):
         return nn.functional.linear(emb, w, self.lstm.bias_ih + self.lstm.bias_hh)
 
     def _cell(
-        self, x_emb: Tensor, state: State, cache: tuple[Tensor, ...], detach_weights: bool = False
+        self,
+        x_emb: Tensor,
+        state: State,
+        cache: tuple[Tensor, ...],
+        detach_weights: bool = False,
+        sample_rows: Tensor | None = None,
     ) -> tuple[State, Tensor, AttentionOutput]:
         h, c = state
-        att = self.attention(cache, h)
+        att = self.attention(cache, h) if sample_rows is None else self.attention(cache, h, sample_rows)
         z = att.context  # (B, D)
         if self.gate is not None:
             z = torch.sigmoid(self.gate(h)) * z
@@ -186,10 +202,27 @@ class AttentionDecoder(nn.Module):
         logits = self._logits(emb, state[0], z)
         return torch.log_softmax(logits.float(), dim=-1), state, att.alpha
 
+    def _sample_rows(self, features: Tensor, sample_rows: Tensor | None) -> Tensor | None:
+        """Hard attention's semi-sampling draw per caption or per batch (None: per step)."""
+        c = self.config
+        if c.attention != "hard" or not self.training or sample_rows is not None:
+            return sample_rows
+        b = features.size(0)
+        if c.semi_sampling_unit == "caption":
+            return torch.rand(b, device=features.device) >= self.semi_sampling
+        if c.semi_sampling_unit == "batch":
+            return (torch.rand((), device=features.device) >= self.semi_sampling).expand(b)
+        return None
+
     # -- teacher forcing -------------------------------------------------------------------------
-    def forward(self, features: Tensor, captions: Tensor, lengths: Tensor) -> DecoderOutput:
+    def forward(
+        self, features: Tensor, captions: Tensor, lengths: Tensor, sample_rows: Tensor | None = None
+    ) -> DecoderOutput:
         """Teacher-forced pass. captions (B, L) hold ``<start> w.. <end> <pad>..``; lengths (B,)
-        count tokens including ``<start>`` and ``<end>``. Predicts captions[:, 1:]."""
+        count tokens including ``<start>`` and ``<end>``. Predicts captions[:, 1:].
+
+        Hard attention in training: ``sample_rows`` (B,) bool makes every step of row b use a
+        sampled location (True) or the expectation (False); None follows ``semi_sampling_unit``."""
         assert features.dim() == 3, f"features must be (B, N, D), got {tuple(features.shape)}"
         assert captions.dim() == 2 and captions.size(0) == features.size(0), "captions must be (B, L)"
         inputs = captions[:, :-1]  # (B, T)
@@ -202,6 +235,9 @@ class AttentionDecoder(nn.Module):
         order = torch.argsort(lengths, descending=True, stable=True)
         restore = torch.argsort(order)
         features, inputs = features[order], inputs[order]
+        sample_rows = self._sample_rows(features, sample_rows)
+        if sample_rows is not None:
+            sample_rows = sample_rows.to(features.device)[order]
         active = (lengths[order] - 1).clamp(min=1).tolist()  # real steps per row, descending
         emb = self.embedding(inputs)  # (B, T, E)
         record = None
@@ -226,7 +262,13 @@ class AttentionDecoder(nn.Module):
             if rows < state[0].size(0):
                 state = (state[0][:rows], state[1][:rows])
                 cache = tuple(x[:rows] for x in full_cache)
-            state, z, att = self._cell(x_t[:rows], state, cache, record is not None)
+            if sample_rows is not None:
+                rows_mask = sample_rows[:rows]
+            elif self.training and self.config.attention == "hard":  # semi-sampling per step
+                rows_mask = torch.rand(rows, device=features.device) >= self.semi_sampling
+            else:
+                rows_mask = None
+            state, z, att = self._cell(x_t[:rows], state, cache, record is not None, rows_mask)
             hs.append(_pad_rows(state[0], batch))
             zs.append(_pad_rows(z, batch))
             alphas.append(_pad_rows(att.alpha, batch))
