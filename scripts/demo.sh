@@ -5,16 +5,20 @@
 #   scripts/demo.sh                       (trains once; a second run reuses the checkpoint)
 #   DEMO_RETRAIN=1 scripts/demo.sh        train again
 #   DEMO_MAX_TIME=00:00:10:00 scripts/demo.sh   training budget (dd:hh:mm:ss)
+#   DEMO_CONFIG=shapes-hard scripts/demo.sh     hard attention (or shapes-multihead)
 #
 # Outputs: data/shapes/ (data set), runs/shapes/checkpoints/best.ckpt (best model on validation
-# CIDEr-D), demo_out/captions.jsonl, demo_out/attention/*.png, demo_out/report/ (metrics, summary).
+# CIDEr-D; runs/<DEMO_CONFIG>/... for another config), demo_out/captions.jsonl,
+# demo_out/attention/*.png, demo_out/report/ (metrics, summary).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/_venv.sh
 ensure_venv serve
 
 MAX_TIME="${DEMO_MAX_TIME:-00:00:10:00}"
-CKPT=runs/shapes/checkpoints/best.ckpt
+CONFIG="${DEMO_CONFIG:-shapes}"
+[ -f "configs/$CONFIG.yaml" ] || { echo "DEMO_CONFIG: no configs/$CONFIG.yaml" >&2; exit 2; }
+CKPT="runs/$CONFIG/checkpoints/best.ckpt"  # the configs write their runs under runs/<name>
 OUT=demo_out
 has() { captioner --help 2>/dev/null | grep -qE "^\s+$1\b|[{,]$1[,}]"; }
 
@@ -25,10 +29,10 @@ else
     echo "   data/shapes exists"
 fi
 
-echo "== 2. train: soft attention, configs/shapes.yaml (budget $MAX_TIME)"
+echo "== 2. train: configs/$CONFIG.yaml (budget $MAX_TIME)"
 if [ ! -f "$CKPT" ] || [ "${DEMO_RETRAIN:-0}" = 1 ]; then
-    rm -rf runs/shapes
-    captioner fit --config configs/shapes.yaml --trainer.max_time "$MAX_TIME"
+    rm -rf "runs/$CONFIG"
+    captioner fit --config "configs/$CONFIG.yaml" --trainer.max_time "$MAX_TIME"
 else
     echo "   $CKPT exists (DEMO_RETRAIN=1 to train again)"
 fi
@@ -59,7 +63,7 @@ fi
 
 if has evaluate; then
     echo "== 5. evaluate: shapes test split (captions, attention correctness) -> $OUT/report/"
-    captioner evaluate --checkpoint "$CKPT" --config configs/shapes.yaml --split test --beam-size 3 \
+    captioner evaluate --checkpoint "$CKPT" --config "configs/$CONFIG.yaml" --split test --beam-size 3 \
         --output "$OUT/metrics.json" --results "$OUT/results.json" --report "$OUT/report"
 fi
 
