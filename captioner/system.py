@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import lightning as L
 import torch
@@ -80,19 +80,18 @@ def caption_loss(out: DecoderOutput, captions: Tensor, config: LossConfig) -> Ca
     ce = F.cross_entropy(
         out.logits.float().flatten(0, 1), targets.flatten(), reduction="none",
         ignore_index=PAD_ID, label_smoothing=config.label_smoothing,
-    ).view_as(targets)  # (B, T)
-    nll = (ce * mask).sum(1)  # (B,)
+    ).view_as(targets) * mask  # (B, T), 0 on padding
+    nll = ce.sum(1)  # (B,)
     ce_loss = nll.sum() / mask.sum().clamp(min=1) if config.reduction == "token" else nll.mean()
     # Doubly stochastic regularisation over real steps only: sum_i (1 - sum_t alpha_ti)^2.
     att_sum = (out.alphas.float() * mask.unsqueeze(-1)).sum(1)  # (B, N)
     dsr = ((1.0 - att_sum) ** 2).sum(1).mean()
-    return CaptionLoss(ce_loss + config.doubly_stochastic * dsr, nll, ce * mask, mask, dsr)
+    return CaptionLoss(ce_loss + config.doubly_stochastic * dsr, nll, ce, mask, dsr)
 
 
 def _rows_of(out: DecoderOutput, rows: slice) -> DecoderOutput:
     """The captions ``rows`` of a teacher-forced output."""
-    return DecoderOutput(*(None if x is None else x[rows] for x in (
-        out.logits, out.alphas, out.mask, out.sample_log_probs, out.sampled, out.entropies)))
+    return DecoderOutput(**{f.name: None if (x := getattr(out, f.name)) is None else x[rows] for f in fields(out)})
 
 
 class CaptioningSystem(L.LightningModule):
@@ -162,7 +161,7 @@ class CaptioningSystem(L.LightningModule):
         pass's log-likelihood being the second's REINFORCE baseline. Both run as one decoder call
         over the batch twice over (fewer, larger products than two calls)."""
         decoder = self.model.decoder
-        p = decoder.semi_sampling
+        p = decoder.attention.semi_sampling
         b = features.size(0)
         rows = torch.arange(2 * b, device=features.device) >= b  # expectation rows, then sampled
         both = decoder(torch.cat([features, features]), torch.cat([captions, captions]),
@@ -225,7 +224,7 @@ class CaptioningSystem(L.LightningModule):
         if c.attention != "hard" or c.semi_sampling_warmup_steps <= 0:
             return False
         done = min(1.0, self.global_step / c.semi_sampling_warmup_steps)
-        decoder.semi_sampling = 1.0 - (1.0 - c.semi_sampling) * done
+        decoder.attention.semi_sampling = 1.0 - (1.0 - c.semi_sampling) * done
         return True
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
@@ -234,7 +233,7 @@ class CaptioningSystem(L.LightningModule):
         annealing = self._anneal_semi_sampling()
         logs = self.compute_loss(batch)
         if annealing:
-            logs["semi_sampling"] = torch.tensor(self.model.decoder.semi_sampling)
+            logs["semi_sampling"] = torch.tensor(self.model.decoder.attention.semi_sampling)
         bs = batch["captions"].size(0)
         self.log("train/loss", logs["loss"], prog_bar=True, batch_size=bs)
         self.log_dict({f"train/{k}": v for k, v in logs.items() if k != "loss"}, batch_size=bs)

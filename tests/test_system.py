@@ -17,11 +17,15 @@ from tests.conftest import fit_args
 VOCAB = [*SPECIALS, *(f"w{i}" for i in range(12))]
 
 
-def _system(attention: str = "soft", **loss) -> CaptioningSystem:
+def _system(attention: str = "soft", **settings) -> CaptioningSystem:
+    """A tiny system; ``settings`` go to DecoderConfig or LossConfig by name."""
+    dec = {k: v for k, v in settings.items() if k in DecoderConfig.__dataclass_fields__}
+    loss = {k: v for k, v in settings.items() if k not in dec}
     torch.manual_seed(0)
     return CaptioningSystem(
         encoder=EncoderConfig(name="shapes_cnn", grid=4, channels=16, image_size=32),
-        decoder=DecoderConfig(attention=attention, embed_dim=32, attention_dim=32, decoder_dim=48, num_heads=4, dropout=0.0),
+        decoder=DecoderConfig(attention=attention, embed_dim=32, attention_dim=32, decoder_dim=48, num_heads=4,
+                              dropout=0.0, **dec),
         loss=LossConfig(**loss),
         vocab=VOCAB,
     )
@@ -140,16 +144,7 @@ def test_malicious_checkpoint_is_refused_and_nothing_runs(tmp_path, monkeypatch)
 
 # -- hard attention's training recipe ------------------------------------------------------------
 def _hard_system(**settings) -> CaptioningSystem:
-    """A hard-attention system; ``settings`` go to DecoderConfig or LossConfig by name."""
-    dec = {k: v for k, v in settings.items() if k in DecoderConfig.__dataclass_fields__}
-    loss = {k: v for k, v in settings.items() if k not in dec}
-    torch.manual_seed(0)
-    return CaptioningSystem(
-        encoder=EncoderConfig(name="shapes_cnn", grid=4, channels=16, image_size=32),
-        decoder=DecoderConfig(attention="hard", embed_dim=32, attention_dim=32, decoder_dim=48, dropout=0.0, **dec),
-        loss=LossConfig(doubly_stochastic=0.0, **loss),
-        vocab=VOCAB,
-    ).train()
+    return _system("hard", doubly_stochastic=0.0, **settings).train()
 
 
 @pytest.mark.parametrize("unit", ["step", "caption", "batch"])
@@ -215,7 +210,7 @@ def test_semi_sampling_warmup_anneals_from_one(monkeypatch: pytest.MonkeyPatch) 
     for step in (0, 50, 100, 400):
         monkeypatch.setattr(CaptioningSystem, "global_step", property(lambda self, s=step: s))
         system._anneal_semi_sampling()
-        seen.append(system.model.decoder.semi_sampling)
+        seen.append(system.model.decoder.attention.semi_sampling)
     assert seen == pytest.approx([1.0, 0.75, 0.5, 0.5])
 
 

@@ -132,7 +132,8 @@ class HardAttention(AdditiveScores):
     """Stochastic hard attention: a location s_t ~ Multinoulli(alpha_t); context a_{s_t}.
 
     In training, with probability ``semi_sampling`` per step and image the expectation is used
-    instead of a sample (the paper's variance reduction). At test time the context is the
+    instead of a sample (the paper's variance reduction; ``CaptioningSystem`` anneals
+    ``semi_sampling`` during a warm-up). At test time the context is the
     expectation (``test_mode="expectation"``, the paper's choice) or the argmax location.
     """
 

@@ -128,7 +128,6 @@ class AttentionDecoder(nn.Module):
         elif c.attention == "hard":
             extra = {"semi_sampling": c.semi_sampling, "test_mode": c.hard_test_mode}
         self.attention = create_attention(c.attention, encoder_dim, c.decoder_dim, c.attention_dim, **extra)
-        self.semi_sampling = c.semi_sampling  # hard, training: CaptioningSystem anneals it in warm-up
         self.embedding = nn.Embedding(vocab_size, c.embed_dim)
         self.init_h = nn.Linear(encoder_dim, c.decoder_dim)
         self.init_c = nn.Linear(encoder_dim, c.decoder_dim)
@@ -208,11 +207,12 @@ class AttentionDecoder(nn.Module):
         if c.attention != "hard" or not self.training or sample_rows is not None:
             return sample_rows
         b = features.size(0)
+        p = self.attention.semi_sampling  # annealed by CaptioningSystem during warm-up
         if c.semi_sampling_unit == "caption":
-            return torch.rand(b, device=features.device) >= self.semi_sampling
+            return torch.rand(b, device=features.device) >= p
         if c.semi_sampling_unit == "batch":
-            return (torch.rand((), device=features.device) >= self.semi_sampling).expand(b)
-        return None
+            return (torch.rand((), device=features.device) >= p).expand(b)
+        return None  # per step: the attention draws it
 
     # -- teacher forcing -------------------------------------------------------------------------
     def forward(
@@ -262,12 +262,7 @@ class AttentionDecoder(nn.Module):
             if rows < state[0].size(0):
                 state = (state[0][:rows], state[1][:rows])
                 cache = tuple(x[:rows] for x in full_cache)
-            if sample_rows is not None:
-                rows_mask = sample_rows[:rows]
-            elif self.training and self.config.attention == "hard":  # semi-sampling per step
-                rows_mask = torch.rand(rows, device=features.device) >= self.semi_sampling
-            else:
-                rows_mask = None
+            rows_mask = None if sample_rows is None else sample_rows[:rows]
             state, z, att = self._cell(x_t[:rows], state, cache, record is not None, rows_mask)
             hs.append(_pad_rows(state[0], batch))
             zs.append(_pad_rows(z, batch))
