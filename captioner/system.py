@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass, fields
 
 import lightning as L
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from captioner.data.grounding import cell_shares
 from captioner.data.transforms import Preprocessing
 from captioner.data.vocab import PAD_ID, Vocabulary
 from captioner.decoding import DecodingConfig, generate
@@ -53,12 +55,18 @@ class LossConfig:
     # hard: credit step t's location with the log-likelihood of words t.. only (it cannot change
     # earlier words), not the whole caption's: the same expected gradient, less variance
     reward_to_go: bool = False
+    # Weight of attention supervision (needs data.grounding, i.e. shapes): on every word that
+    # names an object, -log of the attention mass the attention-correctness metric would count
+    # inside that object (Liu et al. 2017 supervise the map with the word's region likewise).
+    attention_supervision: float = 0.0
 
     def __post_init__(self) -> None:
         if self.reduction not in ("caption", "token"):
             raise ValueError(f"loss.reduction must be 'caption' or 'token', got {self.reduction!r}")
         if self.baseline not in ("moving_average", "expectation"):
             raise ValueError(f"loss.baseline must be 'moving_average' or 'expectation', got {self.baseline!r}")
+        if self.attention_supervision < 0:
+            raise ValueError(f"loss.attention_supervision must be >= 0, got {self.attention_supervision}")
 
 
 @dataclass
@@ -87,6 +95,28 @@ def caption_loss(out: DecoderOutput, captions: Tensor, config: LossConfig) -> Ca
     att_sum = (out.alphas.float() * mask.unsqueeze(-1)).sum(1)  # (B, N)
     dsr = ((1.0 - att_sum) ** 2).sum(1).mean()
     return CaptionLoss(ce_loss + config.doubly_stochastic * dsr, nll, ce, mask, dsr)
+
+
+def attention_supervision_loss(
+    alphas: Tensor, token_objects: Tensor, object_masks: Tensor, mask: Tensor
+) -> Tensor:
+    """Mean over grounded steps of -log(sum_i alpha_ti * share_i), share_i being the part of
+    cell i's upsampled attention inside the object word t names (``cell_shares``): the negative
+    log of the attention correctness the map would score.
+
+    ``alphas`` (B, T, N) on a square grid; ``token_objects`` (B, T) object index or -1;
+    ``object_masks`` (B, K, H, W); ``mask`` (B, T) real steps.
+    """
+    b, t, n = alphas.shape
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"attention supervision needs a square attention grid, got {n} regions")
+    shares = cell_shares(object_masks, (side, side)).flatten(2)  # (B, K, N)
+    index = token_objects.clamp(min=0).unsqueeze(-1).expand(b, t, n)  # (B, T, N)
+    target = shares.gather(1, index)  # (B, T, N)
+    grounded = ((token_objects >= 0) & mask.bool()).float()  # (B, T)
+    mass = (alphas.float() * target).sum(-1)  # (B, T)
+    return -(torch.log(mass.clamp_min(1e-6)) * grounded).sum() / grounded.sum().clamp(min=1)
 
 
 def _rows_of(out: DecoderOutput, rows: slice) -> DecoderOutput:
@@ -145,17 +175,31 @@ class CaptioningSystem(L.LightningModule):
         decoder = self.model.decoder
         features = self.features(batch)
         if decoder.training and decoder.config.attention == "hard" and self.loss_config.baseline == "expectation":
-            return self._hard_loss_with_expectation_baseline(features, captions, lengths)
-        out: DecoderOutput = decoder(features, captions, lengths)
-        cl = caption_loss(out, captions, self.loss_config)
-        logs = {"loss": cl.loss, "ce": cl.nll.sum() / cl.mask.sum().clamp(min=1), "dsr": cl.dsr}
-        if out.sample_log_probs is not None:
-            loss_rl, extra = self._reinforce(out, cl.ce.detach(), cl.mask)
-            logs["loss"] = cl.loss + loss_rl
-            logs.update(extra)
+            logs, out = self._hard_loss_with_expectation_baseline(features, captions, lengths)
+        else:
+            out = decoder(features, captions, lengths)
+            cl = caption_loss(out, captions, self.loss_config)
+            logs = {"loss": cl.loss, "ce": cl.nll.sum() / cl.mask.sum().clamp(min=1), "dsr": cl.dsr}
+            if out.sample_log_probs is not None:
+                loss_rl, extra = self._reinforce(out, cl.ce.detach(), cl.mask)
+                logs["loss"] = cl.loss + loss_rl
+                logs.update(extra)
+        weight = self.loss_config.attention_supervision
+        if weight > 0:
+            if "token_objects" not in batch:
+                raise ValueError("model.loss.attention_supervision needs word-region grounding in the "
+                                 "training batches: set data.grounding: true (shapes only)")
+            repeat = out.alphas.size(0) // captions.size(0)  # the expectation baseline's 2B rows
+            att = attention_supervision_loss(
+                out.alphas, batch["token_objects"].repeat(repeat, 1),
+                batch["object_masks"].repeat(repeat, 1, 1, 1), out.mask)
+            logs["loss"] = logs["loss"] + weight * att
+            logs["attention_supervision"] = att.detach()
         return logs
 
-    def _hard_loss_with_expectation_baseline(self, features: Tensor, captions: Tensor, lengths: Tensor) -> dict:
+    def _hard_loss_with_expectation_baseline(
+        self, features: Tensor, captions: Tensor, lengths: Tensor
+    ) -> tuple[dict, DecoderOutput]:
         """Both halves of semi-sampling on every caption: an expectation pass and a sampled pass,
         weighted p = semi_sampling and 1 - p (the expected value of the paper's coin), the first
         pass's log-likelihood being the second's REINFORCE baseline. Both run as one decoder call
@@ -175,7 +219,7 @@ class CaptioningSystem(L.LightningModule):
             "loss": p * soft.loss + (1 - p) * (hard.loss + loss_rl),
             "ce": hard.nll.sum() / n_words, "ce_expectation": soft.nll.sum() / n_words,
             "dsr": hard.dsr, **extra,
-        }
+        }, both
 
     def _reinforce(
         self, out: DecoderOutput, ce: Tensor, mask: Tensor, baseline_ce: Tensor | None = None

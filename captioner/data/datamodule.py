@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -28,6 +29,10 @@ class CaptionDataset(Dataset):
     ``mode="random"``: one item per image, a reference drawn afresh each time (so each epoch sees a
     different one; deterministic under ``seed_everything(workers=True)``). ``mode="all"``: one item
     per (image, caption). ``mode="first"``: one item per image with its first reference (evaluation).
+
+    ``grounding=True`` (records that carry ``grounding``, i.e. ``shapes``) adds ``token_objects``
+    (T,): for each target step (the caption's words, then ``<end>``) the index of the object the
+    word names or -1; and ``object_masks`` (K, H, W) bool, the image's objects.
     """
 
     def __init__(
@@ -40,6 +45,7 @@ class CaptionDataset(Dataset):
         skip_bad_images: bool = False,
         features=None,
         seed: int = 0,
+        grounding: bool = False,
     ) -> None:
         if mode not in ("random", "all", "first"):
             raise ValueError(f"caption mode must be 'random', 'all' or 'first', got {mode!r}")
@@ -51,6 +57,14 @@ class CaptionDataset(Dataset):
         self.skip_bad_images = skip_bad_images
         self.features = features  # a FeatureStore-like object: .get(image_id) -> Tensor (N, D)
         self.seed = seed
+        self.grounding = grounding
+        self._masks: dict[int, Tensor] = {}
+        if grounding:
+            missing = [r for r in self.records if r.grounding is None]
+            if missing:
+                raise ValueError(
+                    f"word-region grounding requested but {len(missing)} image(s) have none, e.g. "
+                    f"{missing[0].path}: only the shapes data set provides it (grounding.json)")
         if mode == "all":
             self.items = [(i, j) for i, r in enumerate(self.records) for j in range(len(r.captions))]
         else:
@@ -58,6 +72,20 @@ class CaptionDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def _grounding_item(self, i: int, caption: int, steps: int) -> dict[str, Tensor]:
+        grounding = self.records[i].grounding
+        objects = grounding["token_objects"][caption][:steps - 1]  # the words kept; <end> names none
+        token_objects = torch.full((steps,), -1, dtype=torch.long)
+        token_objects[: len(objects)] = torch.tensor(objects, dtype=torch.long)
+        masks = self._masks.get(i)
+        if masks is None:  # drawn once per image (and worker): 3 objects cost ~0.2 ms to rasterise
+            from captioner.data.shapes import object_mask
+
+            size = grounding["image_size"]
+            masks = torch.from_numpy(np.stack([object_mask(o, size) for o in grounding["objects"]]))
+            self._masks[i] = masks  # (K, H, W) bool
+        return {"token_objects": token_objects, "object_masks": masks}
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict | None:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
@@ -69,6 +97,8 @@ class CaptionDataset(Dataset):
             j = int(torch.randint(len(rec.captions), (1,), generator=g))
         caption = torch.tensor(self.vocab.encode(rec.captions[j], self.max_caption_length), dtype=torch.long)
         item = {"caption": caption, "image_id": rec.image_id, "index": i}
+        if self.grounding:
+            item.update(self._grounding_item(i, j, len(caption) - 1))
         if self.features is not None:
             item["features"] = self.features.get(rec.image_id)
             return item
@@ -102,6 +132,15 @@ def collate_captions(items: list[dict | None]) -> dict[str, Tensor]:
         "image_ids": torch.tensor([it["image_id"] for it in items], dtype=torch.long),
         "indices": torch.tensor([it["index"] for it in items], dtype=torch.long),
     }
+    if "token_objects" in items[0]:
+        objs = torch.full((len(items), int(lengths.max()) - 1), -1, dtype=torch.long)
+        k_max = max(it["object_masks"].size(0) for it in items)
+        masks = torch.zeros((len(items), k_max, *items[0]["object_masks"].shape[1:]), dtype=torch.bool)
+        for k, it in enumerate(items):
+            objs[k, : it["token_objects"].size(0)] = it["token_objects"]
+            masks[k, : it["object_masks"].size(0)] = it["object_masks"]
+        batch["token_objects"] = objs  # (B, T) object named at each target step, -1 for none
+        batch["object_masks"] = masks  # (B, K, H, W)
     if "features" in items[0]:
         batch["features"] = torch.stack([it["features"] for it in items]).float()  # (B, N, D)
     else:
@@ -131,6 +170,8 @@ class CaptionDataModule(L.LightningDataModule):
         feature_cache: a folder written by ``captioner features extract``; images are then not read.
         limit_train, limit_eval: use only the first N images of each split (quick runs).
         seed: the order of training images and the reference drawn per epoch.
+        grounding: training batches carry, per word, the object it names and the objects' masks
+            (``shapes`` only), for ``model.loss.attention_supervision``.
 
     Multi-process training shards through ``EpochSampler`` (so ``captioner fit`` sets
     ``trainer.use_distributed_sampler: false``); mid-epoch resume restores the position.
@@ -163,6 +204,7 @@ class CaptionDataModule(L.LightningDataModule):
         limit_train: int | None = None,
         limit_eval: int | None = None,
         seed: int = 0,
+        grounding: bool = False,
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
@@ -198,6 +240,9 @@ class CaptionDataModule(L.LightningDataModule):
         self.limit_train = limit_train
         self.limit_eval = limit_eval
         self.seed = seed
+        self.grounding = grounding
+        if grounding and dataset != "shapes":
+            raise ValueError("data.grounding needs word-region alignments: only data.dataset 'shapes' has them")
         self._records: dict[str, list[ImageRecord]] | None = None
         self._vocab: Vocabulary | None = None
         self._resume: dict | None = None
@@ -243,7 +288,15 @@ class CaptionDataModule(L.LightningDataModule):
             from captioner.data.karpathy import read_karpathy
 
             root = self.data_dir / "images" if self.dataset == "shapes" else self.image_root
-            return read_karpathy(self.karpathy_path, root, restval_to_train=self.restval_to_train)
+            records = read_karpathy(self.karpathy_path, root, restval_to_train=self.restval_to_train)
+            if self.grounding:
+                from captioner.data.grounding import attach_shapes_grounding
+                from captioner.data.shapes import load_grounding
+
+                grounding = load_grounding(self.data_dir)
+                for recs in records.values():
+                    attach_shapes_grounding(recs, grounding)
+            return records
         from captioner.data.coco import read_coco_annotations
 
         out = {}
@@ -288,6 +341,7 @@ class CaptionDataModule(L.LightningDataModule):
         return CaptionDataset(
             self.split_records(split), self.vocab, self.preprocessing, mode,
             self.max_caption_length, self.skip_bad_images, self._features(), self.seed,
+            grounding=self.grounding and split == "train",
         )
 
     def setup(self, stage: str | None = None) -> None:

@@ -23,3 +23,6 @@ class ImageRecord:
     raw: list[str] = field(default_factory=list)
     sentids: list[int] = field(default_factory=list)
     filename: str = ""
+    # Word-region grounding where the data set has it (``shapes``): ``image_size``, ``objects``
+    # (their geometry) and ``token_objects``, per caption the object index of each token or -1.
+    grounding: dict | None = None

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from captioner.data.grounding import axis_weights, interp_kwargs
 from captioner.data.shapes import (
     COLOURS,
     SHAPES,
@@ -55,10 +56,6 @@ def _as_tensor(x: ArrayLike, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(arr).to(dtype=dtype)
 
 
-def _interp_kwargs(mode: str) -> dict[str, Any]:
-    return {"align_corners": False} if mode in ("bilinear", "bicubic", "linear") else {}
-
-
 def upsample_attention(
     alpha: ArrayLike, size: int | tuple[int, int], mode: str = "bilinear"
 ) -> torch.Tensor:
@@ -71,22 +68,12 @@ def upsample_attention(
     assert a.dim() >= 2, f"attention must be (..., h, w), got shape {tuple(a.shape)}"
     lead, (h, w) = a.shape[:-2], a.shape[-2:]
     size = (size, size) if isinstance(size, int) else tuple(size)
-    up = F.interpolate(a.reshape(-1, 1, h, w), size=size, mode=mode, **_interp_kwargs(mode))
+    up = F.interpolate(a.reshape(-1, 1, h, w), size=size, mode=mode, **interp_kwargs(mode))
     up = up.squeeze(1).clamp_min(0.0)  # (B, H, W); bicubic can overshoot below zero
     total = up.sum(dim=(1, 2), keepdim=True)  # (B, 1, 1)
     uniform = torch.full_like(up, 1.0 / (size[0] * size[1]))
     up = torch.where(total > 0, up / total.clamp_min(torch.finfo(up.dtype).tiny), uniform)
     return up.reshape(*lead, *size)
-
-
-@functools.lru_cache(maxsize=32)
-def _axis_weights(n_in: int, n_out: int, mode: str) -> np.ndarray:
-    """``(n_out, n_in)`` matrix of F.interpolate along one axis (it is separable and linear)."""
-    basis = torch.eye(n_in, dtype=torch.float64)[None]  # (1, n_in channels, n_in)
-    mode_1d = "linear" if mode == "bilinear" else mode
-    u = F.interpolate(basis, size=n_out, mode=mode_1d, **_interp_kwargs(mode_1d))[0].T.numpy()
-    u.flags.writeable = False  # shared through the cache
-    return u
 
 
 class _Region:
@@ -101,7 +88,7 @@ class _Region:
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
         (h, w), (H, W) = grid, mask.shape
-        u_h, u_w = _axis_weights(h, H, mode), _axis_weights(w, W, mode)  # (H, h), (W, w)
+        u_h, u_w = axis_weights(h, H, mode), axis_weights(w, W, mode)  # (H, h), (W, w)
         # numpy: torch's float64 matmul spins up threads even for these tiny products.
         self.size = (H, W)
         self.flat = mask.reshape(-1)  # (H * W,) bool, for pointing lookups
@@ -134,7 +121,7 @@ def _peak_candidates(n_in: int, n_out: int, mode: str) -> np.ndarray:
     and a column piece the upsampled map is bilinear and its row-major-first maximum sits on a
     corner of the piece: a pixel where ``U`` bends, or an end of the axis.
     """
-    u = _axis_weights(n_in, n_out, mode)  # (n_out, n_in)
+    u = axis_weights(n_in, n_out, mode)  # (n_out, n_in)
     bends = np.abs(u[:-2] - 2 * u[1:-1] + u[2:]).max(axis=1, initial=0.0) > 1e-9  # (n_out - 2,)
     candidates = np.unique(np.concatenate([[0, n_out - 1], np.flatnonzero(bends) + 1]))
     # Pixels with identical weights (a plateau: clamped border, nearest runs) have identical
@@ -152,8 +139,8 @@ def _pointing(maps: torch.Tensor, regions: Sequence[_Region], mode: str) -> np.n
     a = maps.numpy()  # (B, h, w)
     (h, w), (H, W) = a.shape[1:], regions[0].size
     rows, cols = _peak_candidates(h, H, mode), _peak_candidates(w, W, mode)
-    u_rows = _axis_weights(h, H, mode)[rows]  # (R, h)
-    u_cols_t = _axis_weights(w, W, mode)[cols].T  # (w, C)
+    u_rows = axis_weights(h, H, mode)[rows]  # (R, h)
+    u_cols_t = axis_weights(w, W, mode)[cols].T  # (w, C)
     chunk = max(1, _CHUNK_PIXELS // (len(rows) * len(cols)))
     hits = np.zeros(len(a), dtype=bool)
     for s in range(0, len(a), chunk):
