@@ -36,6 +36,7 @@ def run_lightning(args: Sequence[str]) -> None:
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI
 
+    from captioner.callbacks import PreciseBatchNorm
     from captioner.checkpointing import AtomicCheckpointIO, PeriodicCheckpoint
     from captioner.data.datamodule import CaptionDataModule
     from captioner.system import CaptioningSystem
@@ -53,6 +54,7 @@ def run_lightning(args: Sequence[str]) -> None:
             })
             parser.add_lightning_class_args(PeriodicCheckpoint, "last_checkpoint")
             parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+            parser.add_lightning_class_args(PreciseBatchNorm, "precise_bn")
             parser.set_defaults({
                 "early_stopping.monitor": "val/CIDEr", "early_stopping.mode": "max",
                 "early_stopping.patience": 10, "early_stopping.check_finite": False,

@@ -248,3 +248,17 @@ def test_hard_attention_is_deterministic_in_eval_and_stochastic_in_training() ->
     out = dec(feats, caps, lengths)
     assert out.sample_log_probs.shape == (4, 6) and (out.sample_log_probs <= 0).all()
     assert 0 < out.sampled.float().mean() < 1  # semi-sampling: about half the steps sample
+
+
+@pytest.mark.parametrize("gate", ["scalar", "vector"])
+def test_gate_bias_opens_the_gate_and_changes_nothing_else(gate: str) -> None:
+    torch.manual_seed(0)
+    default = AttentionDecoder(DecoderConfig(gate=gate, **SMALL_DEC), 10, 12)
+    torch.manual_seed(0)
+    opened = AttentionDecoder(DecoderConfig(gate=gate, gate_bias=2.0, **SMALL_DEC), 10, 12)
+    assert torch.all(opened.gate.bias == 2.0)
+    h = torch.zeros(3, SMALL_DEC["decoder_dim"])
+    assert torch.sigmoid(opened.gate(h)).min() > 0.88  # beta = sigmoid(2) with h = 0
+    for (name, a), (_, b) in zip(default.named_parameters(), opened.named_parameters(), strict=True):
+        if name != "gate.bias":
+            assert torch.equal(a, b), name

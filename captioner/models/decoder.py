@@ -20,6 +20,9 @@ class DecoderConfig:
     decoder_dim: int = 512
     dropout: float = 0.5
     gate: str = "scalar"  # "scalar" (the paper's beta_t), "vector" (per channel) or "none"
+    # Initial bias of f_beta. None: PyTorch's default (near 0, so beta starts near 0.5); 2.0 starts
+    # the gate open (beta ~ 0.88), so that the image's path into the LSTM is not shut early.
+    gate_bias: float | None = None
     deep_output: bool = True  # Eq. 7; False: logits = W h_t
     num_heads: int = 8  # multihead only
     semi_sampling: float = 0.5  # hard only: probability of the expectation instead of a sample
@@ -145,6 +148,8 @@ class AttentionDecoder(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        if self.gate is not None and self.config.gate_bias is not None:
+            nn.init.constant_(self.gate.bias, self.config.gate_bias)
         nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
         nn.init.zeros_(self.out.bias)
         nn.init.uniform_(self.out.weight, -0.1, 0.1)

@@ -1,0 +1,83 @@
+"""Precise BatchNorm: validation sees statistics of the current weights."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from captioner.callbacks import PreciseBatchNorm, recompute_batchnorm
+from tests.test_system import _batch, _system
+
+
+def _stale_system():
+    """A tiny system whose encoder weights moved after its running statistics were taken."""
+    system = _system("soft")
+    system.train()
+    system.model.encode(_batch(b=8)["images"])  # running stats of the old weights
+    with torch.no_grad():
+        for p in system.model.encoder.parameters():
+            p.mul_(1.5).add_(0.05)
+    return system
+
+
+def test_recomputed_statistics_make_eval_mode_match_the_batch_statistics() -> None:
+    system = _stale_system()
+    encoder = system.model.encoder
+    images = _batch(b=16)["images"]
+    encoder.train()
+    with torch.no_grad():
+        train_mode = encoder(images)[0]  # normalised with this batch's own statistics
+    encoder.eval()
+    with torch.no_grad():
+        stale = encoder(images)[0]
+    def rel(x):
+        return ((x - train_mode).norm() / train_mode.norm()).item()
+
+    assert rel(stale) > 1.0
+    norms = [m for m in encoder.modules() if isinstance(m, _BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    recompute_batchnorm(encoder, norms, [images])
+    assert not encoder.training and all(not m.training for m in norms)
+    assert [m.momentum for m in norms] == momenta
+    with torch.no_grad():
+        precise = encoder(images)[0]
+    # equal up to the running variance being unbiased (n / (n - 1) per layer, n = 256 in the last)
+    assert rel(precise) < 0.01
+
+
+def test_statistics_are_the_average_over_the_kept_batches() -> None:
+    system = _stale_system()
+    encoder = system.model.encoder
+    first = next(m for m in encoder.modules() if isinstance(m, _BatchNorm))
+    a, b = _batch(b=8)["images"], _batch(b=8)["images"].flip(0) * 0.5
+    recompute_batchnorm(encoder, [first], [a, b])
+    conv = encoder.body[0][0]  # the first BatchNorm's input
+    with torch.no_grad():
+        means = [conv(x).mean(dim=(0, 2, 3)) for x in (a, b)]
+    torch.testing.assert_close(first.running_mean, (means[0] + means[1]) / 2, atol=1e-5, rtol=1e-5)
+
+
+def test_callback_recomputes_before_validation_only() -> None:
+    system = _stale_system()
+    cb = PreciseBatchNorm(batches=2)
+    batches = [_batch(b=8) for _ in range(3)]
+    system.train()
+    for i, batch in enumerate(batches):
+        cb.on_train_batch_end(None, system, None, batch, i)
+    assert len(cb._images) == 2  # the last two
+    first = next(m for m in system.model.encoder.modules() if isinstance(m, _BatchNorm))
+    before = first.running_mean.clone()
+    system.eval()
+    cb.on_validation_epoch_start(SimpleNamespace(sanity_checking=True), system)
+    assert torch.equal(first.running_mean, before)  # not during the sanity check
+    cb.on_validation_epoch_start(SimpleNamespace(sanity_checking=False), system)
+    assert not torch.equal(first.running_mean, before)
+    # a feature-cache batch has no images: nothing kept, nothing done
+    cached = PreciseBatchNorm(batches=2)
+    cached.on_train_batch_end(None, system, None, {"features": torch.zeros(2, 3, 4)}, 0)
+    assert not cached._images
+    with pytest.raises(ValueError, match="precise_bn.batches"):
+        PreciseBatchNorm(batches=-1)
