@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterable, Sequence
 
 import lightning as L
@@ -30,7 +29,7 @@ def recompute_batchnorm(module: nn.Module, norms: Sequence[_BatchNorm], batches:
 
 class PreciseBatchNorm(L.Callback):
     """Before each validation, re-estimate the encoder's BatchNorm statistics with its current
-    weights over the images of the last ``batches`` training batches (kept on their device).
+    weights over a fixed sample of ``batches`` training batches ("precise BN").
 
     The running averages (momentum 0.1) trail the weights; at the learning rates that train
     ``shapes`` in 10 minutes they trail far enough that the eval-mode model captions much worse
@@ -38,29 +37,57 @@ class PreciseBatchNorm(L.Callback):
     running averages, 62 % with statistics re-estimated on 640 training images), so validation
     CIDEr-D swung between epochs and the best checkpoint was chosen on that noise. Training is not
     changed: it normalises with each batch's own statistics. Only layers that update their
-    statistics during training are touched (a frozen backbone's are not); a feature cache has no
-    images and nothing to do. ``batches: 0`` turns it off.
+    statistics while training are touched (a frozen backbone's are not). The sample is drawn with
+    ``seed`` from the training split, the same at every validation and after a resume; its images
+    are kept in memory when they take at most ``cache_mb``. A feature cache has no images and
+    nothing to do; ``batches: 0`` turns it off.
     """
 
-    def __init__(self, batches: int = 8) -> None:
+    def __init__(self, batches: int = 8, seed: int = 0, cache_mb: int = 64) -> None:
         if batches < 0:
             raise ValueError(f"precise_bn.batches must be >= 0, got {batches}")
         self.batches = batches
-        self._images: deque[Tensor] = deque(maxlen=max(batches, 1))
-        self._norms: list[_BatchNorm] = []
+        self.seed = seed
+        self.cache_mb = cache_mb
+        self._cache: list[Tensor] | None = None
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        if not self.batches or not isinstance(batch, dict) or "images" not in batch:
-            return
-        self._images.append(batch["images"].detach())
-        if not self._norms:  # the layers that are in training mode while training
-            self._norms = [m for m in pl_module.model.encoder.modules()
-                           if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+    def sample(self, datamodule) -> list[Tensor]:
+        """The training images used, as batches (B, 3, S, S) on the CPU; unreadable ones left out."""
+        if self._cache is not None:
+            return self._cache
+        if not self.batches or getattr(datamodule, "feature_cache", None) or not hasattr(datamodule, "dataset_for"):
+            return []
+        from captioner.data.datamodule import collate_captions
+        from captioner.data.images import ImageLoadError
+
+        ds = datamodule.dataset_for("train", mode="first")
+        size = datamodule.batch_size
+        order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(self.seed))
+        order = order[: self.batches * size].tolist()
+
+        def item(i: int):
+            try:
+                return ds[i]
+            except ImageLoadError:  # validation must not stop on one bad training image
+                return None
+
+        out = []
+        for k in range(0, len(order), size):
+            batch = collate_captions([item(i) for i in order[k:k + size]])
+            if batch:
+                out.append(batch["images"])
+        if sum(x.numel() * x.element_size() for x in out) <= self.cache_mb * 2**20:
+            self._cache = out
+        return out
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not self._images or not self._norms:
+        if trainer.sanity_checking or not self.batches:
             return
-        recompute_batchnorm(pl_module.model.encoder, self._norms, list(self._images))
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._norms = []  # found again on the next batch (the module may have been replaced)
+        encoder = pl_module.model.encoder
+        was_training = encoder.training
+        encoder.train()  # which layers would update their statistics while training
+        norms = [m for m in encoder.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+        encoder.train(was_training)
+        batches = self.sample(trainer.datamodule) if norms else []
+        if batches:
+            recompute_batchnorm(encoder, norms, (x.to(pl_module.device) for x in batches))

@@ -60,24 +60,30 @@ def test_statistics_are_the_average_over_the_kept_batches() -> None:
     torch.testing.assert_close(first.running_mean, (means[0] + means[1]) / 2, atol=1e-5, rtol=1e-5)
 
 
-def test_callback_recomputes_before_validation_only() -> None:
-    system = _stale_system()
+def test_callback_uses_a_fixed_training_sample_before_validation(shapes_dir) -> None:
+    from captioner.data.datamodule import CaptionDataModule
+    from captioner.data.transforms import Preprocessing
+
+    dm = CaptionDataModule(dataset="shapes", data_dir=str(shapes_dir), shapes_image_size=32, min_count=1,
+                           batch_size=8, num_workers=0, preprocessing=Preprocessing(32))
+    system = _stale_system().eval()
     cb = PreciseBatchNorm(batches=2)
-    batches = [_batch(b=8) for _ in range(3)]
-    system.train()
-    for i, batch in enumerate(batches):
-        cb.on_train_batch_end(None, system, None, batch, i)
-    assert len(cb._images) == 2  # the last two
     first = next(m for m in system.model.encoder.modules() if isinstance(m, _BatchNorm))
     before = first.running_mean.clone()
-    system.eval()
-    cb.on_validation_epoch_start(SimpleNamespace(sanity_checking=True), system)
+    cb.on_validation_epoch_start(SimpleNamespace(sanity_checking=True, datamodule=dm), system)
     assert torch.equal(first.running_mean, before)  # not during the sanity check
-    cb.on_validation_epoch_start(SimpleNamespace(sanity_checking=False), system)
-    assert not torch.equal(first.running_mean, before)
-    # a feature-cache batch has no images: nothing kept, nothing done
-    cached = PreciseBatchNorm(batches=2)
-    cached.on_train_batch_end(None, system, None, {"features": torch.zeros(2, 3, 4)}, 0)
-    assert not cached._images
+    cb.on_validation_epoch_start(SimpleNamespace(sanity_checking=False, datamodule=dm), system)
+    after = first.running_mean.clone()
+    assert not torch.equal(after, before)
+    assert not system.model.encoder.training and not first.training
+    # the same sample every time (and after a resume: a new callback draws the same images)
+    again = PreciseBatchNorm(batches=2).sample(dm)
+    assert [x.shape for x in again] == [(8, 3, 32, 32)] * 2
+    for x, y in zip(cb.sample(dm), again, strict=True):
+        assert torch.equal(x, y)
+    cb.on_validation_epoch_start(SimpleNamespace(sanity_checking=False, datamodule=dm), system)
+    torch.testing.assert_close(first.running_mean, after)
+    # a feature cache has no images: nothing to do
+    assert PreciseBatchNorm().sample(SimpleNamespace(feature_cache="cache/", batch_size=8)) == []
     with pytest.raises(ValueError, match="precise_bn.batches"):
         PreciseBatchNorm(batches=-1)
