@@ -60,7 +60,7 @@ class PreciseBatchNorm(L.Callback):
         from captioner.data.datamodule import collate_captions
         from captioner.data.images import ImageLoadError
 
-        ds = datamodule.dataset_for("train", mode="first")
+        ds = datamodule.dataset_for("train", mode="first", grounding=False)  # images are all it needs
         size = datamodule.batch_size
         order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(self.seed))
         order = order[: self.batches * size].tolist()

@@ -104,18 +104,21 @@ def attention_supervision_loss(
     cell i's upsampled attention inside the object word t names (``cell_shares``): the negative
     log of the attention correctness the map would score.
 
-    ``alphas`` (B, T, N) on a square grid; ``token_objects`` (B, T) object index or -1;
-    ``object_masks`` (B, K, H, W); ``mask`` (B, T) real steps.
+    ``alphas`` (R * B, T, N) on a square grid: the batch's captions R times over (the expectation
+    baseline runs R = 2 passes); ``token_objects`` (B, T) object index or -1; ``object_masks``
+    (B, K, H, W), projected once whatever R; ``mask`` (R * B, T) real steps.
     """
     b, t, n = alphas.shape
     side = math.isqrt(n)
     if side * side != n:
         raise ValueError(f"attention supervision needs a square attention grid, got {n} regions")
-    shares = cell_shares(object_masks, (side, side)).flatten(2)  # (B, K, N)
-    index = token_objects.clamp(min=0).unsqueeze(-1).expand(b, t, n)  # (B, T, N)
-    target = shares.gather(1, index)  # (B, T, N)
-    grounded = ((token_objects >= 0) & mask.bool()).float()  # (B, T)
-    mass = (alphas.float() * target).sum(-1)  # (B, T)
+    repeat = b // object_masks.size(0)
+    shares = cell_shares(object_masks, (side, side)).flatten(2).repeat(repeat, 1, 1)  # (R*B, K, N)
+    token_objects = token_objects.repeat(repeat, 1)  # (R*B, T)
+    index = token_objects.clamp(min=0).unsqueeze(-1).expand(b, t, n)  # (R*B, T, N)
+    target = shares.gather(1, index)  # (R*B, T, N)
+    grounded = ((token_objects >= 0) & mask.bool()).float()  # (R*B, T)
+    mass = (alphas.float() * target).sum(-1)  # (R*B, T)
     return -(torch.log(mass.clamp_min(1e-6)) * grounded).sum() / grounded.sum().clamp(min=1)
 
 
@@ -189,10 +192,7 @@ class CaptioningSystem(L.LightningModule):
             if "token_objects" not in batch:
                 raise ValueError("model.loss.attention_supervision needs word-region grounding in the "
                                  "training batches: set data.grounding: true (shapes only)")
-            repeat = out.alphas.size(0) // captions.size(0)  # the expectation baseline's 2B rows
-            att = attention_supervision_loss(
-                out.alphas, batch["token_objects"].repeat(repeat, 1),
-                batch["object_masks"].repeat(repeat, 1, 1, 1), out.mask)
+            att = attention_supervision_loss(out.alphas, batch["token_objects"], batch["object_masks"], out.mask)
             logs["loss"] = logs["loss"] + weight * att
             logs["attention_supervision"] = att.detach()
         return logs

@@ -99,7 +99,7 @@ def test_grounding_errors_are_clear(shapes_dir, tmp_path) -> None:
     g["images"][first]["captions"][0]["tokens"] = ["a", "tampered", "caption"]
     (copy / "grounding.json").write_text(json.dumps(g))
     with pytest.raises(ValueError, match=f"image {first} .* does not match dataset.json"):
-        _ = _datamodule(copy, grounding=True).records
+        _datamodule(copy, grounding=True).dataset_for("train")
 
 
 def test_supervision_loss_is_minus_log_of_the_counted_mass() -> None:

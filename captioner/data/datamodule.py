@@ -244,6 +244,7 @@ class CaptionDataModule(L.LightningDataModule):
         if grounding and dataset != "shapes":
             raise ValueError("data.grounding needs word-region alignments: only data.dataset 'shapes' has them")
         self._records: dict[str, list[ImageRecord]] | None = None
+        self._grounded: set[str] = set()  # splits whose records carry grounding.json's alignments
         self._vocab: Vocabulary | None = None
         self._resume: dict | None = None
         self._train_sampler: EpochSampler | None = None
@@ -288,15 +289,7 @@ class CaptionDataModule(L.LightningDataModule):
             from captioner.data.karpathy import read_karpathy
 
             root = self.data_dir / "images" if self.dataset == "shapes" else self.image_root
-            records = read_karpathy(self.karpathy_path, root, restval_to_train=self.restval_to_train)
-            if self.grounding:
-                from captioner.data.grounding import attach_shapes_grounding
-                from captioner.data.shapes import load_grounding
-
-                grounding = load_grounding(self.data_dir)
-                for recs in records.values():
-                    attach_shapes_grounding(recs, grounding)
-            return records
+            return read_karpathy(self.karpathy_path, root, restval_to_train=self.restval_to_train)
         from captioner.data.coco import read_coco_annotations
 
         out = {}
@@ -336,13 +329,30 @@ class CaptionDataModule(L.LightningDataModule):
             self._feature_store = FeatureStore(self.feature_cache)
         return self._feature_store
 
-    def dataset_for(self, split: str, mode: str | None = None) -> CaptionDataset:
+    def dataset_for(self, split: str, mode: str | None = None, grounding: bool | None = None) -> CaptionDataset:
+        """``grounding``: items carry word-region grounding; None: for the training split when
+        ``data.grounding`` is set (only training uses it)."""
         mode = mode or (self.captions_per_image if split == "train" else "first")
+        grounding = self.grounding and split == "train" if grounding is None else grounding
+        records = self.split_records(split)
+        if grounding:
+            self._attach_grounding(split)
         return CaptionDataset(
-            self.split_records(split), self.vocab, self.preprocessing, mode,
+            records, self.vocab, self.preprocessing, mode,
             self.max_caption_length, self.skip_bad_images, self._features(), self.seed,
-            grounding=self.grounding and split == "train",
+            grounding=grounding,
         )
+
+    def _attach_grounding(self, split: str) -> None:
+        """Copy ``grounding.json`` onto the split's records, once, when a dataset needs it (so
+        commands that never train, such as ``evaluate``, do not read the file for it)."""
+        if split in self._grounded or self.dataset != "shapes":
+            return
+        from captioner.data.grounding import attach_shapes_grounding
+        from captioner.data.shapes import load_grounding
+
+        attach_shapes_grounding(self.records[split], load_grounding(self.data_dir))
+        self._grounded.add(split)
 
     def setup(self, stage: str | None = None) -> None:
         self.vocab  # noqa: B018 - load it in every process

@@ -50,20 +50,24 @@ def cell_shares(masks: Tensor, grid: tuple[int, int], mode: str = "bilinear") ->
     ``(U_h.T @ mask @ U_w)[i, j]`` and its total mass ``U_h[:, i].sum() * U_w[:, j].sum()``.
     """
     (h, w), (H, W) = grid, masks.shape[-2:]
-    dev = masks.device
-    u_h = torch.from_numpy(np.array(axis_weights(h, H, mode), dtype=np.float32)).to(dev)  # (H, h)
-    u_w = torch.from_numpy(np.array(axis_weights(w, W, mode), dtype=np.float32)).to(dev)  # (W, w)
+    u_h = _axis_weights_on(h, H, mode, masks.device)  # (H, h)
+    u_w = _axis_weights_on(w, W, mode, masks.device)  # (W, w)
     inside = u_h.T @ masks.float() @ u_w  # (..., h, w)
     total = torch.outer(u_h.sum(0), u_w.sum(0))  # (h, w)
     return (inside / total).clamp(0.0, 1.0)
 
 
-def attach_shapes_grounding(records: Sequence[ImageRecord], grounding: Mapping[str, Any]) -> int:
+@functools.lru_cache(maxsize=32)
+def _axis_weights_on(n_in: int, n_out: int, mode: str, device: torch.device) -> Tensor:
+    """``axis_weights`` as float32 on ``device``, made once (not copied to the device per step)."""
+    return torch.tensor(axis_weights(n_in, n_out, mode), dtype=torch.float32, device=device)
+
+
+def attach_shapes_grounding(records: Sequence[ImageRecord], grounding: Mapping[str, Any]) -> None:
     """Give each ``shapes`` record its objects and, per reference caption, the object index of
     every token (-1 for words that name none). Matched by ``imgid`` and ``sentid``; records the
-    file does not cover are left without grounding. Returns how many records were grounded."""
+    file does not cover are left without grounding."""
     images = grounding["images"]
-    grounded = 0
     for rec in records:
         entry = images.get(str(rec.image_id))
         if entry is None:
@@ -82,5 +86,3 @@ def attach_shapes_grounding(records: Sequence[ImageRecord], grounding: Mapping[s
             per_caption.append(objects)
         rec.grounding = {"image_size": int(grounding["image_size"]), "objects": list(entry["objects"]),
                          "token_objects": per_caption}
-        grounded += 1
-    return grounded
