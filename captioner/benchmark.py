@@ -233,6 +233,7 @@ def bench_caption(
     device: str = "cpu",
     precision: str = "fp32",
     num_workers: int | None = None,
+    jpeg_decode: str = "auto",
 ) -> dict:
     """Per image: the encoder's forward pass alone vs ``CaptionPipeline.caption_paths`` (read +
     preprocess + encode + beam search), on ``images`` generated JPEG files."""
@@ -255,7 +256,8 @@ def bench_caption(
                     model.encode(x.to(dev))
 
         def whole_path() -> None:
-            for _path, caption, error in pipeline.caption_paths(paths, batch_size=batch_size, num_workers=threads):
+            for _path, caption, error in pipeline.caption_paths(paths, batch_size=batch_size, num_workers=threads,
+                                                                jpeg_decode=jpeg_decode):
                 assert caption is not None, error
 
         enc_s = _time(encode_only, repeats, dev)
@@ -265,6 +267,7 @@ def bench_caption(
         "caption_ms_per_image": 1000 * cap_s / images,
         "ratio": cap_s / enc_s,
         "reader_threads": threads,
+        "jpeg_on_device": pipeline.jpeg_on_device(jpeg_decode),
         "peak_rss_mb": peak_rss_mb(),
     }
 
@@ -340,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     c.add_argument("--num-workers", type=int, default=None,
                    help="image-reading threads (default: as `captioner caption`, 0 on CPU, 4 on GPU)")
+    c.add_argument("--jpeg-decode", default="auto", choices=("auto", "cpu", "device"),
+                   help="as `captioner caption --jpeg-decode` (auto: on the device when it is a GPU)")
 
     m = sub.add_parser("memory", help="resident memory while captioning many images in a stream")
     common(m)
@@ -358,7 +363,8 @@ def run(a: argparse.Namespace) -> dict:
     elif a.bench == "caption":
         w, _, h = a.source_size.partition("x")
         figures = bench_caption(a.encoder, a.image_size, a.beam_size, a.images, a.batch_size, a.max_length,
-                                a.vocab, a.decoder_dim, (int(w), int(h)), a.repeats, a.device, a.precision, a.num_workers)
+                                a.vocab, a.decoder_dim, (int(w), int(h)), a.repeats, a.device, a.precision, a.num_workers,
+                                a.jpeg_decode)
     else:
         marks = [c for c in (100, 500, 1000) if c < a.images] + [a.images]
         figures = bench_memory(a.images, marks, a.batch_size)

@@ -98,6 +98,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 PRECISIONS = ("fp32", "bf16")
+JPEG_DECODE = ("auto", "cpu", "device")
 
 
 def autocast(device: torch.device | str, precision: str) -> torch.autocast:
@@ -179,31 +180,60 @@ class CaptionPipeline:
         batch = torch.stack([pre(im) for im in images])
         return self.caption_tensors(batch, beam_size)
 
+    def jpeg_on_device(self, jpeg_decode: str = "auto") -> bool:
+        """Whether ``caption_paths`` decodes JPEGs with torchvision on the model's device:
+        ``"device"`` yes, ``"cpu"`` no (PIL on the reader threads), ``"auto"``: yes on a GPU."""
+        if jpeg_decode not in JPEG_DECODE:
+            raise ValueError(f"jpeg_decode must be one of {JPEG_DECODE}, got {jpeg_decode!r}")
+        if jpeg_decode == "auto":
+            return self.device.type == "cuda"
+        return jpeg_decode == "device"
+
     def caption_paths(
         self, paths: Iterable[Path], batch_size: int = 16, beam_size: int | None = None,
-        num_workers: int | None = None,
+        num_workers: int | None = None, jpeg_decode: str = "auto",
     ) -> Iterator[tuple[Path, Caption | None, str | None]]:
         """Streams (path, caption, None) or (path, None, error) in input order; memory stays flat.
 
         ``num_workers`` > 0 reads and preprocesses images in that many threads (PIL decoding and
         resizing release the GIL), at most two batches ahead of the model, so reading overlaps
         the model's work: on a GPU the model is otherwise idle while JPEGs are decoded.
-        ``None``: :meth:`reader_threads` chooses."""
-        from captioner.data.images import ImageLoadError, load_image
+        ``None``: :meth:`reader_threads` chooses. ``jpeg_decode``: see :meth:`jpeg_on_device`;
+        on the device path the threads only read files, and each batch's JPEGs are decoded in
+        one call there (other formats, and JPEGs it cannot take, still go through PIL)."""
+        from captioner.data.jpeg import decode_jpegs, read_jpeg
 
         pre = self.loaded.preprocessing
+        on_device = self.jpeg_on_device(jpeg_decode)
 
-        def read(p: Path) -> tuple[Path, Tensor | None, str | None]:
-            try:
-                return p, pre(load_image(p)), None
-            except ImageLoadError as err:
-                return p, None, err.reason
-            except Exception as err:  # never let one file end the run
-                return p, None, f"{type(err).__name__}: {err}"
+        def read(p: Path) -> tuple[Path, Tensor | bytes | None, str | None]:
+            if on_device:
+                data = read_jpeg(p)
+                if data is not None:
+                    return p, data, None
+            return (p, *_read_pil(p, pre))
+
+        def pixels(items) -> list[tuple[Path, Tensor | None, str | None]]:
+            """bytes -> decoded and preprocessed on the device; PIL for what fails to decode."""
+            raw = [k for k, (_p, x, _e) in enumerate(items) if isinstance(x, bytes)]
+            if not raw:
+                return items
+            items = list(items)
+            decoded = decode_jpegs([items[k][1] for k in raw], self.device)
+            ok = [(k, im) for k, im in zip(raw, decoded) if im is not None]
+            if ok:
+                batch = pre.from_uint8([im for _, im in ok])  # (b, 3, S, S) on the device
+                for j, (k, _im) in enumerate(ok):
+                    items[k] = (items[k][0], batch[j], None)
+            for k, im in zip(raw, decoded):
+                if im is None:  # the header looked fine, the data did not: PIL names the problem
+                    items[k] = (items[k][0], *_read_pil(items[k][0], pre))
+            return items
 
         def flush(items):
-            good = [(p, x) for p, x, e in items if e is None]
-            caps = iter(self.caption_tensors(torch.stack([x for _, x in good]), beam_size)) if good else iter(())
+            items = pixels(items)
+            good = [x.to(self.device) for _p, x, e in items if e is None]
+            caps = iter(self.caption_tensors(torch.stack(good), beam_size)) if good else iter(())
             for p, _x, e in items:
                 yield (p, None, e) if e is not None else (p, next(caps), None)
 
@@ -222,6 +252,18 @@ class CaptionPipeline:
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _read_pil(p: Path, pre: Preprocessing) -> tuple[Tensor | None, str | None]:
+    """(preprocessed image, None) or (None, why it could not be read)."""
+    from captioner.data.images import ImageLoadError, load_image
+
+    try:
+        return pre(load_image(p)), None
+    except ImageLoadError as err:
+        return None, err.reason
+    except Exception as err:  # never let one file end the run
+        return None, f"{type(err).__name__}: {err}"
 
 
 def _read_ahead(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, ahead: int) -> Iterator:

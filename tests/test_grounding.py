@@ -73,6 +73,33 @@ def test_training_batches_name_the_object_of_every_word(shapes_dir) -> None:
     assert "token_objects" not in next(iter(dm.val_dataloader()))
 
 
+def test_relation_keywords_are_grounded_in_the_next_mention(shapes_dir) -> None:
+    """ground_relations: "left"/"right"/"above"/"below" point at the object the relation is
+    about, which is the mention that follows; everything else as without it."""
+    dm = _datamodule(shapes_dir, grounding=True, ground_relations=True)
+    dm.prepare_data()
+    ds = dm.dataset_for("train")
+    plain = _datamodule(shapes_dir, grounding=True)
+    plain.prepare_data()
+    plain_records = plain.dataset_for("train").records
+    keywords = {"left", "right", "above", "below"}
+    relations = 0
+    for rec, ref in zip(ds.records, plain_records, strict=True):
+        for tokens, objs, objs_plain in zip(rec.captions, rec.grounding["token_objects"],
+                                            ref.grounding["token_objects"], strict=True):
+            for pos, (word, obj, obj_plain) in enumerate(zip(tokens, objs, objs_plain, strict=True)):
+                if word not in keywords:
+                    assert obj == obj_plain
+                    continue
+                assert obj_plain == -1 and obj >= 0
+                following = next(o for o in objs_plain[pos + 1:] if o >= 0)
+                assert obj == following, (tokens, pos)
+                relations += 1
+    assert relations > 20
+    with pytest.raises(ValueError, match="ground_relations needs data.grounding"):
+        _datamodule(shapes_dir, ground_relations=True)
+
+
 def test_grounding_survives_cut_captions(shapes_dir) -> None:
     dm = _datamodule(shapes_dir, grounding=True, max_caption_length=4)
     dm.prepare_data()
@@ -100,6 +127,14 @@ def test_grounding_errors_are_clear(shapes_dir, tmp_path) -> None:
     (copy / "grounding.json").write_text(json.dumps(g))
     with pytest.raises(ValueError, match=f"image {first} .* does not match dataset.json"):
         _datamodule(copy, grounding=True).dataset_for("train")
+    # a relation the caption does not state, likewise
+    g = json.loads((shapes_dir / "grounding.json").read_text())
+    image, k = next((i, k) for i, e in g["images"].items() for k, c in enumerate(e["captions"]) if c["relations"])
+    rel = g["images"][image]["captions"][k]["relations"][0]
+    rel["relation"] = "below" if rel["relation"] != "below" else "above"
+    (copy / "grounding.json").write_text(json.dumps(g))
+    with pytest.raises(ValueError, match=f"image {image} .* caption {k} states"):
+        _datamodule(copy, grounding=True, ground_relations=True).dataset_for("train")
 
 
 def test_supervision_loss_is_minus_log_of_the_counted_mass() -> None:

@@ -81,7 +81,8 @@ def cmd_caption(a: argparse.Namespace) -> int:
     with tqdm(total=len(paths), unit="img", file=sys.stderr, disable=not show, leave=False) as bar:
         try:
             for path, caption, error in pipeline.caption_paths(paths, batch_size=a.batch_size,
-                                                               num_workers=a.num_workers):
+                                                               num_workers=a.num_workers,
+                                                               jpeg_decode=a.jpeg_decode):
                 if error is not None:
                     failed += 1
                     if a.json:
@@ -117,6 +118,10 @@ def register(subparsers) -> None:
     p.add_argument("--num-workers", type=int, default=None,
                    help="threads that read and resize images while the model works (default: 0 on "
                    "the CPU, where the model already uses every core; 4 on a GPU)")
+    p.add_argument("--jpeg-decode", choices=("auto", "cpu", "device"), default="auto",
+                   help="where JPEG files are decoded and resized: on the model's device with "
+                   "torchvision (nvJPEG on a GPU), or with PIL on the CPU (auto: the device when it "
+                   "is a GPU). Other formats always go through PIL")
     p.add_argument("--json", action="store_true",
                    help='JSON lines: {"image", "caption", "score"} or {"image", "error"}')
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,

@@ -172,6 +172,8 @@ class CaptionDataModule(L.LightningDataModule):
         seed: the order of training images and the reference drawn per epoch.
         grounding: training batches carry, per word, the object it names and the objects' masks
             (``shapes`` only), for ``model.loss.attention_supervision``.
+        ground_relations: with ``grounding``, relation keywords (left/right/above/below) are
+            grounded too, in the object the relation is about (the next mention).
 
     Multi-process training shards through ``EpochSampler`` (so ``captioner fit`` sets
     ``trainer.use_distributed_sampler: false``); mid-epoch resume restores the position.
@@ -205,6 +207,7 @@ class CaptionDataModule(L.LightningDataModule):
         limit_eval: int | None = None,
         seed: int = 0,
         grounding: bool = False,
+        ground_relations: bool = False,
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
@@ -243,6 +246,9 @@ class CaptionDataModule(L.LightningDataModule):
         self.grounding = grounding
         if grounding and dataset != "shapes":
             raise ValueError("data.grounding needs word-region alignments: only data.dataset 'shapes' has them")
+        if ground_relations and not grounding:
+            raise ValueError("data.ground_relations needs data.grounding: true")
+        self.ground_relations = ground_relations
         self._records: dict[str, list[ImageRecord]] | None = None
         self._grounded: set[str] = set()  # splits whose records carry grounding.json's alignments
         self._vocab: Vocabulary | None = None
@@ -351,7 +357,7 @@ class CaptionDataModule(L.LightningDataModule):
         from captioner.data.grounding import attach_shapes_grounding
         from captioner.data.shapes import load_grounding
 
-        attach_shapes_grounding(self.records[split], load_grounding(self.data_dir))
+        attach_shapes_grounding(self.records[split], load_grounding(self.data_dir), relations=self.ground_relations)
         self._grounded.add(split)
 
     def setup(self, stage: str | None = None) -> None:

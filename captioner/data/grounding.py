@@ -63,10 +63,15 @@ def _axis_weights_on(n_in: int, n_out: int, mode: str, device: torch.device) -> 
     return torch.tensor(axis_weights(n_in, n_out, mode), dtype=torch.float32, device=device)
 
 
-def attach_shapes_grounding(records: Sequence[ImageRecord], grounding: Mapping[str, Any]) -> None:
+def attach_shapes_grounding(records: Sequence[ImageRecord], grounding: Mapping[str, Any],
+                            relations: bool = False) -> None:
     """Give each ``shapes`` record its objects and, per reference caption, the object index of
     every token (-1 for words that name none). Matched by ``imgid`` and ``sentid``; records the
-    file does not cover are left without grounding."""
+    file does not cover are left without grounding.
+
+    ``relations=True`` also grounds each relation's keyword (``left``, ``right``, ``above``,
+    ``below``) in the relation's object, the mention that follows: choosing between "left of"
+    and "above" needs where that object is, and no attribute word has looked at it yet."""
     images = grounding["images"]
     for rec in records:
         entry = images.get(str(rec.image_id))
@@ -83,6 +88,24 @@ def attach_shapes_grounding(records: Sequence[ImageRecord], grounding: Mapping[s
             objects = [-1] * len(tokens)
             for g in cap["groundings"]:
                 objects[g["token"]] = g["object"]
+            if relations:
+                _ground_relation_keywords(rec, k, tokens, cap.get("relations", []), objects)
             per_caption.append(objects)
         rec.grounding = {"image_size": int(grounding["image_size"]), "objects": list(entry["objects"]),
                          "token_objects": per_caption}
+
+
+def _ground_relation_keywords(rec: ImageRecord, k: int, tokens: Sequence[str],
+                              relations: Sequence[Mapping[str, Any]], objects: list[int]) -> None:
+    """The i-th relation of a caption is stated by the i-th keyword after the previous one."""
+    start = 0
+    for rel in relations:
+        keyword = str(rel["relation"]).split()[0]  # "left of" -> "left"
+        try:
+            pos = list(tokens).index(keyword, start)
+        except ValueError:
+            raise ValueError(
+                f"grounding.json: image {rec.image_id} ({rec.filename}) caption {k} states "
+                f"{rel['relation']!r} but has no {keyword!r} after token {start}") from None
+        objects[pos] = int(rel["object"])
+        start = pos + 1

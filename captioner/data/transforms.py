@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -39,3 +41,29 @@ class Preprocessing:
         x -= np.asarray(self.mean, dtype=np.float32).reshape(3, 1, 1)
         x /= np.asarray(self.std, dtype=np.float32).reshape(3, 1, 1)
         return torch.from_numpy(x)
+
+    def from_uint8(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """RGB uint8 tensors (3, H_i, W_i), on any one device -> normalised (B, 3, S, S) there.
+
+        The tensor twin of ``__call__`` for images decoded on a GPU: antialiased bicubic resize
+        (PIL's filter), rounded to 8 bits as PIL's resize is, then normalised. Images of one
+        size are resized together."""
+        if not images:
+            raise ValueError("from_uint8 needs at least one image")
+        s = self.image_size
+        dev = images[0].device
+        out = torch.empty(len(images), 3, s, s, device=dev)
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for i, im in enumerate(images):
+            if im.dim() != 3 or im.size(0) != 3 or im.dtype != torch.uint8:
+                raise ValueError(f"image {i}: expected a (3, H, W) uint8 tensor, got {tuple(im.shape)} {im.dtype}")
+            by_size.setdefault(tuple(im.shape[1:]), []).append(i)
+        for size, idx in by_size.items():
+            x = torch.stack([images[i] for i in idx]).float()  # (b, 3, H, W)
+            if size != (s, s):
+                x = F.interpolate(x, size=(s, s), mode="bicubic", antialias=True, align_corners=False)
+                x = x.round_().clamp_(0.0, 255.0)
+            out[idx] = x
+        mean = torch.tensor(self.mean, device=dev).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=dev).view(1, 3, 1, 1)
+        return out.div_(255.0).sub_(mean).div_(std)

@@ -1,0 +1,90 @@
+"""JPEG files decoded by torchvision on the model's device (nvJPEG on a GPU) and resized there.
+
+On a GPU the model waits for the CPU: decoding a 640x480 JPEG with libjpeg-turbo takes a few
+milliseconds, the ResNet-101 forward a fraction of one. ``read_jpeg`` only reads the file and
+checks its header (cheap, on reader threads); ``decode_jpegs`` decodes a whole batch in one call
+on the device; ``Preprocessing.from_uint8`` resizes and normalises there.
+
+Only files this path takes faithfully go to the device: complete (ending in the EOI marker),
+8-bit RGB or greyscale JPEGs without an EXIF rotation. Everything else (PNG, CMYK, rotated
+photos, truncated or unreadable files) gets ``None`` here and goes through ``load_image``, which
+handles it or names the problem. The check for a complete file matters on a GPU: nvJPEG decodes
+a truncated JPEG without complaint (seen on an H100), where PIL reports it.
+
+nvJPEG's pixels differ from libjpeg-turbo's by about a level on average (its IDCT and chroma
+upsampling; up to ~10 levels at sharp edges, measured on an H100), so captions from GPU-decoded
+JPEGs can differ slightly from CPU-decoded ones; ``--jpeg-decode cpu`` gives PIL's pixels.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+_SOI = b"\xff\xd8\xff"  # every JPEG file starts with these bytes
+_EOI = b"\xff\xd9"  # ... and a complete one ends with these
+_ORIENTATION = 0x0112  # EXIF tag
+
+
+def read_jpeg(path: str | os.PathLike) -> bytes | None:
+    """The file's bytes if it is a JPEG that ``decode_jpegs`` decodes as ``load_image`` would
+    (complete, 8-bit RGB or greyscale, no EXIF rotation, within the pixel limit), else None."""
+    from captioner.data.images import MAX_IMAGE_PIXELS, _open
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(3)
+            if head != _SOI:
+                return None
+            data = head + f.read()
+        if not data.endswith(_EOI):  # cut short (nvJPEG decodes those silently) or trailing bytes
+            return None
+        img = _open(io.BytesIO(data), path)  # header only: no pixels decoded
+        with img:
+            if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+                return None
+            if MAX_IMAGE_PIXELS is not None and img.width * img.height > MAX_IMAGE_PIXELS:
+                return None
+            if img.getexif().get(_ORIENTATION, 1) not in (1, None):
+                return None
+    except Exception:  # unreadable here: load_image will say why
+        return None
+    return data
+
+
+def decode_jpegs(files: Sequence[bytes], device: torch.device | str) -> list[Tensor | None]:
+    """JPEG file contents -> RGB uint8 tensors (3, H, W) on ``device`` (None for a file that
+    fails to decode). One batched call; if it fails, each file alone, so one bad file costs
+    only itself."""
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its decoders in favour of TorchCodec's; they are still
+        # the ones in the supported torchvision range (and in every torchvision with nvJPEG).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _decode_jpegs(files, device)
+
+
+def _decode_jpegs(files: Sequence[bytes], device: torch.device | str) -> list[Tensor | None]:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if not files:
+        return []
+    dev = torch.device(device)
+    raw = [torch.from_numpy(np.frombuffer(f, dtype=np.uint8).copy()) for f in files]  # (L,) each
+    try:
+        out = decode_jpeg(raw, mode=ImageReadMode.RGB, device=dev)
+        return list(out)
+    except Exception:
+        pass
+    decoded: list[Tensor | None] = []
+    for r in raw:
+        try:
+            decoded.append(decode_jpeg(r, mode=ImageReadMode.RGB, device=dev))
+        except Exception:
+            decoded.append(None)
+    return decoded
