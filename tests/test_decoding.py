@@ -141,3 +141,20 @@ def test_pad_and_start_are_never_emitted(decoder) -> None:
         for i in range(3):
             words = gen.tokens[i, : int(gen.lengths[i])]
             assert not ((words == PAD_ID) | (words == START_ID)).any()
+
+
+def test_beam_wider_than_the_vocabulary() -> None:
+    """Two real words and beam 8: the extra beams start dead and never win; the caption is
+    the reference search's."""
+    torch.manual_seed(1)
+    cfg = DecoderConfig(embed_dim=8, attention_dim=8, decoder_dim=8)
+    dec = AttentionDecoder(cfg, vocab_size=6, encoder_dim=4).eval()
+    feats = torch.randn(3, 5, 4)
+    out = beam_search(dec, feats, beam_size=8, max_length=5)
+    for i in range(3):
+        assert torch.isfinite(out.scores[i])
+        ref_tokens, ref_score, *_ = _reference_beam(dec, feats[i : i + 1], 8, 5)
+        assert out.words(i) == [t for t in ref_tokens if t not in (END_ID, PAD_ID)]
+        assert out.scores[i].item() == pytest.approx(ref_score, abs=1e-4)
+    with pytest.raises(ValueError, match="max_length must be >= 1"):
+        beam_search(dec, feats, beam_size=2, max_length=0)

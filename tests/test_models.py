@@ -262,3 +262,40 @@ def test_gate_bias_opens_the_gate_and_changes_nothing_else(gate: str) -> None:
     for (name, a), (_, b) in zip(default.named_parameters(), opened.named_parameters(), strict=True):
         if name != "gate.bias":
             assert torch.equal(a, b), name
+
+
+def test_context_weight_copy_follows_the_weight() -> None:
+    """The contiguous copy of the LSTM's context weight used outside autograd is the slice's
+    value, and is replaced after an optimiser step, a load or inside inference mode."""
+    torch.manual_seed(0)
+    dec = AttentionDecoder(DecoderConfig(**SMALL_DEC), vocab_size=15, encoder_dim=12)
+    feats = torch.randn(3, 5, 12)
+    caps, lengths = _captions(3, 6, 15)
+    e = dec.config.embed_dim
+
+    def check() -> None:
+        with torch.no_grad():
+            w = dec._context_weight(dec.lstm.weight_ih)
+        assert w.is_contiguous()
+        assert torch.equal(w, dec.lstm.weight_ih[:, e:])
+        with torch.inference_mode():
+            assert torch.equal(dec._context_weight(dec.lstm.weight_ih), dec.lstm.weight_ih[:, e:])
+
+    check()
+    # training: gradients still reach the weight (teacher forcing owns them; plain autograd
+    # through the slice where the weight is not detached)
+    opt = torch.optim.SGD(dec.parameters(), lr=0.5)
+    out = dec(feats, caps, lengths)
+    out.logits.logsumexp(-1).sum().backward()
+    assert dec.lstm.weight_ih.grad[:, e:].abs().sum() > 0
+    opt.step()
+    check()
+    dec.load_state_dict(AttentionDecoder(DecoderConfig(**SMALL_DEC), vocab_size=15, encoder_dim=12).state_dict())
+    check()
+    # the cached path gives the slice's results: step-by-step decoding equals teacher forcing
+    dec.eval()
+    with torch.no_grad():
+        ref = dec(feats, caps, lengths).logits
+        cache, state = dec.precompute(feats), dec.init_state(feats)
+        logp, _, _ = dec.step(caps[:, 0], state, cache)
+    torch.testing.assert_close(logp, torch.log_softmax(ref[:, 0], -1))

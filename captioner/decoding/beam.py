@@ -32,23 +32,35 @@ def beam_search(
     """
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
     b, n, _ = features.shape
     k = beam_size
     dev = features.device
     # One cache row per image: the K beams of an image share it (the attention takes h with
     # K consecutive rows per image), so the image work is neither copied nor repeated.
     cache = decoder.precompute(features)  # (B, ...)
-    state = decoder.init_state(features)
-    state = (state[0].repeat_interleave(k, 0), state[1].repeat_interleave(k, 0))
-    prev = torch.full((b * k,), START_ID, dtype=torch.long, device=dev)
-    # Only the first beam is live at t = 0, otherwise K copies of the same hypothesis compete.
-    scores = torch.full((b, k), float("-inf"), device=dev)
-    scores[:, 0] = 0.0
-    done = torch.zeros(b, k, dtype=torch.bool, device=dev)
-    tokens = torch.empty(b, k, 0, dtype=torch.long, device=dev)
-    alphas = torch.empty(b, k, 0, n, device=dev)
+    state = decoder.init_state(features)  # (B, H) each
+    prev = torch.full((b,), START_ID, dtype=torch.long, device=dev)
     batch_offset = (torch.arange(b, device=dev) * k).unsqueeze(1)  # (B, 1)
-    for step in range(max_length):
+    # Step 0 on one row per image: the K beams would all hold the same <start> hypothesis.
+    logp, state, alpha = decoder.step(prev, state, cache)  # (B, V), .., (B, N)
+    v = logp.size(-1)
+    ban_tokens(logp.unsqueeze(1), 0, suppress_unk, min_length)
+    if v >= k:
+        scores, tok = logp.topk(k, dim=-1)  # (B, K), best first
+    else:  # fewer words than beams: the extra beams start dead
+        scores = torch.full((b, k), float("-inf"), device=dev)
+        tok = torch.full((b, k), PAD_ID, dtype=torch.long, device=dev)
+        scores[:, :v], tok[:, :v] = logp.topk(v, dim=-1)
+    tokens = tok.unsqueeze(-1)  # (B, K, 1)
+    alphas = alpha[:, None, None].expand(b, k, 1, n).contiguous()  # (B, K, 1, N)
+    done = (tok == END_ID) | scores.isneginf()
+    state = (state[0].repeat_interleave(k, 0), state[1].repeat_interleave(k, 0))  # (B*K, H)
+    prev = tok.view(-1)
+    for step in range(1, max_length):
+        if early_stop and bool(done.all()):
+            break
         logp, state, alpha = decoder.step(prev, state, cache)  # (B*K, V), .., (B*K, N)
         v = logp.size(-1)
         logp = logp.view(b, k, v)
@@ -68,8 +80,6 @@ def beam_search(
         done = done.view(-1)[rows].view(b, k) | (tok == END_ID)
         state = (state[0][rows], state[1][rows])
         prev = tok.view(-1)
-        if early_stop and bool(done.all()):
-            break
     t = tokens.size(-1)
     lengths = word_lengths(tokens.view(b * k, t)).view(b, k)
     final = scores
