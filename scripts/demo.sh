@@ -50,6 +50,19 @@ PY
 if has caption; then
     echo "== 3. caption: ${#SAMPLES[@]} test images (beam 3) -> $OUT/captions.jsonl"
     captioner caption --checkpoint "$CKPT" --beam-size 3 --json "${SAMPLES[@]}" | tee "$OUT/captions.jsonl"
+    echo "   the same images as JPEGs, decoded and resized by torchvision on the model's device"
+    echo "   (nvJPEG on a GPU; the default there): $OUT/jpeg/"
+    mkdir -p "$OUT/jpeg"
+    python - "$OUT/jpeg" "${SAMPLES[@]}" <<'PY'
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+for p in sys.argv[2:]:
+    Image.open(p).convert("RGB").save(Path(sys.argv[1]) / f"{Path(p).stem}.jpg", quality=95)
+PY
+    captioner caption --checkpoint "$CKPT" --beam-size 3 --jpeg-decode device "$OUT"/jpeg/*.jpg
 fi
 
 if has attend; then
