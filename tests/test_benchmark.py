@@ -45,11 +45,13 @@ def test_decoder_benchmark_reports_its_figures(capsys, attention: str) -> None:
     assert report["settings"]["attention"] == attention
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_caption_benchmark_reports_its_figures(capsys, precision: str) -> None:
+@pytest.mark.parametrize(("precision", "decode"), [("fp32", "auto"), ("bf16", "auto"), ("fp32", "device")])
+def test_caption_benchmark_reports_its_figures(capsys, precision: str, decode: str) -> None:
     report = _run(capsys, "caption", "--encoder", "shapes_cnn", "--image-size", "32", "--images", "3",
                   "--batch-size", "2", "--vocab", "20", "--decoder-dim", "8", "--source-size", "40x30",
-                  "--beam-size", "2", "--max-length", "3", "--repeats", "1", "--precision", precision)
+                  "--beam-size", "2", "--max-length", "3", "--repeats", "1", "--precision", precision,
+                  "--jpeg-decode", decode)
+    assert report["jpeg_on_device"] == (decode == "device")  # auto on a CPU: PIL
     assert report["encoder_ms_per_image"] > 0 and report["caption_ms_per_image"] > 0
     assert report["ratio"] == pytest.approx(report["caption_ms_per_image"] / report["encoder_ms_per_image"])
 
