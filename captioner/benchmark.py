@@ -32,7 +32,7 @@ import torch
 
 from captioner.data.vocab import END_ID, SPECIALS, START_ID, Vocabulary
 from captioner.decoding import beam_search, greedy
-from captioner.inference import autocast
+from captioner.inference import JPEG_DECODE, autocast
 from captioner.models import AttentionDecoder, Captioner, DecoderConfig, EncoderConfig
 from captioner.system import LossConfig, caption_loss
 
@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     c.add_argument("--num-workers", type=int, default=None,
                    help="image-reading threads (default: as `captioner caption`, 0 on CPU, 4 on GPU)")
-    c.add_argument("--jpeg-decode", default="auto", choices=("auto", "cpu", "device"),
+    c.add_argument("--jpeg-decode", default="auto", choices=JPEG_DECODE,
                    help="as `captioner caption --jpeg-decode` (auto: on the device when it is a GPU)")
 
     m = sub.add_parser("memory", help="resident memory while captioning many images in a stream")

@@ -218,7 +218,6 @@ class CaptionPipeline:
             raw = [k for k, (_p, x, _e) in enumerate(items) if isinstance(x, bytes)]
             if not raw:
                 return items
-            items = list(items)
             decoded = decode_jpegs([items[k][1] for k in raw], self.device)
             ok = [(k, im) for k, im in zip(raw, decoded) if im is not None]
             if ok:
@@ -232,7 +231,9 @@ class CaptionPipeline:
 
         def flush(items):
             items = pixels(items)
-            good = [x.to(self.device) for _p, x, e in items if e is None]
+            good = [x for _p, x, e in items if e is None]
+            if len({x.device for x in good}) > 1:  # device-decoded JPEGs beside PIL-read images
+                good = [x.to(self.device) for x in good]
             caps = iter(self.caption_tensors(torch.stack(good), beam_size)) if good else iter(())
             for p, _x, e in items:
                 yield (p, None, e) if e is not None else (p, next(caps), None)

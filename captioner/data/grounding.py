@@ -98,11 +98,11 @@ def attach_shapes_grounding(records: Sequence[ImageRecord], grounding: Mapping[s
 def _ground_relation_keywords(rec: ImageRecord, k: int, tokens: Sequence[str],
                               relations: Sequence[Mapping[str, Any]], objects: list[int]) -> None:
     """The i-th relation of a caption is stated by the i-th keyword after the previous one."""
-    start = 0
+    tokens, start = list(tokens), 0
     for rel in relations:
         keyword = str(rel["relation"]).split()[0]  # "left of" -> "left"
         try:
-            pos = list(tokens).index(keyword, start)
+            pos = tokens.index(keyword, start)
         except ValueError:
             raise ValueError(
                 f"grounding.json: image {rec.image_id} ({rec.filename}) caption {k} states "

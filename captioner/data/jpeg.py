@@ -35,7 +35,7 @@ _ORIENTATION = 0x0112  # EXIF tag
 def read_jpeg(path: str | os.PathLike) -> bytes | None:
     """The file's bytes if it is a JPEG that ``decode_jpegs`` decodes as ``load_image`` would
     (complete, 8-bit RGB or greyscale, no EXIF rotation, within the pixel limit), else None."""
-    from captioner.data.images import MAX_IMAGE_PIXELS, _open
+    from captioner.data.images import _open
 
     try:
         with open(path, "rb") as f:
@@ -45,11 +45,9 @@ def read_jpeg(path: str | os.PathLike) -> bytes | None:
             data = head + f.read()
         if not data.endswith(_EOI):  # cut short (nvJPEG decodes those silently) or trailing bytes
             return None
-        img = _open(io.BytesIO(data), path)  # header only: no pixels decoded
-        with img:
+        # header only, no pixels decoded; over the pixel limit it raises (load_image names it)
+        with _open(io.BytesIO(data), path) as img:
             if img.format != "JPEG" or img.mode not in ("RGB", "L"):
-                return None
-            if MAX_IMAGE_PIXELS is not None and img.width * img.height > MAX_IMAGE_PIXELS:
                 return None
             if img.getexif().get(_ORIENTATION, 1) not in (1, None):
                 return None
@@ -62,29 +60,24 @@ def decode_jpegs(files: Sequence[bytes], device: torch.device | str) -> list[Ten
     """JPEG file contents -> RGB uint8 tensors (3, H, W) on ``device`` (None for a file that
     fails to decode). One batched call; if it fails, each file alone, so one bad file costs
     only itself."""
-    with warnings.catch_warnings():
-        # torchvision 0.29 deprecates its decoders in favour of TorchCodec's; they are still
-        # the ones in the supported torchvision range (and in every torchvision with nvJPEG).
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return _decode_jpegs(files, device)
-
-
-def _decode_jpegs(files: Sequence[bytes], device: torch.device | str) -> list[Tensor | None]:
     from torchvision.io import ImageReadMode, decode_jpeg
 
     if not files:
         return []
     dev = torch.device(device)
     raw = [torch.from_numpy(np.frombuffer(f, dtype=np.uint8).copy()) for f in files]  # (L,) each
-    try:
-        out = decode_jpeg(raw, mode=ImageReadMode.RGB, device=dev)
-        return list(out)
-    except Exception:
-        pass
-    decoded: list[Tensor | None] = []
-    for r in raw:
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its decoders in favour of TorchCodec's; they are still
+        # the ones in the supported torchvision range (and in every torchvision with nvJPEG).
+        warnings.simplefilter("ignore", DeprecationWarning)
         try:
-            decoded.append(decode_jpeg(r, mode=ImageReadMode.RGB, device=dev))
+            return list(decode_jpeg(raw, mode=ImageReadMode.RGB, device=dev))
         except Exception:
-            decoded.append(None)
-    return decoded
+            pass
+        decoded: list[Tensor | None] = []
+        for r in raw:
+            try:
+                decoded.append(decode_jpeg(r, mode=ImageReadMode.RGB, device=dev))
+            except Exception:
+                decoded.append(None)
+        return decoded
