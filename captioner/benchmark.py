@@ -34,6 +34,7 @@ from captioner.data.vocab import END_ID, SPECIALS, START_ID, Vocabulary
 from captioner.decoding import beam_search, greedy
 from captioner.inference import JPEG_DECODE, autocast
 from captioner.models import AttentionDecoder, Captioner, DecoderConfig, EncoderConfig
+from captioner.models.quantize import QUANTIZE, quantize_decoder
 from captioner.system import LossConfig, caption_loss
 
 logger = logging.getLogger(__name__)
@@ -131,9 +132,11 @@ def bench_decoder(
     compile: bool = False,
     parts: Sequence[str] = ("train", "beam", "greedy"),
     precision: str = "fp32",
+    quantize: str = "none",
 ) -> dict:
     """Decoder training step, beam search and greedy decoding at the given shapes;
-    ``precision="bf16"`` runs them under bf16 autocast (as ``--trainer.precision bf16-mixed`` does)."""
+    ``precision="bf16"`` runs them under bf16 autocast (as ``--trainer.precision bf16-mixed`` does);
+    ``quantize="int8"`` decodes with int8 weights (training is unchanged)."""
     dev = torch.device(device)
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
@@ -164,14 +167,15 @@ def bench_decoder(
     decoder.eval()
     if compile:  # decoding calls decoder.step once per word
         decoder.step = torch.compile(decoder.step)
+    decoding = quantize_decoder(decoder, quantize)
     if "beam" in parts:
         with torch.inference_mode(), autocast(dev, precision):
-            secs = _time(lambda: beam_search(decoder, features, beam_size, max_steps, early_stop=False),
+            secs = _time(lambda: beam_search(decoding, features, beam_size, max_steps, early_stop=False),
                          repeats, dev)
         result.update(beam_ms_per_image=1000 * secs / batch, beam_images_per_s=batch / secs)
     if "greedy" in parts:
         with torch.inference_mode(), autocast(dev, precision):
-            secs = _time(lambda: greedy(decoder, features, max_steps, early_stop=False), repeats, dev)
+            secs = _time(lambda: greedy(decoding, features, max_steps, early_stop=False), repeats, dev)
         result.update(greedy_ms_per_image=1000 * secs / batch, greedy_images_per_s=batch / secs)
     result["peak_rss_mb"] = peak_rss_mb()
     return result
@@ -234,6 +238,7 @@ def bench_caption(
     precision: str = "fp32",
     num_workers: int | None = None,
     jpeg_decode: str = "auto",
+    quantize: str = "none",
 ) -> dict:
     """Per image: the encoder's forward pass alone vs ``CaptionPipeline.caption_paths`` (read +
     preprocess + encode + beam search), on ``images`` generated JPEG files."""
@@ -241,7 +246,8 @@ def bench_caption(
 
     dev = torch.device(device)
     loaded = random_model(encoder, image_size, vocab, decoder_dim, device=device)
-    pipeline = CaptionPipeline(loaded, beam_size=beam_size, max_length=max_length, precision=precision)
+    pipeline = CaptionPipeline(loaded, beam_size=beam_size, max_length=max_length, precision=precision,
+                               quantize=quantize)
     threads = pipeline.reader_threads(num_workers)  # as `captioner caption` chooses them
     with tempfile.TemporaryDirectory(prefix="captioner-bench-") as tmp:
         paths = write_images(Path(tmp), images, source_size)
@@ -324,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     d.add_argument("--compile", action="store_true", help="torch.compile the decoder")
     d.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16: autocast")
+    d.add_argument("--quantize", default="none", choices=QUANTIZE, help="int8: decode with int8 weights (CPU)")
     d.add_argument("--only", nargs="+", choices=("train", "beam", "greedy"), default=None,
                    help="run only these parts")
 
@@ -343,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     c.add_argument("--num-workers", type=int, default=None,
                    help="image-reading threads (default: as `captioner caption`, 0 on CPU, 4 on GPU)")
+    c.add_argument("--quantize", default="none", choices=QUANTIZE, help="int8: decode with int8 weights (CPU)")
     c.add_argument("--jpeg-decode", default="auto", choices=JPEG_DECODE,
                    help="as `captioner caption --jpeg-decode` (auto: on the device when it is a GPU)")
 
@@ -358,13 +366,13 @@ def run(a: argparse.Namespace) -> dict:
         figures = bench_decoder(
             a.encoder_dim, a.grid, a.vocab, a.batch, a.embed_dim, a.attention_dim, a.decoder_dim,
             a.caption_length, a.beam_size, a.max_steps, a.attention, a.repeats, a.device, a.compile,
-            a.only or ("train", "beam", "greedy"), a.precision,
+            a.only or ("train", "beam", "greedy"), a.precision, a.quantize,
         )
     elif a.bench == "caption":
         w, _, h = a.source_size.partition("x")
         figures = bench_caption(a.encoder, a.image_size, a.beam_size, a.images, a.batch_size, a.max_length,
                                 a.vocab, a.decoder_dim, (int(w), int(h)), a.repeats, a.device, a.precision, a.num_workers,
-                                a.jpeg_decode)
+                                a.jpeg_decode, a.quantize)
     else:
         marks = [c for c in (100, 500, 1000) if c < a.images] + [a.images]
         figures = bench_memory(a.images, marks, a.batch_size)

@@ -20,6 +20,7 @@ from captioner.data.transforms import Preprocessing
 from captioner.data.vocab import Vocabulary
 from captioner.decoding import DecodingConfig, Generated, generate
 from captioner.models import Captioner, DecoderConfig, EncoderConfig
+from captioner.models.quantize import quantize_decoder
 
 logger = logging.getLogger(__name__)
 
@@ -118,13 +119,20 @@ class CaptionPipeline:
         length_penalty: float | None = None,
         suppress_unk: bool | None = None,
         precision: str = "fp32",
+        quantize: str = "none",
     ) -> None:
         """``precision="bf16"``: run encoder and decoder under bfloat16 autocast (for GPUs with
-        bf16 units; on CPUs without them it is slower). Scores stay float32."""
+        bf16 units; on CPUs without them it is slower). Scores stay float32.
+        ``quantize="int8"``: decode with int8 weights (CPU only; ``models.quantize``); the
+        encoder stays as it is."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if quantize != "none" and precision != "fp32":
+            raise ValueError(f"quantize={quantize!r} decodes in int8 on the CPU; it needs precision='fp32'")
         self.precision = precision
+        self.quantize = quantize
         self.loaded = loaded
+        self.decoder = quantize_decoder(loaded.model.decoder, quantize)
         self.decoding = DecodingConfig.from_dict(
             loaded.decoding, beam_size=beam_size, max_length=max_length,
             length_penalty=length_penalty, suppress_unk=suppress_unk)
@@ -156,7 +164,7 @@ class CaptionPipeline:
         return 4 if self.device.type == "cuda" else 0
 
     def generate(self, features: Tensor, beam_size: int | None = None) -> Generated:
-        return generate(self.loaded.model.decoder, features, self.decoding, beam_size)
+        return generate(self.decoder, features, self.decoding, beam_size)
 
     @torch.inference_mode()
     def caption_tensors(self, images: Tensor, beam_size: int | None = None) -> list[Caption]:

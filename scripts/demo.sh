@@ -63,6 +63,17 @@ for p in sys.argv[2:]:
     Image.open(p).convert("RGB").save(Path(sys.argv[1]) / f"{Path(p).stem}.jpg", quality=95)
 PY
     captioner caption --checkpoint "$CKPT" --beam-size 3 --jpeg-decode device "$OUT"/jpeg/*.jpg
+    echo "   the same PNGs decoded with int8 weights on the CPU (--quantize int8) -> $OUT/captions-int8.jsonl"
+    captioner caption --checkpoint "$CKPT" --beam-size 3 --quantize int8 --device cpu --json "${SAMPLES[@]}" \
+        > "$OUT/captions-int8.jsonl"
+    python - "$OUT/captions.jsonl" "$OUT/captions-int8.jsonl" <<'PY'
+import json
+import sys
+
+fp32, int8 = ([json.loads(line) for line in open(p)] for p in sys.argv[1:])
+same = sum(a["caption"] == b["caption"] for a, b in zip(fp32, int8))
+print(f"   int8 gives the fp32 caption for {same} of {len(fp32)} images")
+PY
 fi
 
 if has attend; then

@@ -45,6 +45,12 @@ def test_decoder_benchmark_reports_its_figures(capsys, attention: str) -> None:
     assert report["settings"]["attention"] == attention
 
 
+def test_decoder_benchmark_decodes_in_int8(capsys) -> None:
+    report = _run(capsys, "decoder", *TINY_DECODER, "--quantize", "int8", "--only", "beam", "greedy")
+    assert report["beam_images_per_s"] > 0 and report["greedy_images_per_s"] > 0
+    assert report["settings"]["quantize"] == "int8" and "train_captions_per_s" not in report
+
+
 @pytest.mark.parametrize(("precision", "decode"), [("fp32", "auto"), ("bf16", "auto"), ("fp32", "device")])
 def test_caption_benchmark_reports_its_figures(capsys, precision: str, decode: str) -> None:
     report = _run(capsys, "caption", "--encoder", "shapes_cnn", "--image-size", "32", "--images", "3",

@@ -173,6 +173,25 @@ def test_unusable_checkpoint_exits_2_with_one_line(kind, tmp_path, shapes_dir, c
         assert (tmp_path / "PWNED").read_text() == "pwned"
 
 
+def test_caption_int8_decoding(tiny_checkpoint, tmp_path, shapes_dir, capsys):
+    good = _good_images(tmp_path / "imgs", shapes_dir, n=3)
+    rc = main(["caption", "--checkpoint", str(tiny_checkpoint), "--quantize", "int8", "--json",
+               "--beam-size", "2", "--device", "cpu", str(tmp_path / "imgs")])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    rows = _json_lines(out)
+    assert sorted(Path(r["image"]) for r in rows) == sorted(good) and all(r["caption"] for r in rows)
+
+
+def test_caption_int8_without_quantised_kernels_exits_2(tiny_checkpoint, monkeypatch, tmp_path, shapes_dir,
+                                                         capsys):
+    good = _good_images(tmp_path / "imgs", shapes_dir, n=1)
+    monkeypatch.setattr("captioner.models.quantize.int8_available", lambda: "no quantised CPU kernels")
+    rc = main(["caption", "--checkpoint", str(tiny_checkpoint), "--quantize", "int8", str(good[0])])
+    assert rc == 2
+    assert "--quantize int8: int8 decoding is not available: no quantised CPU kernels" in capsys.readouterr().err
+
+
 def test_caption_no_images_found_exits_2(tiny_checkpoint, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("x")

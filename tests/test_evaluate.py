@@ -204,6 +204,7 @@ def test_malformed_results_exit_2(content, message, shapes_dir, tmp_path, capsys
     ["--checkpoint", "x.ckpt"],
     ["--predictions", "r.json"],
     ["--predictions", "r.json", "--references", "d.json", "--beam-size", "3"],
+    ["--predictions", "r.json", "--references", "d.json", "--quantize", "int8"],
     ["--predictions", "missing.json", "--references", "d.json"],
 ])
 def test_usage_errors_exit_2(args, tmp_path, monkeypatch, capsys):

@@ -99,6 +99,7 @@ def test_healthz(client, loaded):
     assert body["status"] == "ok"
     assert body["vocab_size"] == len(loaded.vocab)
     assert body["model"] == "shapes_cnn + soft attention"
+    assert body["quantize"] == "none"
 
 
 @pytest.mark.parametrize("beam", ["0", "11", "-1", "three", "2.5"])

@@ -57,7 +57,8 @@ def _check_args(a: argparse.Namespace) -> None:
                              "or --coco-annotations captions_*.json, one of them")
         wrong = [flag for flag, v in (("--config", a.config), ("--results", a.results),
                                       ("--beam-size", a.beam_size), ("--max-length", a.max_length),
-                                      ("--batch-size", a.batch_size), ("--set", a.set)) if v]
+                                      ("--batch-size", a.batch_size), ("--set", a.set),
+                                      ("--quantize", a.quantize != "none")) if v]
     if wrong:
         mode = "--checkpoint" if a.checkpoint is not None else "--predictions"
         raise UsageError(f"{', '.join(wrong)} cannot be used with {mode}")
@@ -180,6 +181,8 @@ def register(subparsers) -> None:
                    help="image loading processes (default: the config's num_workers)")
     m.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where the model runs (auto: cuda when available)")
+    m.add_argument("--quantize", choices=("none", "int8"), default="none",
+                   help="int8: decode with int8 weights (CPU only)")
     m.add_argument("--results", type=Path, help='write the captions as a COCO results file '
                    '[{"image_id": int, "caption": str}, ...]')
 

@@ -24,6 +24,8 @@ def register(subparsers) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted image file (default: 10)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--quantize", choices=("none", "int8"), default="none",
+                   help="int8: decode with int8 weights (CPU only)")
     p.add_argument("--max-batch", type=int, default=8, help="images per model call (default: 8)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="images waiting or running before requests get 503 (default: 64)")
@@ -60,7 +62,11 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from captioner.commands.caption import load_model
 
     loaded = load_model(a.checkpoint, a.device)
-    app = create_app(loaded, max_upload_mb=a.max_upload_mb, max_batch=a.max_batch, max_queue=a.max_queue)
+    try:
+        app = create_app(loaded, max_upload_mb=a.max_upload_mb, max_batch=a.max_batch, max_queue=a.max_queue,
+                         quantize=a.quantize)
+    except (ValueError, RuntimeError) as err:
+        raise UsageError(f"--quantize {a.quantize}: {err}") from None
     if not _is_loopback(a.host):
         logger.warning("listening on %s: anyone who can reach this address can use the model "
                        "(there is no authentication)", a.host)

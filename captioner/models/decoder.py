@@ -107,6 +107,13 @@ class _LSTMWeightGrads(torch.autograd.Function):
         return grad, grad_ih, grad_hh, None
 
 
+def lstm_update(gates: Tensor, c: Tensor) -> State:
+    """nn.LSTMCell's update from its pre-activations (B, 4H) in its gate order i, f, g, o."""
+    i, f, g, o = gates.chunk(4, dim=1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
 class AttentionDecoder(nn.Module):
     """LSTM with attention, gated context and the deep output layer.
 
@@ -179,17 +186,16 @@ class AttentionDecoder(nn.Module):
     ) -> tuple[State, Tensor, AttentionOutput]:
         h, c = state
         att = self.attention(cache, h) if sample_rows is None else self.attention(cache, h, sample_rows)
-        z = att.context  # (B, D)
-        if self.gate is not None:
-            z = torch.sigmoid(self.gate(h)) * z
+        z = self.gated(att.context, h)  # (B, D)
         w_ih, w_hh = self.lstm.weight_ih, self.lstm.weight_hh
         if detach_weights:  # teacher forcing: weight gradients come from _LSTMWeightGrads
             w_ih, w_hh = w_ih.detach(), w_hh.detach()
         gates = x_emb + nn.functional.linear(z, self._context_weight(w_ih)) + nn.functional.linear(h, w_hh)  # (B, 4H)
-        i, f, g, o = gates.chunk(4, dim=1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
-        return (h, c), z, att
+        return lstm_update(gates, c), z, att
+
+    def gated(self, context: Tensor, h: Tensor) -> Tensor:
+        """z_t = beta_t * context, beta_t = sigmoid(f_beta(h_{t-1})) (no gate: the context)."""
+        return context if self.gate is None else torch.sigmoid(self.gate(h)) * context
 
     def _context_weight(self, w_ih: Tensor) -> Tensor:
         """The context's columns of the LSTM input weight, w_ih[:, E:] (4H, D), contiguous.
@@ -200,8 +206,8 @@ class AttentionDecoder(nn.Module):
         step or a load bumps the version, so the copy never goes stale. Training uses the view
         (a copy per step measured no faster there)."""
         view = w_ih[:, self.config.embed_dim :]
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return view
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or w_ih.is_inference():
+            return view  # (inference tensors, made under inference_mode, have no version to key on)
         key = (w_ih.data_ptr(), w_ih._version, w_ih.device, w_ih.dtype, torch.is_inference_mode_enabled())
         cached = self.__dict__.get("_context_weight_cache")
         if cached is None or cached[0] != key:

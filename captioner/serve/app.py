@@ -260,18 +260,20 @@ def create_app(
     default_beam_size: int | None = None,
     decode_workers: int = 2,
     batch_wait_ms: float = 5.0,
+    quantize: str = "none",
 ) -> FastAPI:
     """The app for one model: a checkpoint path (loaded now, on ``device``) or a ``LoadedModel``.
 
     ``max_upload_mb`` bounds an upload; ``max_batch`` images per model call; ``max_queue`` images
-    waiting or running before new requests get 503; ``decode_workers`` images decoded at once.
+    waiting or running before new requests get 503; ``decode_workers`` images decoded at once;
+    ``quantize="int8"`` decodes with int8 weights (CPU).
     """
     if max_upload_mb <= 0:
         raise ValueError(f"max_upload_mb must be > 0, got {max_upload_mb}")
     if max_batch < 1 or max_queue < 1 or decode_workers < 1:
         raise ValueError("max_batch, max_queue and decode_workers must be >= 1")
     loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_checkpoint(checkpoint, device)
-    pipeline = CaptionPipeline(loaded, beam_size=default_beam_size)
+    pipeline = CaptionPipeline(loaded, beam_size=default_beam_size, quantize=quantize)
     default_beam = min(max(pipeline.beam_size, 1), MAX_BEAM_SIZE)
     max_bytes = int(max_upload_mb * 1024 * 1024)
     body_limit = max_bytes + MULTIPART_OVERHEAD
@@ -333,6 +335,7 @@ def create_app(
             "beam_size": default_beam,
             "max_beam_size": MAX_BEAM_SIZE,
             "max_upload_mb": max_upload_mb,
+            "quantize": quantize,
         }
 
     async def read_form(request: Request):
