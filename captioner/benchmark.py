@@ -133,10 +133,12 @@ def bench_decoder(
     parts: Sequence[str] = ("train", "beam", "greedy"),
     precision: str = "fp32",
     quantize: str = "none",
+    cuda_graph: bool | None = None,
 ) -> dict:
     """Decoder training step, beam search and greedy decoding at the given shapes;
     ``precision="bf16"`` runs them under bf16 autocast (as ``--trainer.precision bf16-mixed`` does);
-    ``quantize="int8"`` decodes with int8 weights (training is unchanged)."""
+    ``quantize="int8"`` decodes with int8 weights (training is unchanged); ``cuda_graph=False``
+    keeps beam search on a GPU from replaying its step as a CUDA graph."""
     dev = torch.device(device)
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
@@ -170,7 +172,8 @@ def bench_decoder(
     decoding = quantize_decoder(decoder, quantize)
     if "beam" in parts:
         with torch.inference_mode(), autocast(dev, precision):
-            secs = _time(lambda: beam_search(decoding, features, beam_size, max_steps, early_stop=False),
+            secs = _time(lambda: beam_search(decoding, features, beam_size, max_steps, early_stop=False,
+                                             cuda_graph=cuda_graph),
                          repeats, dev)
         result.update(beam_ms_per_image=1000 * secs / batch, beam_images_per_s=batch / secs)
     if "greedy" in parts:
@@ -239,6 +242,7 @@ def bench_caption(
     num_workers: int | None = None,
     jpeg_decode: str = "auto",
     quantize: str = "none",
+    cuda_graph: bool | None = None,
 ) -> dict:
     """Per image: the encoder's forward pass alone vs ``CaptionPipeline.caption_paths`` (read +
     preprocess + encode + beam search), on ``images`` generated JPEG files."""
@@ -247,7 +251,7 @@ def bench_caption(
     dev = torch.device(device)
     loaded = random_model(encoder, image_size, vocab, decoder_dim, device=device)
     pipeline = CaptionPipeline(loaded, beam_size=beam_size, max_length=max_length, precision=precision,
-                               quantize=quantize)
+                               quantize=quantize, cuda_graph=cuda_graph)
     threads = pipeline.reader_threads(num_workers)  # as `captioner caption` chooses them
     with tempfile.TemporaryDirectory(prefix="captioner-bench-") as tmp:
         paths = write_images(Path(tmp), images, source_size)
@@ -331,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--compile", action="store_true", help="torch.compile the decoder")
     d.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16: autocast")
     d.add_argument("--quantize", default="none", choices=QUANTIZE, help="int8: decode with int8 weights (CPU)")
+    d.add_argument("--cuda-graph", default="auto", choices=("auto", "off"),
+                   help="beam search on a GPU: replay its step as a CUDA graph (auto) or not")
     d.add_argument("--only", nargs="+", choices=("train", "beam", "greedy"), default=None,
                    help="run only these parts")
 
@@ -351,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--num-workers", type=int, default=None,
                    help="image-reading threads (default: as `captioner caption`, 0 on CPU, 4 on GPU)")
     c.add_argument("--quantize", default="none", choices=QUANTIZE, help="int8: decode with int8 weights (CPU)")
+    c.add_argument("--cuda-graph", default="auto", choices=("auto", "off"),
+                   help="beam search on a GPU: replay its step as a CUDA graph (auto) or not")
     c.add_argument("--jpeg-decode", default="auto", choices=JPEG_DECODE,
                    help="as `captioner caption --jpeg-decode` (auto: on the device when it is a GPU)")
 
@@ -361,18 +369,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _graph(choice: str) -> bool | None:
+    return None if choice == "auto" else False
+
+
 def run(a: argparse.Namespace) -> dict:
     if a.bench == "decoder":
         figures = bench_decoder(
             a.encoder_dim, a.grid, a.vocab, a.batch, a.embed_dim, a.attention_dim, a.decoder_dim,
             a.caption_length, a.beam_size, a.max_steps, a.attention, a.repeats, a.device, a.compile,
-            a.only or ("train", "beam", "greedy"), a.precision, a.quantize,
+            a.only or ("train", "beam", "greedy"), a.precision, a.quantize, _graph(a.cuda_graph),
         )
     elif a.bench == "caption":
         w, _, h = a.source_size.partition("x")
         figures = bench_caption(a.encoder, a.image_size, a.beam_size, a.images, a.batch_size, a.max_length,
                                 a.vocab, a.decoder_dim, (int(w), int(h)), a.repeats, a.device, a.precision, a.num_workers,
-                                a.jpeg_decode, a.quantize)
+                                a.jpeg_decode, a.quantize, _graph(a.cuda_graph))
     else:
         marks = [c for c in (100, 500, 1000) if c < a.images] + [a.images]
         figures = bench_memory(a.images, marks, a.batch_size)

@@ -430,6 +430,7 @@ def evaluate_checkpoint(
         "length_penalty": pipeline.length_penalty,
         "batch_size": batch_size,
         "device": str(pipeline.device),
+        "quantize": pipeline.quantize,
         "images_not_read": len(records) - len(by_id),
         "seconds_captioning": round(seconds_captioning, 3),
         "seconds_scoring": round(result.seconds, 3),

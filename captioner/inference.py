@@ -120,11 +120,13 @@ class CaptionPipeline:
         suppress_unk: bool | None = None,
         precision: str = "fp32",
         quantize: str = "none",
+        cuda_graph: bool | None = None,
     ) -> None:
         """``precision="bf16"``: run encoder and decoder under bfloat16 autocast (for GPUs with
         bf16 units; on CPUs without them it is slower). Scores stay float32.
         ``quantize="int8"``: decode with int8 weights (CPU only; ``models.quantize``); the
-        encoder stays as it is."""
+        encoder stays as it is. ``cuda_graph=False``: beam search on a GPU launches its kernels one
+        by one instead of replaying a CUDA graph of its step."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if quantize != "none" and precision != "fp32":
@@ -135,7 +137,7 @@ class CaptionPipeline:
         self.decoder = quantize_decoder(loaded.model.decoder, quantize)
         self.decoding = DecodingConfig.from_dict(
             loaded.decoding, beam_size=beam_size, max_length=max_length,
-            length_penalty=length_penalty, suppress_unk=suppress_unk)
+            length_penalty=length_penalty, suppress_unk=suppress_unk, cuda_graph=cuda_graph)
         if self.beam_size < 1:
             raise ValueError(f"beam size must be >= 1, got {self.beam_size}")
 

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# GPU checks in one go: the tests that need CUDA (JPEG decoding on the device), decoder and
-# caption benchmarks in fp32 and bf16 autocast, captioning with JPEGs decoded by PIL threads vs
-# on the GPU, then a bf16-mixed `shapes` training run and its test-split evaluation.
+# GPU checks in one go: the tests that need CUDA (JPEG decoding on the device, beam search
+# replayed as a CUDA graph), decoder and caption benchmarks in fp32 and bf16 autocast, beam
+# search and captioning with and without the CUDA graph, captioning with JPEGs decoded by PIL
+# threads vs on the GPU, then a bf16-mixed `shapes` training run and its test-split evaluation.
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]            # on a CUDA machine with captioner installed
 #   DEVICE=cpu QUICK=1 bash scripts/gpu_check.sh   # a quick dry run of the same steps on the CPU
 #
 # Writes OUT_DIR/bench.jsonl (one JSON object per benchmark), OUT_DIR/fit.log and
 # OUT_DIR/metrics.json. PYTHON picks the interpreter (default: python3); FIT=0 skips the training,
-# DECODER=0 the decoder and precision benchmarks.
+# DECODER=0 the decoder and precision benchmarks, JPEG=0 the PIL vs nvJPEG comparison.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-gpu_out}
@@ -35,7 +36,7 @@ else
   ACCEL=(--trainer.accelerator cpu)
 fi
 
-"$PY" -m pytest -q -s -p no:cacheprovider tests/test_jpeg.py 2>&1 | tee "$OUT_DIR/pytest.log" | grep -E "decode|preprocessed|passed|failed" \
+"$PY" -m pytest -q -s -p no:cacheprovider tests/test_jpeg.py tests/test_decoding.py 2>&1 | tee "$OUT_DIR/pytest.log" | grep -E "decode|preprocessed|passed|failed|FAIL" \
   || echo "CUDA tests failed: $OUT_DIR/pytest.log"
 
 : >"$OUT_DIR/bench.jsonl"
@@ -45,12 +46,19 @@ if [[ "${DECODER:-1}" == 1 ]]; then
     "$PY" scripts/benchmark.py caption --device "$DEVICE" --precision "$precision" "${CAP[@]}" --json | tee -a "$OUT_DIR/bench.jsonl"
   done
 fi
-# JPEGs decoded by PIL on reader threads vs by torchvision on the device (nvJPEG on a GPU)
-for decode in cpu device; do
-  for workers in 4 8; do
-    "$PY" scripts/benchmark.py caption --device "$DEVICE" "${CAP[@]}" --num-workers "$workers" --jpeg-decode "$decode" --json | tee -a "$OUT_DIR/bench.jsonl"
-  done
+# beam search replayed as a CUDA graph (auto) vs kernels launched one by one (off)
+for graph in auto off; do
+  "$PY" scripts/benchmark.py decoder --device "$DEVICE" "${DEC[@]}" --only beam --cuda-graph "$graph" --json | tee -a "$OUT_DIR/bench.jsonl"
+  "$PY" scripts/benchmark.py caption --device "$DEVICE" "${CAP[@]}" --num-workers 4 --jpeg-decode device --cuda-graph "$graph" --json | tee -a "$OUT_DIR/bench.jsonl"
 done
+# JPEGs decoded by PIL on reader threads vs by torchvision on the device (nvJPEG on a GPU)
+if [[ "${JPEG:-1}" == 1 ]]; then
+  for decode in cpu device; do
+    for workers in 4 8; do
+      "$PY" scripts/benchmark.py caption --device "$DEVICE" "${CAP[@]}" --num-workers "$workers" --jpeg-decode "$decode" --json | tee -a "$OUT_DIR/bench.jsonl"
+    done
+  done
+fi
 
 [[ "${FIT:-1}" == 1 ]] || exit 0
 run=runs/gpu-check

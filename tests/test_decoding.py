@@ -158,3 +158,69 @@ def test_beam_wider_than_the_vocabulary() -> None:
         assert out.scores[i].item() == pytest.approx(ref_score, abs=1e-4)
     with pytest.raises(ValueError, match="max_length must be >= 1"):
         beam_search(dec, feats, beam_size=2, max_length=0)
+
+
+# -- CUDA graphs (GPU only) -----------------------------------------------------------------------
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+@pytest.mark.parametrize(("k", "min_length", "early_stop"), [(3, 1, True), (5, 4, False), (40, 1, True)])
+def test_cuda_graph_beam_search_equals_eager(decoder, monkeypatch, k: int, min_length: int,
+                                             early_stop: bool) -> None:
+    dec = decoder.to("cuda")
+    features = torch.randn(6, 9, 12, device="cuda")
+    replays = []
+    real_replay = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda g: replays.append(1) or real_replay(g))
+    kw = {"beam_size": k, "max_length": 12, "min_length": min_length, "early_stop": early_stop}
+    eager = beam_search(dec, features, cuda_graph=False, **kw)
+    assert not replays
+    graphed = beam_search(dec, features, cuda_graph=True, **kw)
+    assert replays, "the steps were not replayed from a graph"
+    assert torch.equal(graphed.tokens, eager.tokens) and torch.equal(graphed.lengths, eager.lengths)
+    torch.testing.assert_close(graphed.scores, eager.scores)
+    torch.testing.assert_close(graphed.alphas, eager.alphas)
+    for a, b in zip(graphed.nbest, eager.nbest, strict=True):
+        assert [t for t, _ in a] == [t for t, _ in b]
+        assert [s for _, s in a] == pytest.approx([s for _, s in b], abs=1e-5)
+    # the next batch of the same shape replays the kept graph, on its own images
+    other = torch.randn(6, 9, 12, device="cuda")
+    recorded = len(replays)
+    again, eager_again = beam_search(dec, other, **kw), beam_search(dec, other, cuda_graph=False, **kw)
+    assert len(replays) > recorded
+    assert torch.equal(again.tokens, eager_again.tokens)
+    torch.testing.assert_close(again.alphas, eager_again.alphas)
+    # new weights (an optimiser step, a load): recorded again, never the old weights replayed
+    with torch.no_grad():
+        dec.out.bias[5:15] += 3.0
+    changed, eager_changed = beam_search(dec, other, **kw), beam_search(dec, other, cuda_graph=False, **kw)
+    assert torch.equal(changed.tokens, eager_changed.tokens)
+    torch.testing.assert_close(changed.scores, eager_changed.scores)
+    # and the same as on the CPU, where no graph is involved
+    cpu = beam_search(dec.cpu(), other.cpu(), **kw)
+    assert torch.equal(cpu.tokens, eager_changed.tokens.cpu())
+
+
+@needs_cuda
+def test_failed_cuda_graph_capture_falls_back_to_eager(monkeypatch, caplog) -> None:
+    torch.manual_seed(0)
+    dec = AttentionDecoder(DecoderConfig(embed_dim=16, attention_dim=16, decoder_dim=24), 30, 12).eval().cuda()
+    features = torch.randn(3, 9, 12, device="cuda")
+    eager = beam_search(dec, features, 3, 10, cuda_graph=False)
+
+    class Broken:
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def __enter__(self):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+        def __exit__(self, *exc) -> None:
+            return None
+
+    monkeypatch.setattr(torch.cuda, "graph", Broken)
+    with caplog.at_level("WARNING"):
+        out = beam_search(dec, features, 3, 10)
+    assert "CUDA graph capture failed" in caplog.text
+    assert torch.equal(out.tokens, eager.tokens)

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from captioner.data.vocab import END_ID, PAD_ID, START_ID
 from captioner.decoding.common import Generated, ban_tokens, word_lengths
 from captioner.models.decoder import AttentionDecoder
+
+logger = logging.getLogger(__name__)
+
+# Steps run eagerly before a graph is first recorded: the warm-up that capture needs (lazy
+# initialisation, cuBLAS workspaces) happens on real steps rather than thrown-away ones.
+GRAPH_WARMUP_STEPS = 2
+# Recorded searches kept per decoder (one per batch shape; each holds its buffers on the GPU).
+GRAPHS_KEPT = 2
 
 
 @torch.no_grad()
@@ -20,6 +33,7 @@ def beam_search(
     suppress_unk: bool = False,
     min_length: int = 1,
     early_stop: bool = True,
+    cuda_graph: bool | None = None,
 ) -> Generated:
     """Keep the ``beam_size`` best partial captions per image.
 
@@ -29,6 +43,12 @@ def beam_search(
     score by ``words ** length_penalty`` (0: raw log-probability). ``<end>`` is not allowed before
     ``min_length`` words. ``early_stop=False`` runs all
     ``max_length`` steps (for benchmarks). With ``beam_size=1`` this is exactly greedy decoding.
+
+    Each step writes into tensors allocated once (the words chosen, which beam each extends,
+    the attention) and the captions are read back through those pointers at the end, so a step
+    has fixed shapes and addresses. On a GPU (``cuda_graph`` None or True) a step is recorded
+    once as a CUDA graph, kept for the next batch of the same shape and replayed: one launch per
+    word instead of a hundred small kernels. ``cuda_graph=False`` launches them one by one.
     """
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
@@ -41,10 +61,9 @@ def beam_search(
     # K consecutive rows per image), so the image work is neither copied nor repeated.
     cache = decoder.precompute(features)  # (B, ...)
     state = decoder.init_state(features)  # (B, H) each
-    prev = torch.full((b,), START_ID, dtype=torch.long, device=dev)
-    batch_offset = (torch.arange(b, device=dev) * k).unsqueeze(1)  # (B, 1)
+    start = torch.full((b,), START_ID, dtype=torch.long, device=dev)
     # Step 0 on one row per image: the K beams would all hold the same <start> hypothesis.
-    logp, state, alpha = decoder.step(prev, state, cache)  # (B, V), .., (B, N)
+    logp, state, alpha0 = decoder.step(start, state, cache)  # (B, V), .., (B, N)
     v = logp.size(-1)
     ban_tokens(logp.unsqueeze(1), 0, suppress_unk, min_length)
     if v >= k:
@@ -53,33 +72,37 @@ def beam_search(
         scores = torch.full((b, k), float("-inf"), device=dev)
         tok = torch.full((b, k), PAD_ID, dtype=torch.long, device=dev)
         scores[:, :v], tok[:, :v] = logp.topk(v, dim=-1)
-    tokens = tok.unsqueeze(-1)  # (B, K, 1)
-    alphas = alpha[:, None, None].expand(b, k, 1, n).contiguous()  # (B, K, 1, N)
-    done = (tok == END_ID) | scores.isneginf()
-    state = (state[0].repeat_interleave(k, 0), state[1].repeat_interleave(k, 0))  # (B*K, H)
-    prev = tok.view(-1)
-    for step in range(1, max_length):
-        if early_stop and bool(done.all()):
-            break
-        logp, state, alpha = decoder.step(prev, state, cache)  # (B*K, V), .., (B*K, N)
-        v = logp.size(-1)
-        logp = logp.view(b, k, v)
-        ban_tokens(logp, step, suppress_unk, min_length)
-        # finished beams: only <pad>, at no cost (in place: logp is a fresh tensor of ours)
-        pad = torch.where(done, 0.0, logp[..., PAD_ID])  # (B, K)
-        logp.masked_fill_(done.unsqueeze(-1), float("-inf"))
-        logp[..., PAD_ID] = pad
-        cand = logp.add_(scores.unsqueeze(-1)).view(b, k * v)  # (B, K*V)
-        scores, flat = cand.topk(k, dim=-1)  # (B, K)
-        origin = torch.div(flat, v, rounding_mode="floor")  # (B, K) which beam it extends
-        tok = flat % v
-        rows = (batch_offset + origin).view(-1)  # (B*K,) rows of the beams extended
-        tokens = torch.cat([tokens.view(b * k, -1)[rows].view(b, k, -1), tok.unsqueeze(-1)], -1)
-        alphas = torch.cat([alphas.view(b * k, -1, n)[rows].view(b, k, -1, n),
-                            alpha[rows].view(b, k, 1, n)], 2)
-        done = done.view(-1)[rows].view(b, k) | (tok == END_ID)
-        state = (state[0][rows], state[1][rows])
-        prev = tok.view(-1)
+    h, c = (s.repeat_interleave(k, 0) for s in state)  # (B*K, H)
+
+    graph = _recorded(decoder, cache, (b, k, n, v, max_length, suppress_unk)) \
+        if _use_graph(cuda_graph, dev, max_length, decoder) else None
+    beams = graph.beams if graph is not None else _Beams.allocate(cache, h, alpha0.dtype, k, n, max_length)
+    run = lambda step: beams.advance(decoder, step, suppress_unk, min_length)  # noqa: E731
+    steps = 1
+    try:
+        beams.begin(cache, h, c, tok, scores)
+        for step in range(1, max_length):
+            if early_stop and bool(beams.done.all()):
+                break
+            # ban_tokens depends on the step before min_length; the graph replays later steps
+            if graph is None or step < min_length:
+                run(step)
+            else:
+                try:
+                    graph.run(step, run)
+                except _CaptureFailed as err:
+                    logger.warning("beam search: CUDA graph capture failed (%s); running steps eagerly", err)
+                    decoder.__dict__["_beam_graphs_failed"] = True  # for good: do not try again
+                    decoder.__dict__.pop("_beam_graphs", None)
+                    graph.lock.release()
+                    graph = None
+                    run(step)
+            steps += 1
+        tokens, alphas = _backtrack(beams, steps, alpha0)  # (B, K, T), (B, K, T, N)
+        scores = beams.scores.clone()
+    finally:
+        if graph is not None:
+            graph.lock.release()
     t = tokens.size(-1)
     lengths = word_lengths(tokens.view(b * k, t)).view(b, k)
     final = scores
@@ -94,3 +117,166 @@ def beam_search(
     tok_l, len_l, score_l = tokens.tolist(), lengths.tolist(), final.tolist()
     nbest = [[(tok_l[i][j][: len_l[i][j]], score_l[i][j]) for j in range(k)] for i in range(b)]
     return Generated(tokens[:, 0], lengths[:, 0], final[:, 0], alphas[:, 0], nbest)
+
+
+@dataclass
+class _Beams:
+    """The state of a search, updated in place by ``advance``: fixed shapes and addresses."""
+
+    cache: tuple[Tensor, ...]  # the attention's image cache, (B, ...) each
+    h: Tensor  # (B*K, H)
+    c: Tensor  # (B*K, H)
+    prev: Tensor  # (B*K,) the last word of each beam
+    scores: Tensor  # (B, K)
+    done: Tensor  # (B, K)
+    words: Tensor  # (T, B, K) the word step t chose
+    parents: Tensor  # (T, B, K) the beam it extended
+    maps: Tensor  # (T, B, K, N) at step t >= 1: the attention of the beams it extended
+    t_now: Tensor  # () the step advance() writes
+    batch_offset: Tensor  # (B, 1) first row of each image
+
+    @classmethod
+    def allocate(cls, cache: tuple[Tensor, ...], h: Tensor, map_dtype: torch.dtype, k: int, n: int,
+                 max_length: int) -> _Beams:
+        b, dev = cache[0].size(0), h.device
+        long = {"dtype": torch.long, "device": dev}
+        return cls(
+            cache=cache, h=torch.empty_like(h), c=torch.empty_like(h), prev=torch.empty(b * k, **long),
+            scores=torch.empty(b, k, device=dev), done=torch.empty(b, k, dtype=torch.bool, device=dev),
+            words=torch.empty(max_length, b, k, **long), parents=torch.zeros(max_length, b, k, **long),
+            maps=torch.empty(max_length, b, k, n, dtype=map_dtype, device=dev), t_now=torch.empty((), **long),
+            batch_offset=(torch.arange(b, device=dev) * k).unsqueeze(1),
+        )
+
+    def begin(self, cache: tuple[Tensor, ...], h: Tensor, c: Tensor, tok: Tensor, scores: Tensor) -> None:
+        for mine, new in zip(self.cache, cache, strict=True):
+            if mine is not new:
+                mine.copy_(new)
+        self.h.copy_(h)
+        self.c.copy_(c)
+        self.prev.copy_(tok.view(-1))
+        self.scores.copy_(scores)
+        self.done.copy_((tok == END_ID) | scores.isneginf())
+        self.words.fill_(PAD_ID)
+        self.words[0] = tok
+        self.t_now.fill_(1)
+
+    def advance(self, decoder: AttentionDecoder, step: int, suppress_unk: bool, min_length: int) -> None:
+        b, k = self.scores.shape
+        logp, (h2, c2), alpha = decoder.step(self.prev, (self.h, self.c), self.cache)  # (B*K, V), .., (B*K, N)
+        v = logp.size(-1)
+        logp = logp.view(b, k, v)
+        ban_tokens(logp, step, suppress_unk, min_length)
+        # finished beams: only <pad>, at no cost (in place: logp is a fresh tensor of ours)
+        pad = torch.where(self.done, 0.0, logp[..., PAD_ID])  # (B, K)
+        logp.masked_fill_(self.done.unsqueeze(-1), float("-inf"))
+        logp[..., PAD_ID] = pad
+        cand = logp.add_(self.scores.unsqueeze(-1)).view(b, k * v)  # (B, K*V)
+        scores, flat = cand.topk(k, dim=-1)  # (B, K)
+        origin = torch.div(flat, v, rounding_mode="floor")  # (B, K) which beam it extends
+        tok = flat % v
+        rows = (self.batch_offset + origin).view(-1)  # (B*K,) rows of the beams extended
+        self.words.index_copy_(0, self.t_now, tok.unsqueeze(0))
+        self.parents.index_copy_(0, self.t_now, origin.unsqueeze(0))
+        self.maps.index_copy_(0, self.t_now, alpha.view(1, b, k, -1))
+        self.t_now.add_(1)
+        self.done.copy_(self.done.gather(1, origin) | (tok == END_ID))
+        self.scores.copy_(scores)
+        self.h.copy_(h2[rows])
+        self.c.copy_(c2[rows])
+        self.prev.copy_(tok.view(-1))
+
+
+def _backtrack(beams: _Beams, steps: int, alpha0: Tensor) -> tuple[Tensor, Tensor]:
+    """Each final beam's words and attention maps over the first ``steps`` steps, read back
+    through the parent pointers (followed on the host: T small steps; then one gather each).
+    -> tokens (B, K, T), alphas (B, K, T, N)."""
+    words, maps = beams.words[:steps], beams.maps[:steps]
+    parents = beams.parents[:steps].cpu()
+    t, b, k = words.shape
+    n = maps.size(-1)
+    ancestor = torch.empty(t, b, k, dtype=torch.long)  # final beam j's ancestor at step s
+    cur = torch.arange(k).expand(b, k)
+    for s in range(t - 1, -1, -1):
+        ancestor[s] = cur
+        cur = parents[s].gather(1, cur)
+    ancestor = ancestor.to(words.device)
+    tokens = words.gather(2, ancestor).permute(1, 2, 0)  # (B, K, T)
+    # step s's map is the one of the beam it extended: the ancestor at step s - 1
+    later = maps[1:].gather(2, ancestor[:-1].unsqueeze(-1).expand(-1, -1, -1, n))  # (T-1, B, K, N)
+    alphas = torch.cat([alpha0.view(1, b, 1, n).expand(1, b, k, n), later]).permute(1, 2, 0, 3)
+    return tokens, alphas
+
+
+def _use_graph(cuda_graph: bool | None, device: torch.device, max_length: int, decoder) -> bool:
+    if device.type != "cuda" or cuda_graph is False or decoder.__dict__.get("_beam_graphs_failed"):
+        return False
+    # Autocast caches its casts of the weights for one forward pass; a graph recorded with them
+    # would replay reads of freed memory. bf16 decoding (slower than fp32 here) stays eager.
+    if torch.is_autocast_enabled("cuda"):
+        return False
+    return max_length > GRAPH_WARMUP_STEPS + 1  # steps left to replay
+
+
+class _Recorded:
+    """One batch shape's search buffers and, once recorded, the CUDA graph of a step on them."""
+
+    def __init__(self, beams: _Beams, device: torch.device) -> None:
+        self.beams = beams
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self.lock = threading.Lock()  # one search at a time on these buffers
+        self.warm = 0
+
+    def run(self, step: int, advance) -> None:
+        """Run step ``step``: eagerly while warming up, else by replaying the graph (recorded
+        first if need be; _CaptureFailed if that fails)."""
+        if self.graph is None:
+            current = torch.cuda.current_stream(self.device)
+            if self.warm < GRAPH_WARMUP_STEPS:  # on a side stream, as capture wants
+                self.stream.wait_stream(current)
+                with torch.cuda.stream(self.stream):
+                    advance(step)
+                current.wait_stream(self.stream)  # the caller reads `done` on its stream
+                self.warm += 1
+                return
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    advance(step)  # recorded, not run
+            except RuntimeError as err:
+                raise _CaptureFailed(str(err).splitlines()[0] if str(err) else type(err).__name__) from err
+            self.graph = graph
+        self.graph.replay()
+
+
+class _CaptureFailed(RuntimeError):
+    pass
+
+
+def _recorded(decoder: AttentionDecoder, cache: tuple[Tensor, ...], shape: tuple) -> _Recorded | None:
+    """The kept search for this batch shape and these weights (a new one when there is none),
+    locked for this call; None when it is busy (another thread) or the weights are inference
+    tensors (no version counter to tell whether they changed since the recording)."""
+    params = list(decoder.parameters())
+    if any(p.is_inference() for p in params):
+        return None
+    # The graph reads the weights where they were when it was recorded; an optimiser step or a
+    # load changes their versions (and the decoder's cached copies), so the key holds them.
+    weights = tuple((p.data_ptr(), p._version) for p in params)
+    key = (shape, tuple((x.shape, x.dtype, x.device) for x in cache), torch.is_inference_mode_enabled())
+    kept: OrderedDict = decoder.__dict__.setdefault("_beam_graphs", OrderedDict())
+    for old in [key_ for key_, rec in kept.items() if rec[0] != weights]:
+        del kept[old]
+    entry = kept.get(key)
+    if entry is None:
+        b, k, n, _v, max_length, _ = shape
+        h = torch.empty(b * k, decoder.config.decoder_dim, device=cache[0].device)
+        beams = _Beams.allocate(tuple(torch.empty_like(x) for x in cache), h, torch.float32, k, n, max_length)
+        entry = kept[key] = (weights, _Recorded(beams, cache[0].device))
+        while len(kept) > GRAPHS_KEPT:
+            kept.popitem(last=False)
+    kept.move_to_end(key)
+    rec = entry[1]
+    return rec if rec.lock.acquire(blocking=False) else None

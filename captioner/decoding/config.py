@@ -20,6 +20,7 @@ class DecodingConfig:
     max_length: int = 20
     length_penalty: float = 0.0
     suppress_unk: bool = False
+    cuda_graph: bool | None = None  # beam search on a GPU: replay its steps as a CUDA graph (None: yes)
 
     @classmethod
     def from_dict(cls, d: dict, **overrides) -> DecodingConfig:
@@ -36,4 +37,5 @@ def generate(decoder: AttentionDecoder, features: Tensor, config: DecodingConfig
     k = config.beam_size if beam_size is None else beam_size
     if k == 1:
         return greedy(decoder, features, config.max_length, config.suppress_unk)
-    return beam_search(decoder, features, k, config.max_length, config.length_penalty, config.suppress_unk)
+    return beam_search(decoder, features, k, config.max_length, config.length_penalty, config.suppress_unk,
+                       cuda_graph=config.cuda_graph)
