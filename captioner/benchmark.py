@@ -178,7 +178,8 @@ def bench_decoder(
         result.update(beam_ms_per_image=1000 * secs / batch, beam_images_per_s=batch / secs)
     if "greedy" in parts:
         with torch.inference_mode(), autocast(dev, precision):
-            secs = _time(lambda: greedy(decoding, features, max_steps, early_stop=False), repeats, dev)
+            secs = _time(lambda: greedy(decoding, features, max_steps, early_stop=False, cuda_graph=cuda_graph),
+                         repeats, dev)
         result.update(greedy_ms_per_image=1000 * secs / batch, greedy_images_per_s=batch / secs)
     result["peak_rss_mb"] = peak_rss_mb()
     return result

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 
@@ -197,9 +200,25 @@ def test_cuda_graph_beam_search_equals_eager(decoder, monkeypatch, k: int, min_l
     changed, eager_changed = beam_search(dec, other, **kw), beam_search(dec, other, cuda_graph=False, **kw)
     assert torch.equal(changed.tokens, eager_changed.tokens)
     torch.testing.assert_close(changed.scores, eager_changed.scores)
+    # the recordings live outside the module: it still copies (EMA, SWA) and pickles
+    copy.deepcopy(dec)
+    pickle.dumps(dec)
     # and the same as on the CPU, where no graph is involved
     cpu = beam_search(dec.cpu(), other.cpu(), **kw)
     assert torch.equal(cpu.tokens, eager_changed.tokens.cpu())
+
+
+@needs_cuda
+def test_cuda_graph_greedy_equals_the_eager_single_path(decoder) -> None:
+    dec = decoder.to("cuda")
+    features = torch.randn(5, 9, 12, device="cuda")
+    for _ in range(2):  # recorded, then replayed from the kept graph
+        fast = greedy(dec, features, max_length=12, min_length=2)
+        slow = greedy(dec, features, max_length=12, min_length=2, cuda_graph=False)
+        assert fast.nbest is None and torch.equal(fast.tokens, slow.tokens)
+        assert torch.equal(fast.lengths, slow.lengths)
+        torch.testing.assert_close(fast.scores, slow.scores)
+        torch.testing.assert_close(fast.alphas, slow.alphas)
 
 
 @needs_cuda

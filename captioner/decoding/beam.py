@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -75,7 +76,7 @@ def beam_search(
     h, c = (s.repeat_interleave(k, 0) for s in state)  # (B*K, H)
 
     graph = _recorded(decoder, cache, (b, k, n, v, max_length, suppress_unk)) \
-        if _use_graph(cuda_graph, dev, max_length, decoder) else None
+        if graph_replay(cuda_graph, dev, max_length, decoder) else None
     beams = graph.beams if graph is not None else _Beams.allocate(cache, h, alpha0.dtype, k, n, max_length)
     run = lambda step: beams.advance(decoder, step, suppress_unk, min_length)  # noqa: E731
     steps = 1
@@ -92,8 +93,9 @@ def beam_search(
                     graph.run(step, run)
                 except _CaptureFailed as err:
                     logger.warning("beam search: CUDA graph capture failed (%s); running steps eagerly", err)
-                    decoder.__dict__["_beam_graphs_failed"] = True  # for good: do not try again
-                    decoder.__dict__.pop("_beam_graphs", None)
+                    with _KEPT_LOCK:
+                        _FAILED.add(decoder)  # for good: do not try again
+                        _KEPT.pop(decoder, None)
                     graph.lock.release()
                     graph = None
                     run(step)
@@ -208,8 +210,16 @@ def _backtrack(beams: _Beams, steps: int, alpha0: Tensor) -> tuple[Tensor, Tenso
     return tokens, alphas
 
 
-def _use_graph(cuda_graph: bool | None, device: torch.device, max_length: int, decoder) -> bool:
-    if device.type != "cuda" or cuda_graph is False or decoder.__dict__.get("_beam_graphs_failed"):
+# Recorded searches per decoder, outside the module so that copying or pickling a decoder never
+# meets a CUDA graph or a lock; entries go with their decoder.
+_KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_FAILED: weakref.WeakSet = weakref.WeakSet()  # decoders whose capture failed: eager for good
+_KEPT_LOCK = threading.Lock()
+
+
+def graph_replay(cuda_graph: bool | None, device: torch.device, max_length: int, decoder) -> bool:
+    """Whether beam search would replay its steps as a CUDA graph here."""
+    if device.type != "cuda" or cuda_graph is False or decoder in _FAILED:
         return False
     # Autocast caches its casts of the weights for one forward pass; a graph recorded with them
     # would replay reads of freed memory. bf16 decoding (slower than fp32 here) stays eager.
@@ -266,17 +276,18 @@ def _recorded(decoder: AttentionDecoder, cache: tuple[Tensor, ...], shape: tuple
     # load changes their versions (and the decoder's cached copies), so the key holds them.
     weights = tuple((p.data_ptr(), p._version) for p in params)
     key = (shape, tuple((x.shape, x.dtype, x.device) for x in cache), torch.is_inference_mode_enabled())
-    kept: OrderedDict = decoder.__dict__.setdefault("_beam_graphs", OrderedDict())
-    for old in [key_ for key_, rec in kept.items() if rec[0] != weights]:
-        del kept[old]
-    entry = kept.get(key)
-    if entry is None:
-        b, k, n, _v, max_length, _ = shape
-        h = torch.empty(b * k, decoder.config.decoder_dim, device=cache[0].device)
-        beams = _Beams.allocate(tuple(torch.empty_like(x) for x in cache), h, torch.float32, k, n, max_length)
-        entry = kept[key] = (weights, _Recorded(beams, cache[0].device))
-        while len(kept) > GRAPHS_KEPT:
-            kept.popitem(last=False)
-    kept.move_to_end(key)
-    rec = entry[1]
-    return rec if rec.lock.acquire(blocking=False) else None
+    with _KEPT_LOCK:
+        kept: OrderedDict = _KEPT.setdefault(decoder, OrderedDict())
+        for old in [key_ for key_, rec in kept.items() if rec[0] != weights]:
+            del kept[old]
+        entry = kept.get(key)
+        if entry is None:
+            b, k, n, _v, max_length, _ = shape
+            h = torch.empty(b * k, decoder.config.decoder_dim, device=cache[0].device)
+            beams = _Beams.allocate(tuple(torch.empty_like(x) for x in cache), h, torch.float32, k, n, max_length)
+            entry = kept[key] = (weights, _Recorded(beams, cache[0].device))
+            while len(kept) > GRAPHS_KEPT:
+                kept.popitem(last=False)
+        kept.move_to_end(key)
+        rec = entry[1]
+        return rec if rec.lock.acquire(blocking=False) else None

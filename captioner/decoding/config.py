@@ -33,9 +33,9 @@ class DecodingConfig:
 
 def generate(decoder: AttentionDecoder, features: Tensor, config: DecodingConfig,
              beam_size: int | None = None) -> Generated:
-    """Greedy when the beam is 1 (beam search of width 1 gives the same caption, slower)."""
+    """Greedy when the beam is 1 (beam search of width 1 gives the same caption; on the CPU slower)."""
     k = config.beam_size if beam_size is None else beam_size
     if k == 1:
-        return greedy(decoder, features, config.max_length, config.suppress_unk)
+        return greedy(decoder, features, config.max_length, config.suppress_unk, cuda_graph=config.cuda_graph)
     return beam_search(decoder, features, k, config.max_length, config.length_penalty, config.suppress_unk,
                        cuda_graph=config.cuda_graph)
