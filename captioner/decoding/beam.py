@@ -75,7 +75,7 @@ def beam_search(
         scores[:, :v], tok[:, :v] = logp.topk(v, dim=-1)
     h, c = (s.repeat_interleave(k, 0) for s in state)  # (B*K, H)
 
-    graph = _recorded(decoder, cache, (b, k, n, v, max_length, suppress_unk)) \
+    graph = _recorded(decoder, cache, h, alpha0.dtype, (b, k, n, v, max_length, suppress_unk)) \
         if graph_replay(cuda_graph, dev, max_length, decoder) else None
     beams = graph.beams if graph is not None else _Beams.allocate(cache, h, alpha0.dtype, k, n, max_length)
     run = lambda step: beams.advance(decoder, step, suppress_unk, min_length)  # noqa: E731
@@ -265,7 +265,8 @@ class _CaptureFailed(RuntimeError):
     pass
 
 
-def _recorded(decoder: AttentionDecoder, cache: tuple[Tensor, ...], shape: tuple) -> _Recorded | None:
+def _recorded(decoder: AttentionDecoder, cache: tuple[Tensor, ...], h: Tensor, map_dtype: torch.dtype,
+              shape: tuple) -> _Recorded | None:
     """The kept search for this batch shape and these weights (a new one when there is none),
     locked for this call; None when it is busy (another thread) or the weights are inference
     tensors (no version counter to tell whether they changed since the recording)."""
@@ -275,16 +276,16 @@ def _recorded(decoder: AttentionDecoder, cache: tuple[Tensor, ...], shape: tuple
     # The graph reads the weights where they were when it was recorded; an optimiser step or a
     # load changes their versions (and the decoder's cached copies), so the key holds them.
     weights = tuple((p.data_ptr(), p._version) for p in params)
-    key = (shape, tuple((x.shape, x.dtype, x.device) for x in cache), torch.is_inference_mode_enabled())
+    key = (shape, tuple((x.shape, x.dtype, x.device) for x in cache), h.dtype, map_dtype,
+           torch.is_inference_mode_enabled())
     with _KEPT_LOCK:
         kept: OrderedDict = _KEPT.setdefault(decoder, OrderedDict())
         for old in [key_ for key_, rec in kept.items() if rec[0] != weights]:
             del kept[old]
         entry = kept.get(key)
         if entry is None:
-            b, k, n, _v, max_length, _ = shape
-            h = torch.empty(b * k, decoder.config.decoder_dim, device=cache[0].device)
-            beams = _Beams.allocate(tuple(torch.empty_like(x) for x in cache), h, torch.float32, k, n, max_length)
+            _b, k, n, _v, max_length, _ = shape
+            beams = _Beams.allocate(tuple(torch.empty_like(x) for x in cache), h, map_dtype, k, n, max_length)
             entry = kept[key] = (weights, _Recorded(beams, cache[0].device))
             while len(kept) > GRAPHS_KEPT:
                 kept.popitem(last=False)
