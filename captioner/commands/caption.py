@@ -40,7 +40,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where the model runs (auto: cuda when available)")
     p.add_argument("--quantize", choices=("none", "int8"), default="none",  # models.quantize.QUANTIZE
-                   help="int8: decode with int8 weights, ~1.5x faster beam search on CPUs (CPU only)")
+                   help="int8: decode with int8 weights, ~1.4x faster beam search (CPU only)")
 
 
 def load_model(checkpoint: Path, device: str):
