@@ -102,6 +102,22 @@ def _time(fn: Callable[[], object], repeats: int, device: torch.device) -> float
     return statistics.median(times)
 
 
+def _time_alternating(fns: Sequence[Callable[[], object]], repeats: int, device: torch.device) -> list[list[float]]:
+    """Wall seconds of each of ``fns`` per round, the functions taking turns within each of
+    ``repeats`` rounds, after one warm-up run of each."""
+    for fn in fns:
+        fn()
+    _sync(device)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, out in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            out.append(time.perf_counter() - start)
+    return times
+
+
 def random_vocab(size: int) -> Vocabulary:
     return Vocabulary([*SPECIALS, *(f"w{i}" for i in range(size - len(SPECIALS)))])
 
@@ -271,12 +287,14 @@ def bench_caption(
                                                                 jpeg_decode=jpeg_decode):
                 assert caption is not None, error
 
-        enc_s = _time(encode_only, repeats, dev)
-        cap_s = _time(whole_path, repeats, dev)
+        # Alternated, so that a machine that slows down or speeds up during the run moves both
+        # timings alike: the ratio is the median of the per-round ratios.
+        enc, cap = _time_alternating((encode_only, whole_path), repeats, dev)
+    enc_s, cap_s = statistics.median(enc), statistics.median(cap)
     return {
         "encoder_ms_per_image": 1000 * enc_s / images,
         "caption_ms_per_image": 1000 * cap_s / images,
-        "ratio": cap_s / enc_s,
+        "ratio": statistics.median(c / e for e, c in zip(enc, cap, strict=True)),
         "reader_threads": threads,
         "jpeg_on_device": pipeline.jpeg_on_device(jpeg_decode),
         "peak_rss_mb": peak_rss_mb(),
