@@ -253,7 +253,9 @@ class _Recorded:
                 return
             graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(graph):
+                # thread_local: only this thread is held to capture's rules, so a server's other
+                # threads keep using the GPU meanwhile
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                     advance(step)  # recorded, not run
             except RuntimeError as err:
                 raise _CaptureFailed(str(err).splitlines()[0] if str(err) else type(err).__name__) from err
