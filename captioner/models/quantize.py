@@ -9,7 +9,8 @@ throughput on AVX2 cores. The attention, the gate, the LSTM's elementwise update
 log-softmax stay fp32, as does the encoder.
 
 It is a decoding-only snapshot of a float ``AttentionDecoder`` (training keeps the float
-weights); build it after the weights are final.
+weights); build it after the weights are final. An activation's scale comes from the whole
+batch at that step, so an image's caption can depend slightly on the images beside it.
 """
 
 from __future__ import annotations
