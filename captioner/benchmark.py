@@ -91,15 +91,7 @@ def _sync(device: torch.device) -> None:
 
 def _time(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
     """Median wall seconds of ``fn`` over ``repeats`` runs, after one warm-up run."""
-    fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(_time_alternating((fn,), repeats, device)[0])
 
 
 def _time_alternating(fns: Sequence[Callable[[], object]], repeats: int, device: torch.device) -> list[list[float]]:
@@ -336,6 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch intra-op threads (default: torch's)")
         q.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
+    def decoding_options(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--quantize", default="none", choices=QUANTIZE, help="int8: decode with int8 weights (CPU)")
+        q.add_argument("--cuda-graph", default="auto", choices=("auto", "off"),
+                       help="beam search on a GPU: replay its step as a CUDA graph (auto) or not")
+
     d = sub.add_parser("decoder", help="decoder training step, beam search and greedy decoding")
     common(d)
     d.add_argument("--encoder-dim", type=int, default=2048)
@@ -353,9 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     d.add_argument("--compile", action="store_true", help="torch.compile the decoder")
     d.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16: autocast")
-    d.add_argument("--quantize", default="none", choices=QUANTIZE, help="int8: decode with int8 weights (CPU)")
-    d.add_argument("--cuda-graph", default="auto", choices=("auto", "off"),
-                   help="beam search on a GPU: replay its step as a CUDA graph (auto) or not")
+    decoding_options(d)
     d.add_argument("--only", nargs="+", choices=("train", "beam", "greedy"), default=None,
                    help="run only these parts")
 
@@ -375,9 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     c.add_argument("--num-workers", type=int, default=None,
                    help="image-reading threads (default: as `captioner caption`, 0 on CPU, 4 on GPU)")
-    c.add_argument("--quantize", default="none", choices=QUANTIZE, help="int8: decode with int8 weights (CPU)")
-    c.add_argument("--cuda-graph", default="auto", choices=("auto", "off"),
-                   help="beam search on a GPU: replay its step as a CUDA graph (auto) or not")
+    decoding_options(c)
     c.add_argument("--jpeg-decode", default="auto", choices=JPEG_DECODE,
                    help="as `captioner caption --jpeg-decode` (auto: on the device when it is a GPU)")
 

@@ -39,7 +39,13 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="most words per caption; default: the checkpoint's decoding.max_length")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where the model runs (auto: cuda when available)")
-    p.add_argument("--quantize", choices=("none", "int8"), default="none",  # models.quantize.QUANTIZE
+    add_quantize_argument(p)
+
+
+def add_quantize_argument(p: argparse.ArgumentParser) -> None:
+    """``--quantize`` for every command that decodes (choices: models.quantize.QUANTIZE, written
+    out so that parsing arguments does not import torch)."""
+    p.add_argument("--quantize", choices=("none", "int8"), default="none",
                    help="int8: decode with int8 weights, ~1.4x faster beam search (CPU only)")
 
 

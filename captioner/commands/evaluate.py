@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from captioner.commands.caption import load_pipeline, positive_int
+from captioner.commands.caption import add_quantize_argument, load_pipeline, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -181,8 +181,7 @@ def register(subparsers) -> None:
                    help="image loading processes (default: the config's num_workers)")
     m.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where the model runs (auto: cuda when available)")
-    m.add_argument("--quantize", choices=("none", "int8"), default="none",
-                   help="int8: decode with int8 weights (CPU only)")
+    add_quantize_argument(m)
     m.add_argument("--results", type=Path, help='write the captions as a COCO results file '
                    '[{"image_id": int, "caption": str}, ...]')
 

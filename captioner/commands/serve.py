@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from captioner.cli import UsageError
+from captioner.commands.caption import add_quantize_argument
 
 logger = logging.getLogger(__name__)
 
@@ -24,8 +25,7 @@ def register(subparsers) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted image file (default: 10)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--quantize", choices=("none", "int8"), default="none",
-                   help="int8: decode with int8 weights (CPU only)")
+    add_quantize_argument(p)
     p.add_argument("--max-batch", type=int, default=8, help="images per model call (default: 8)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="images waiting or running before requests get 503 (default: 64)")

@@ -39,7 +39,6 @@ class Int8Linear:
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
         w = weight.detach().float().cpu().contiguous()  # (out, in)
-        self.out_features, self.in_features = w.shape
         scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).double()  # (out,)
         zero = torch.zeros(w.size(0), dtype=torch.long)
         with warnings.catch_warnings():
@@ -86,14 +85,6 @@ class Int8Decoder:
                 self.out_h = Int8Linear(decoder.out_h.weight, decoder.out_h.bias)  # L_h
                 self.out_z = Int8Linear(decoder.out_z.weight)  # L_z
             self.out = Int8Linear(decoder.out.weight, decoder.out.bias)  # L_o: (V, E) or (V, H)
-
-    @property
-    def config(self):
-        return self.decoder.config
-
-    @property
-    def vocab_size(self) -> int:
-        return self.decoder.vocab_size
 
     def precompute(self, features: Tensor) -> tuple[Tensor, ...]:
         return self.decoder.precompute(features)
