@@ -35,15 +35,28 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 class PeriodicCheckpoint(L.Callback):
     """Write ``last.ckpt`` (beside the best checkpoint) every ``every_n_steps`` optimiser steps,
-    so a killed run loses at most that many steps. 0 turns it off."""
+    so a killed run loses at most that many steps (0: never in between), and when training ends
+    at a step not yet saved: a run that stops before any validation (``max_steps`` shorter than
+    an epoch, ``max_time``, ``fast_dev_run``) still leaves a checkpoint to caption with."""
 
     def __init__(self, every_n_steps: int = 500, filename: str = "last.ckpt") -> None:
         self.every_n_steps = every_n_steps
         self.filename = filename
+        self._saved_step = -1
+
+    def _save(self, trainer: L.Trainer) -> None:
+        cb = trainer.checkpoint_callback
+        folder = Path(cb.dirpath) if cb is not None and cb.dirpath else Path(trainer.default_root_dir) / "checkpoints"
+        trainer.save_checkpoint(folder / self.filename, weights_only=False)  # all ranks call; rank 0 writes
+        self._saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if self.every_n_steps <= 0 or trainer.global_step == 0 or trainer.global_step % self.every_n_steps:
             return
+        self._save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         cb = trainer.checkpoint_callback
-        folder = Path(cb.dirpath) if cb is not None and cb.dirpath else Path(trainer.default_root_dir) / "checkpoints"
-        trainer.save_checkpoint(folder / self.filename, weights_only=False)  # all ranks call; rank 0 writes
+        last_saved = getattr(cb, "_last_global_step_saved", -1) if cb is not None else -1
+        if trainer.global_step > 0 and trainer.global_step not in (self._saved_step, last_saved):
+            self._save(trainer)

@@ -87,7 +87,8 @@ fi
 
 if has evaluate; then
     echo "== 5. evaluate: shapes test split (captions, attention correctness) -> $OUT/report/"
-    captioner evaluate --checkpoint "$CKPT" --config "configs/$CONFIG.yaml" --split test --beam-size 3 \
+    captioner evaluate --checkpoint "$CKPT" --config "configs/$CONFIG.yaml" --split test \
+        --model.decoding.beam_size 3 \
         --output "$OUT/metrics.json" --results "$OUT/results.json" --report "$OUT/report"
 fi
 

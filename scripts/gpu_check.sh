@@ -66,8 +66,8 @@ rm -rf "$run"
 start=$(date +%s)
 "$PY" -m captioner.cli fit --config configs/shapes.yaml "${ACCEL[@]}" --trainer.max_time null \
   --trainer.max_epochs "$EPOCHS" --early_stopping.patience 1000 --trainer.enable_progress_bar false \
-  --trainer.default_root_dir "$run" --trainer.logger false --checkpoint.dirpath "$run/checkpoints" \
+  --trainer.default_root_dir "$run" --trainer.logger false \
   --data.data_dir "$run/data" "${FIT_ARGS[@]}" 2>&1 | tee "$OUT_DIR/fit.log" | grep -v "^\s*$" | tail -n 5
 echo "fit: $(( $(date +%s) - start )) s for $EPOCHS epochs" | tee -a "$OUT_DIR/fit.log"
-"$PY" -m captioner.cli evaluate --checkpoint "$run/checkpoints/best.ckpt" --config configs/shapes.yaml \
-  --set data_dir="$run/data" --split test --device "$DEVICE" --output "$OUT_DIR/metrics.json" 2>&1 | tail -n 20
+"$PY" -m captioner.cli evaluate --checkpoint "$run/checkpoints/best.ckpt" \
+  --split test --device "$DEVICE" --output "$OUT_DIR/metrics.json" 2>&1 | tail -n 20

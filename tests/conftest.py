@@ -36,7 +36,6 @@ def fit_args(shapes_dir: Path, root: Path, *extra: str) -> list[str]:
         "--model.decoder.decoder_dim", "16", "--model.optim.warmup_steps", "0",
         "--trainer.default_root_dir", str(root), "--trainer.logger", "false",
         "--trainer.enable_progress_bar", "false", "--trainer.max_time", "null",
-        "--checkpoint.dirpath", str(root / "checkpoints"),
         *extra,
     ]
 

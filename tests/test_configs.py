@@ -28,7 +28,7 @@ def test_config_parses_and_resolves(config: Path, tmp_path) -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     resolved = yaml.safe_load(out.stdout)
     assert resolved["model"]["decoder"]["attention"] in ("soft", "hard", "multihead")
-    assert resolved["checkpoint"]["monitor"] == "val/CIDEr"
+    assert resolved["best_checkpoint"]["monitor"] == "val/CIDEr"
 
 
 @pytest.mark.parametrize("variant", ["shapes-hard.yaml", "shapes-multihead.yaml"])

@@ -53,7 +53,7 @@ def evaluated(tiny_checkpoint, shapes_dir, tmp_path_factory) -> SimpleNamespace:
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         rc = main(["evaluate", "--checkpoint", str(ckpt), "--config", str(cfg), "--split", "test",
-                   "--beam-size", "2", "--device", "cpu", "--no-meteor",
+                   "--model.decoding.beam_size", "2", "--device", "cpu", "--no-meteor",
                    "--output", str(out / "metrics.json"), "--results", str(out / "results.json"),
                    "--report", str(out / "report")])
     return SimpleNamespace(rc=rc, stdout=stdout.getvalue(), out=out, ckpt=ckpt, csv=csv)

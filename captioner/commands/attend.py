@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from captioner.commands.caption import add_model_arguments, load_pipeline, positive_int
+from captioner.commands.common import UsageError, add_model_arguments, load_pipeline, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +21,6 @@ logger = logging.getLogger(__name__)
 def cmd_attend(a: argparse.Namespace) -> int:
     from matplotlib import colormaps
 
-    from captioner.cli import UsageError
     from captioner.data.images import ImageLoadError, load_image
     from captioner.viz import attention_json, save_attention_figure, save_attention_gif
 
@@ -30,7 +29,8 @@ def cmd_attend(a: argparse.Namespace) -> int:
     fmt = a.format or ("gif" if a.output.suffix.lower() == ".gif" else "png")
     if not a.output.parent.is_dir():
         raise UsageError(f"--output: folder {a.output.parent} does not exist")
-    pipeline = load_pipeline(a)
+    pipeline = load_pipeline(a.checkpoint, a.device, a.quantize, beam_size=a.beam_size,
+                             max_length=a.max_length)
     try:
         image = load_image(a.image)
     except ImageLoadError as err:

@@ -12,64 +12,19 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
+
+from captioner.commands.common import (
+    JPEG_DECODE,
+    UsageError,
+    add_model_arguments,
+    load_pipeline,
+    positive_int,
+)
 
 logger = logging.getLogger(__name__)
 
 # With at least this many images a progress bar is drawn when stderr is a terminal.
 PROGRESS_MIN_IMAGES = 20
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """Options shared by ``caption`` and ``attend``."""
-    p.add_argument("--checkpoint", required=True, type=Path, help="a .ckpt written by `captioner fit`")
-    p.add_argument("--beam-size", type=positive_int, default=None,
-                   help="beam width (1 = greedy); default: the checkpoint's decoding.beam_size")
-    p.add_argument("--max-length", type=positive_int, default=None,
-                   help="most words per caption; default: the checkpoint's decoding.max_length")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="where the model runs (auto: cuda when available)")
-    add_quantize_argument(p)
-
-
-def add_quantize_argument(p: argparse.ArgumentParser) -> None:
-    """``--quantize`` for every command that decodes (choices: models.quantize.QUANTIZE, written
-    out so that parsing arguments does not import torch)."""
-    p.add_argument("--quantize", choices=("none", "int8"), default="none",
-                   help="int8: decode with int8 weights, ~1.4x faster beam search (CPU only)")
-
-
-def load_model(checkpoint: Path, device: str):
-    """A checkpoint on ``auto|cpu|cuda`` -> LoadedModel, or UsageError (exit 2) with one line."""
-    from captioner.cli import UsageError
-    from captioner.inference import CheckpointError, load_checkpoint, resolve_device
-
-    try:
-        return load_checkpoint(checkpoint, resolve_device(device))
-    except (ValueError, CheckpointError) as err:
-        raise UsageError(" ".join(str(err).split())) from None
-
-
-def load_pipeline(a: argparse.Namespace):
-    """Checkpoint and decoding options -> CaptionPipeline, or UsageError (exit 2) with one line."""
-    from captioner.cli import UsageError
-    from captioner.inference import CaptionPipeline
-
-    loaded = load_model(a.checkpoint, a.device)
-    try:
-        return CaptionPipeline(loaded, beam_size=a.beam_size, max_length=a.max_length, quantize=a.quantize)
-    except (ValueError, RuntimeError) as err:
-        raise UsageError(f"--quantize {a.quantize}: {err}") from None
 
 
 def _write(line: str) -> None:
@@ -80,13 +35,13 @@ def _write(line: str) -> None:
 def cmd_caption(a: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from captioner.cli import UsageError
     from captioner.data.images import iter_image_paths
 
     paths = list(iter_image_paths(a.paths))  # Paths only: cheap even for many thousands
     if not paths:
         raise UsageError("no image files found in " + ", ".join(str(p) for p in a.paths))
-    pipeline = load_pipeline(a)
+    pipeline = load_pipeline(a.checkpoint, a.device, a.quantize, beam_size=a.beam_size,
+                             max_length=a.max_length)
 
     show = a.progress if a.progress is not None else (
         len(paths) >= PROGRESS_MIN_IMAGES and sys.stderr.isatty())
@@ -131,8 +86,8 @@ def register(subparsers) -> None:
     p.add_argument("--num-workers", type=int, default=None,
                    help="threads that read and resize images while the model works (default: 0 on "
                    "the CPU, where the model already uses every core; 4 on a GPU)")
-    p.add_argument("--jpeg-decode", choices=("auto", "cpu", "device"), default="auto",
-                   help="where JPEG files are decoded and resized: on the model's device with "
+    p.add_argument("--jpeg-decode", choices=JPEG_DECODE, default="auto", metavar="WHERE",
+                   help="auto, cpu or device: where JPEG files are decoded and resized: on the model's device with "
                    "torchvision (nvJPEG on a GPU), or with PIL on the CPU (auto: the device when it "
                    "is a GPU). Other formats always go through PIL")
     p.add_argument("--json", action="store_true",

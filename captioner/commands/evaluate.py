@@ -2,8 +2,11 @@
 
 Two modes:
 
-- ``--checkpoint CKPT --config CFG``: caption a split of the config's data set (each image once,
-  batched) and score it; writes ``--results`` (COCO results format) and ``--output`` (metrics).
+- ``--checkpoint CKPT [--config CFG]``: caption a split of the config's data set (each image
+  once, batched) and score it; writes ``--results`` (COCO results format) and ``--output``
+  (metrics). The config is parsed exactly as ``captioner fit`` parses it (same ``--config``
+  files, same ``--data.*`` / ``--model.decoding.*`` overrides); without ``--config`` the run's
+  own ``config.yaml`` (saved by ``fit`` in its run folder) is used.
 - ``--predictions results.json --references dataset.json`` (or ``--coco-annotations``): score any
   model's COCO results file.
 
@@ -13,87 +16,153 @@ Exit status: 0 scored, 1 image ids differ / images unreadable, 2 bad arguments o
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from captioner.commands.caption import add_quantize_argument, load_pipeline, positive_int
+from captioner.commands.common import (
+    UsageError,
+    add_device_argument,
+    add_quantize_argument,
+    check_old_flags,
+    load_pipeline,
+)
 
 logger = logging.getLogger(__name__)
 
-
-def _overrides(items: list[str]) -> dict[str, Any]:
-    import yaml
-
-    from captioner.cli import UsageError
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        key = key.strip().removeprefix("data.")
-        if not sep or not key:
-            raise UsageError(f"--set expects KEY=VALUE (a data setting), got {item!r}")
-        out[key] = yaml.safe_load(value) if value else None
-    return out
+# Flags of earlier releases -> what replaces them (the settings of the config, as for `fit`).
+OLD_FLAGS = {
+    "--set": "--data.KEY VALUE (e.g. --data.batch_size 8), as for captioner fit",
+    "--beam-size": "--model.decoding.beam_size",
+    "--max-length": "--model.decoding.max_length",
+    "--batch-size": "--data.eval_batch_size",
+    "--num-workers": "--data.num_workers",
+}
+# Options of the --predictions mode; everything else belongs to the --checkpoint mode.
+PREDICTION_OPTIONS = ("--predictions", "--references", "--coco-annotations", "--allow-missing")
 
 
-def _check_args(a: argparse.Namespace) -> None:
-    from captioner.cli import UsageError
+def add_options(p) -> None:
+    """The options of ``evaluate`` beside the config's sections."""
+    p.add_argument("--checkpoint", type=Path | None, default=None,
+                   help="a .ckpt written by `captioner fit`: caption the config's --split and score it")
+    add_device_argument(p)
+    add_quantize_argument(p)
+    p.add_argument("--results", type=Path | None, default=None,
+                   help='write the captions as a COCO results file [{"image_id": int, "caption": str}, ...]')
+    p.add_argument("--predictions", type=Path | None, default=None,
+                   help="score this COCO results file of any model instead")
+    p.add_argument("--references", type=Path | None, default=None,
+                   help="with --predictions: a Karpathy split file (dataset_coco.json, ...)")
+    p.add_argument("--coco-annotations", type=Path | None, default=None,
+                   help="with --predictions: a COCO caption annotation file (captions_val2014.json)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="with --predictions: score only the images in both files (with a warning)")
+    p.add_argument("--split", default="test", help="which split to score (default: test)")
+    p.add_argument("--output", type=Path | None, default=None, help="write the metrics as JSON")
+    p.add_argument("--report", type=Path | None, default=None,
+                   help="write metrics.json, summary.md, curves.png and attention figures of the "
+                   "best/worst images into this folder")
+    p.add_argument("--logs", type=Path | None, default=None,
+                   help="the run's metrics.csv (or a folder with it) for curves.png; default: found "
+                   "above the checkpoint")
+    p.add_argument("--spice", action="store_true",
+                   help="also compute SPICE (Java; downloads Stanford CoreNLP on first use)")
+    p.add_argument("--no-meteor", dest="meteor", action="store_false",
+                   help="skip METEOR (its Java process takes ~10 s to start)")
 
-    if (a.checkpoint is None) == (a.predictions is None):
-        raise UsageError("give --checkpoint CKPT --config CFG (caption and score a split), or "
+
+def run_config(checkpoint: Path) -> Path | None:
+    """The ``config.yaml`` that ``fit`` saved in the checkpoint's run folder, if any
+    (``<root>/checkpoints/best.ckpt`` -> ``<root>/config.yaml``)."""
+    from captioner.commands.config import CONFIG_NAME
+
+    for folder in Path(checkpoint).resolve().parents[:2]:
+        if (folder / CONFIG_NAME).is_file():
+            return folder / CONFIG_NAME
+    return None
+
+
+def _with_config(args: list[str]) -> list[str]:
+    """``args`` with the run's config in front when a checkpoint is given without ``--config``."""
+    flags = {a.split("=", 1)[0] for a in args}
+    if "--checkpoint" not in flags or flags & {"--config", "-c"}:
+        return args
+    i = next(k for k, a in enumerate(args) if a.split("=", 1)[0] == "--checkpoint")
+    value = args[i].split("=", 1)[1] if "=" in args[i] else (args[i + 1] if i + 1 < len(args) else "")
+    found = run_config(Path(value)) if value else None
+    if found is None:
+        raise UsageError(f"--checkpoint {value}: no {Path(value).parent.parent / 'config.yaml'} beside "
+                         "it; give the training config with --config CFG.yaml")
+    logger.info("config: %s (the run's own)", found)
+    return ["--config", str(found), *args]
+
+
+def _parse(args: Sequence[str], prog: str):
+    """-> (command options, ConfigCLI) parsed by the same parser as ``captioner fit``."""
+    args = list(args)
+    check_old_flags(args, OLD_FLAGS)
+    flags = {a.split("=", 1)[0] for a in args}
+    if "--checkpoint" in flags and "--predictions" in flags:
+        raise UsageError("give --checkpoint (caption and score a split) or --predictions (score a "
+                         "results file), not both")
+    if "--predictions" in flags:
+        wrong = sorted(f for f in flags if f.startswith("--") and (
+            f in ("--config", "--results", "--quantize", "--device") or "." in f))
+        if "-c" in flags:
+            wrong.append("-c")
+        if wrong:
+            raise UsageError(f"{', '.join(wrong)} cannot be used with --predictions")
+    elif "--checkpoint" in flags:
+        wrong = sorted(f for f in flags if f in PREDICTION_OPTIONS[1:])
+        if wrong:
+            raise UsageError(f"{', '.join(wrong)} cannot be used with --checkpoint")
+        args = _with_config(args)
+    elif not ({"-h", "--help", "--print_config"} & flags):
+        raise UsageError("give --checkpoint CKPT [--config CFG] (caption and score a split), or "
                          "--predictions RESULTS.json --references DATASET.json (score a results file)")
-    if a.checkpoint is not None:
-        if not a.config:
-            raise UsageError("--checkpoint needs --config CFG.yaml (its data: section says which data set)")
-        wrong = [flag for flag, v in (("--references", a.references),
-                                      ("--coco-annotations", a.coco_annotations),
-                                      ("--allow-missing", a.allow_missing)) if v]
-    else:
-        if (a.references is None) == (a.coco_annotations is None):
-            raise UsageError("--predictions needs --references DATASET.json (a Karpathy split file) "
-                             "or --coco-annotations captions_*.json, one of them")
-        wrong = [flag for flag, v in (("--config", a.config), ("--results", a.results),
-                                      ("--beam-size", a.beam_size), ("--max-length", a.max_length),
-                                      ("--batch-size", a.batch_size), ("--set", a.set),
-                                      ("--quantize", a.quantize != "none")) if v]
-    if wrong:
-        mode = "--checkpoint" if a.checkpoint is not None else "--predictions"
-        raise UsageError(f"{', '.join(wrong)} cannot be used with {mode}")
-    if a.logs is not None and not a.logs.exists():
-        raise UsageError(f"--logs: {a.logs} does not exist")
+    from captioner.commands.config import ConfigCLI
+
+    cli = ConfigCLI(prog, args, add_options)
+    return cli.config, cli
 
 
-def _evaluate_checkpoint(a: argparse.Namespace):
+def _evaluate_checkpoint(a, cli):
     from tqdm import tqdm
 
-    from captioner.cli import UsageError
-    from captioner.evaluation import build_datamodule, evaluate_checkpoint, read_data_config
+    from captioner.evaluation import evaluate_checkpoint
 
-    pipeline = load_pipeline(a)
+    d = a.model.decoding
+    pipeline = load_pipeline(a.checkpoint, a.device, a.quantize, beam_size=d.beam_size,
+                             max_length=d.max_length, length_penalty=d.length_penalty,
+                             suppress_unk=d.suppress_unk, cuda_graph=d.cuda_graph)
+    dm = cli.datamodule
+    # The checkpoint decides resizing and normalisation; images are read, not a feature cache.
+    dm.preprocessing = pipeline.loaded.preprocessing
+    dm.feature_cache = None
     try:
-        data_cfg = read_data_config(a.config, _overrides(a.set))
-        dm = build_datamodule(data_cfg, pipeline.loaded.preprocessing)
+        dm.prepare_data()
         n = len(dm.split_records(a.split))
     except (OSError, ValueError, TypeError) as err:
         raise UsageError(" ".join(str(err).split())) from None
     with tqdm(total=n, unit="img", file=sys.stderr, disable=not sys.stderr.isatty(),
               leave=False) as bar:
         ev = evaluate_checkpoint(
-            pipeline, dm, a.split, batch_size=a.batch_size, num_workers=a.num_workers,
+            pipeline, dm, a.split, batch_size=dm.eval_batch_size, num_workers=dm.num_workers,
             meteor=a.meteor, spice=a.spice, keep_attention=a.report is not None,
             on_batch=bar.update,
         )
-    ev.settings["config"] = [str(c) for c in a.config]
+    ev.settings["config"] = [str(c) for c in (a.config or [])]
     return ev
 
 
-def _evaluate_predictions(a: argparse.Namespace):
-    from captioner.cli import UsageError
+def _evaluate_predictions(a):
     from captioner.evaluation import ImageIdMismatch, evaluate_predictions
 
+    if (a.references is None) == (a.coco_annotations is None):
+        raise UsageError("--predictions needs --references DATASET.json (a Karpathy split file) "
+                         "or --coco-annotations captions_*.json, one of them")
     try:
         return evaluate_predictions(
             a.predictions, a.references, a.coco_annotations, split=a.split,
@@ -105,7 +174,14 @@ def _evaluate_predictions(a: argparse.Namespace):
         raise UsageError(" ".join(str(err).split())) from None
 
 
-def cmd_evaluate(a: argparse.Namespace) -> int:
+def run(args: Sequence[str], prog: str = "captioner evaluate") -> int:
+    a, cli = _parse(args, prog)
+    if a.logs is not None and not a.logs.exists():
+        raise UsageError(f"--logs: {a.logs} does not exist")
+    return report(a, cli)
+
+
+def report(a, cli) -> int:
     from captioner.data.images import ImageLoadError
     from captioner.evaluation import (
         ImageIdMismatch,
@@ -117,9 +193,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     )
     from captioner.metrics import format_table
 
-    _check_args(a)
     try:
-        ev = _evaluate_checkpoint(a) if a.checkpoint is not None else _evaluate_predictions(a)
+        ev = _evaluate_checkpoint(a, cli) if a.checkpoint is not None else _evaluate_predictions(a)
     except ImageIdMismatch as err:
         print(f"captioner: error: {err}. Score only the images in both with --allow-missing.",
               file=sys.stderr)
@@ -155,53 +230,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "evaluate",
-        help="COCO caption metrics of a checkpoint on a split, or of a results file",
-        description="Score captions the way the field reports them (pycocoevalcap: BLEU-1..4, "
-        "METEOR, ROUGE-L, CIDEr-D, optional SPICE; JSON on the 0-1 scale, table x100). "
-        "Either caption a split with --checkpoint and --config, or score a COCO results file "
-        "with --predictions and --references/--coco-annotations. "
-        "Exit status: 0 scored, 1 image ids differ or images unreadable, 2 bad arguments/files.",
+    subparsers.add_parser(
+        "evaluate", add_help=False,
+        help="COCO caption metrics of a checkpoint on a split (--checkpoint [--config]), or of a "
+        "results file (--predictions --references)",
     )
-    m = p.add_argument_group("caption a split with a checkpoint")
-    m.add_argument("--checkpoint", type=Path, help="a .ckpt written by `captioner fit`")
-    m.add_argument("--config", type=Path, action="append", default=[],
-                   help="the training YAML config; its data: section picks the data set "
-                   "(repeatable, later files win)")
-    m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a data: setting, e.g. --set data_dir=data/shapes (repeatable)")
-    m.add_argument("--beam-size", type=positive_int, default=None,
-                   help="beam width (1 = greedy); default: the checkpoint's decoding.beam_size")
-    m.add_argument("--max-length", type=positive_int, default=None,
-                   help="most words per caption; default: the checkpoint's decoding.max_length")
-    m.add_argument("--batch-size", type=positive_int, default=None,
-                   help="images per forward pass (default: the config's eval_batch_size)")
-    m.add_argument("--num-workers", type=int, default=None,
-                   help="image loading processes (default: the config's num_workers)")
-    m.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="where the model runs (auto: cuda when available)")
-    add_quantize_argument(m)
-    m.add_argument("--results", type=Path, help='write the captions as a COCO results file '
-                   '[{"image_id": int, "caption": str}, ...]')
-
-    q = p.add_argument_group("score a results file")
-    q.add_argument("--predictions", type=Path, help="a COCO results file of any model")
-    q.add_argument("--references", type=Path, help="a Karpathy split file (dataset_coco.json, ...)")
-    q.add_argument("--coco-annotations", type=Path,
-                   help="a COCO caption annotation file (captions_val2014.json) instead")
-    q.add_argument("--allow-missing", action="store_true",
-                   help="score only the images in both files (with a warning) instead of failing")
-
-    o = p.add_argument_group("both")
-    o.add_argument("--split", default="test", help="which split to score (default: test)")
-    o.add_argument("--output", type=Path, help="write the metrics as JSON")
-    o.add_argument("--report", type=Path, metavar="DIR", help="write metrics.json, summary.md, "
-                   "curves.png and attention figures of the best/worst images into DIR")
-    o.add_argument("--logs", type=Path, metavar="PATH", help="the run's metrics.csv (or a folder "
-                   "with it) for curves.png; default: found above the checkpoint")
-    o.add_argument("--spice", action="store_true", help="also compute SPICE (Java; downloads "
-                   "Stanford CoreNLP on first use)")
-    o.add_argument("--no-meteor", dest="meteor", action="store_false",
-                   help="skip METEOR (its Java process takes ~10 s to start)")
-    p.set_defaults(func=cmd_evaluate)

@@ -7,8 +7,12 @@ import ipaddress
 import logging
 from pathlib import Path
 
-from captioner.cli import UsageError
-from captioner.commands.caption import add_quantize_argument
+from captioner.commands.common import (
+    UsageError,
+    add_device_argument,
+    add_quantize_argument,
+    load_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +28,7 @@ def register(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted image file (default: 10)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add_device_argument(p)
     add_quantize_argument(p)
     p.add_argument("--max-batch", type=int, default=8, help="images per model call (default: 8)")
     p.add_argument("--max-queue", type=int, default=64,
@@ -59,8 +63,6 @@ def cmd_serve(a: argparse.Namespace) -> int:
     except ImportError as err:
         raise UsageError(f"captioner serve needs the serve extra ({err.name} is missing): "
                          "pip install 'captioner[serve]'") from None
-    from captioner.commands.caption import load_model
-
     loaded = load_model(a.checkpoint, a.device)
     try:
         app = create_app(loaded, max_upload_mb=a.max_upload_mb, max_batch=a.max_batch, max_queue=a.max_queue,

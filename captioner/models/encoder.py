@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +20,7 @@ from captioner.models.registry import Registry
 
 logger = logging.getLogger(__name__)
 
-ENCODERS: Registry[nn.Module] = Registry("encoder")
+ENCODERS: Registry[Encoder] = Registry("encoder")
 register_encoder = ENCODERS.register
 
 
@@ -46,10 +47,19 @@ class EncoderConfig:
 
 
 class Encoder(nn.Module):
-    """Base: subclasses set ``out_dim``, ``preprocessing`` and implement ``forward``."""
+    """Images (B, 3, S, S) -> region features (B, N, D) and the grid (h, w).
 
+    A registered encoder class also says, without being built, what preprocessing it expects
+    (``default_preprocessing``) and whether it always trains (``always_trains``: its features
+    cannot be cached)."""
+
+    always_trains: ClassVar[bool] = False
     out_dim: int
     preprocessing: Preprocessing
+
+    @classmethod
+    def default_preprocessing(cls, config: EncoderConfig) -> Preprocessing:  # pragma: no cover
+        raise NotImplementedError
 
     def forward(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:  # pragma: no cover
         raise NotImplementedError
@@ -60,13 +70,14 @@ def create_encoder(config: EncoderConfig) -> Encoder:
 
 
 def encoder_preprocessing(config: EncoderConfig) -> Preprocessing:
-    """The preprocessing an encoder expects, without building it (used to configure data)."""
-    if config.name == "shapes_cnn":
-        return Preprocessing(config.image_size or 64, [0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
-    if config.name in ENCODERS:
-        mean, std = _imagenet_norm(config.name, config.pretrained)
-        return Preprocessing(config.image_size or 256, mean, std)
-    raise ValueError(f"unknown encoder {config.name!r}; choose one of {', '.join(ENCODERS.names())}")
+    """The preprocessing an encoder expects, without building it (used to configure data).
+    Raises ``ValueError`` for an unknown name."""
+    return ENCODERS.get(config.name).default_preprocessing(config)
+
+
+def encoder_trains(config: EncoderConfig) -> bool:
+    """Whether the encoder's weights change in training (then its features cannot be cached)."""
+    return ENCODERS.get(config.name).always_trains or config.trainable_blocks != 0
 
 
 def _to_regions(fmap: Tensor) -> tuple[Tensor, tuple[int, int]]:
@@ -92,6 +103,10 @@ def _imagenet_norm(name: str, pretrained: bool) -> tuple[list[float], list[float
     return list(t.mean), list(t.std)
 
 
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights that cannot be read or downloaded (the message says which setting)."""
+
+
 def _load_weights(name: str, config: EncoderConfig) -> dict[str, Tensor]:
     import torchvision
 
@@ -99,12 +114,12 @@ def _load_weights(name: str, config: EncoderConfig) -> dict[str, Tensor]:
         try:
             return torch.load(config.weights_path, map_location="cpu", weights_only=True)
         except Exception as err:
-            raise RuntimeError(f"could not load encoder weights from {config.weights_path}: {err}") from err
+            raise WeightsUnavailable(f"could not load encoder weights from {config.weights_path}: {err}") from err
     weights = getattr(torchvision.models, _TV[name][1]).DEFAULT
     try:
         return weights.get_state_dict(progress=False)
     except Exception as err:
-        raise RuntimeError(
+        raise WeightsUnavailable(
             f"could not download the ImageNet weights for {name} ({weights.url}): {err}. "
             f"Download that file where you have internet and set `encoder.weights_path: /path/to/"
             f"{weights.url.rsplit('/', 1)[-1]}` (or set `encoder.pretrained: false`)."
@@ -112,10 +127,20 @@ def _load_weights(name: str, config: EncoderConfig) -> dict[str, Tensor]:
 
 
 class TorchvisionEncoder(Encoder):
-    def __init__(self, config: EncoderConfig, tv_name: str) -> None:
+    """A torchvision ImageNet backbone; one registered subclass per name (``tv_name``)."""
+
+    tv_name: ClassVar[str]
+
+    @classmethod
+    def default_preprocessing(cls, config: EncoderConfig) -> Preprocessing:
+        mean, std = _imagenet_norm(cls.tv_name, config.pretrained)
+        return Preprocessing(config.image_size or 256, mean, std)
+
+    def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
         import torchvision
 
+        tv_name = self.tv_name
         arch, _, out_dim = _TV[tv_name]
         net = getattr(torchvision.models, arch)(weights=None)
         if config.pretrained or config.weights_path:
@@ -157,7 +182,7 @@ class TorchvisionEncoder(Encoder):
 
 
 for _name in _TV:
-    register_encoder(_name)(lambda config, _n=_name: TorchvisionEncoder(config, _n))
+    register_encoder(_name)(type(f"TorchvisionEncoder_{_name}", (TorchvisionEncoder,), {"tv_name": _name}))
 
 
 # -- the small from-scratch CNN for `shapes` -------------------------------------------------------
@@ -188,8 +213,14 @@ class ShapesCNN(Encoder):
     (image size / grid = 4 or 8), then a 1x1 conv over [features; 2-D position code].
 
     Every grid cell's receptive field is centred on the cell's own pixels, so an attention map
-    upsampled onto the image sits where the features came from.
+    upsampled onto the image sits where the features came from. Trained from scratch, always.
     """
+
+    always_trains = True
+
+    @classmethod
+    def default_preprocessing(cls, config: EncoderConfig) -> Preprocessing:
+        return Preprocessing(config.image_size or 64, [0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
 
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()

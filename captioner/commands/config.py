@@ -1,0 +1,260 @@
+"""The one configuration path of every command that takes ``--config``.
+
+``fit``/``validate``/``test``, ``evaluate`` and ``features extract`` all parse their arguments
+with the same LightningCLI (jsonargparse) parser, so ``--config a.yaml --config b.yaml
+--data.batch_size 8 --model.decoding.beam_size 3`` means the same to each of them. The training
+commands run the Trainer; the others only instantiate the data module and read the rest.
+
+One setting decides where a run writes: ``trainer.default_root_dir`` (the run folder). It gets
+
+    <root>/checkpoints/best.ckpt, last.ckpt   (unless best_checkpoint.dirpath says otherwise)
+    <root>/logs/version_N/metrics.csv         (CSV logger)
+    <root>/tensorboard/version_N/             (TensorBoard logger)
+    <root>/config.yaml                        (the resolved config of the last fit)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+from captioner.callbacks import PreciseBatchNorm
+from captioner.checkpointing import AtomicCheckpointIO, PeriodicCheckpoint
+from captioner.commands.common import UsageError
+from captioner.data.atomic import atomic_write
+from captioner.data.datamodule import CaptionDataModule
+from captioner.system import CaptioningSystem
+
+logger = logging.getLogger(__name__)
+
+# Lightning 2.6 builds torch's LeafSpec, which torch 2.10+ deprecates: the warning is about
+# Lightning's code, not ours or the user's, and would greet every `fit`.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                        module=r"lightning\.pytorch\.utilities\._pytree")
+
+DEFAULT_ROOT = "runs/captioner"
+CONFIG_NAME = "config.yaml"
+# Per-invocation arguments of `fit`, not settings of the run: left out of the saved config.
+NOT_SAVED = ("ckpt_path", "weights_only")
+
+
+# Settings renamed since earlier releases: old dotted key -> new one.
+RENAMED = {
+    # `checkpoint` clashed with the --checkpoint option of `evaluate`; it pairs with last_checkpoint
+    "checkpoint": "best_checkpoint",
+}
+
+
+class ConfigError(UsageError):
+    """An argument or config setting the parser refuses (exit 2, one line)."""
+
+
+class _Parser(LightningArgumentParser):
+    """jsonargparse's errors as exceptions: the CLI prints one line instead of LightningCLI's
+    full usage (hundreds of lines) followed by the error."""
+
+    def error(self, message: str, ex: Exception | None = None):  # type: ignore[override]
+        raise ConfigError(f"{' '.join(str(message).split())} (--help lists the settings)")
+
+
+def _preprocessing_from_encoder(encoder) -> dict:
+    from captioner.models.encoder import EncoderConfig, encoder_preprocessing
+
+    if not isinstance(encoder, EncoderConfig):  # a jsonargparse Namespace at parse time
+        fields = vars(getattr(encoder, "init_args", encoder))
+        encoder = EncoderConfig(**{k: v for k, v in fields.items() if not k.startswith("_")})
+    return encoder_preprocessing(encoder).to_dict()  # a dict, so the saved config can hold it
+
+
+def _vocab_list(vocab) -> list[str]:
+    return vocab.to_list()
+
+
+def add_run_arguments(parser: LightningArgumentParser, link_vocab: bool = True) -> None:
+    """The sections of a run's config beyond trainer/model/data, and how they link.
+    ``link_vocab``: the model takes the data's vocabulary (only where the model is built)."""
+    parser.link_arguments("model.encoder", "data.preprocessing",
+                          compute_fn=_preprocessing_from_encoder, apply_on="parse")
+    if link_vocab:
+        parser.link_arguments("data.vocab", "model.vocab", compute_fn=_vocab_list, apply_on="instantiate")
+    parser.add_lightning_class_args(ModelCheckpoint, "best_checkpoint")
+    parser.add_lightning_class_args(PeriodicCheckpoint, "last_checkpoint")
+    parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+    parser.add_lightning_class_args(PreciseBatchNorm, "precise_bn")
+    parser.set_defaults({
+        # dirpath None: <trainer.default_root_dir>/checkpoints, decided when the trainer is made
+        "best_checkpoint.monitor": "val/CIDEr", "best_checkpoint.mode": "max",
+        "best_checkpoint.save_last": True, "best_checkpoint.filename": "best",
+        "best_checkpoint.save_top_k": 1, "best_checkpoint.enable_version_counter": False,
+        # strict False: a run shorter than an epoch has no val/CIDEr yet, and that is no error
+        "early_stopping.monitor": "val/CIDEr", "early_stopping.mode": "max",
+        "early_stopping.patience": 10, "early_stopping.check_finite": False,
+        "early_stopping.strict": False,
+    })
+
+
+def default_loggers(root: Path) -> list:
+    """CSV (read by ``evaluate --report``) and TensorBoard logs inside the run folder."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    return [CSVLogger(root, name="logs"), TensorBoardLogger(root, name="tensorboard")]
+
+
+class RunConfig(SaveConfigCallback):
+    """Writes the resolved config of a ``fit`` to ``<default_root_dir>/config.yaml`` (atomically),
+    so that ``evaluate --checkpoint <root>/checkpoints/best.ckpt`` finds the run's settings."""
+
+    def save_config(self, trainer: Trainer, pl_module, stage: str) -> None:
+        if stage != "fit":
+            return
+        config = self.config.clone()
+        for key in NOT_SAVED:
+            config.pop(key, None)
+        text = self.parser.dump(config, skip_none=False)
+        atomic_write(Path(trainer.default_root_dir) / CONFIG_NAME, lambda f: f.write(text.encode()))
+
+
+def _renamed(key: str) -> str | None:
+    for old, new in RENAMED.items():
+        if key == old or key.startswith(old + "."):
+            return new + key[len(old):]
+    return None
+
+
+def _dotted_keys(tree: Any, prefix: str = "") -> Iterator[str]:
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            key = f"{prefix}{k}"
+            yield key
+            if key not in ("trainer", "model"):  # their nested values are not captioner's keys
+                yield from _dotted_keys(v, key + ".")
+
+
+def check_renamed(args: Sequence[str]) -> None:
+    """An old setting, on the command line or in a ``--config`` file -> ConfigError naming the
+    new one (jsonargparse alone would only say that the key is unknown)."""
+    import yaml
+
+    for i, arg in enumerate(args):
+        key = arg[2:].split("=", 1)[0]
+        # only dotted flags: a section's name alone may be a command's own option (--checkpoint)
+        if arg.startswith("--") and "." in key and (new := _renamed(key)):
+            raise ConfigError(f"{arg.split('=', 1)[0]} is now --{new}")
+        if arg in ("-c", "--config") and i + 1 < len(args) or arg.startswith("--config="):
+            path = Path(arg.split("=", 1)[1] if "=" in arg else args[i + 1])
+            try:
+                tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+            except (OSError, yaml.YAMLError):
+                continue  # the parser reports it
+            for key in _dotted_keys(tree):
+                if new := _renamed(key):
+                    raise ConfigError(f"{path}: setting {key} is now {new}")
+
+
+@contextlib.contextmanager
+def _argv(prog: str, args: Sequence[str]) -> Iterator[None]:
+    """LightningCLI reads sys.argv (and warns when given ``args`` beside a longer sys.argv)."""
+    saved = sys.argv
+    sys.argv = [prog, *args]
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+class CaptionerCLI(LightningCLI):
+    """``captioner fit|validate|test``: LightningCLI with captioner's callbacks and run folder."""
+
+    def __init__(self, args: Sequence[str], run: bool = True, prog: str = "captioner") -> None:
+        # Lightning gives its logger a handler of its own when imported; the CLI's root handler
+        # already prints its messages, so each would appear twice.
+        if logging.getLogger().handlers:
+            logging.getLogger("lightning").handlers.clear()
+        check_renamed(args)
+        with _argv(prog, args):
+            super().__init__(
+                CaptioningSystem, CaptionDataModule,
+                seed_everything_default=0,
+                # Sharding is done by the data module's EpochSampler (resumable, no repeats).
+                trainer_defaults={"use_distributed_sampler": False, "default_root_dir": DEFAULT_ROOT},
+                parser_class=_Parser,
+                save_config_callback=RunConfig,
+                save_config_kwargs={"save_to_log_dir": False, "overwrite": True},
+                run=run,
+            )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        add_run_arguments(parser)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = self._get(self.config_init, "trainer", default={})
+        root = Path(trainer.get("default_root_dir") or DEFAULT_ROOT)
+        checkpoint = self._get(self.config_init, "best_checkpoint")
+        if checkpoint.dirpath is None:
+            checkpoint.dirpath = os.path.realpath(root / "checkpoints")
+        if trainer.get("logger") in (None, True):
+            kwargs["logger"] = default_loggers(root)
+        plugins = trainer.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        # Here, not in trainer_defaults: the saved config could not serialise an instance.
+        kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        return super().instantiate_trainer(**kwargs)
+
+    def after_fit(self) -> None:
+        """Where the run is: the one line a user needs after training."""
+        trainer = self.trainer
+        if not trainer.is_global_zero:
+            return
+        cb = trainer.checkpoint_callback
+        folder = Path(cb.dirpath) if cb is not None and cb.dirpath else None
+        if folder is None:
+            return
+        best = folder / "best.ckpt"
+        if best.is_file() and cb.best_model_score is not None:
+            logger.info("best checkpoint: %s (%s %.4f)", best, cb.monitor, float(cb.best_model_score))
+        elif not best.is_file():
+            logger.info("no best.ckpt (it is chosen by a validation score, and none was saved): "
+                        "use %s", folder / "last.ckpt")
+        logger.info("run folder: %s (checkpoints/, logs/, tensorboard/, %s)",
+                    trainer.default_root_dir, CONFIG_NAME)
+
+
+class ConfigCLI(CaptionerCLI):
+    """A run's config parsed exactly as ``fit`` parses it, plus a command's own options
+    (``add_options(parser)``); only the data module is instantiated (``.datamodule``), the
+    model's settings are read from ``.config.model``. Nothing is seeded or trained."""
+
+    def __init__(self, prog: str, args: Sequence[str],
+                 add_options: Callable[[LightningArgumentParser], None]) -> None:
+        self._add_options = add_options
+        super().__init__(args, run=False, prog=prog)
+
+    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(Trainer, "trainer")
+        parser.set_defaults({f"trainer.{k}": v for k, v in self.trainer_defaults.items()})
+        # The model comes from a checkpoint (evaluate) or is a frozen encoder (features): its
+        # section is parsed and checked, never built.
+        parser.add_class_arguments(CaptioningSystem, "model", fail_untyped=False,
+                                   instantiate=False, sub_configs=True)
+        parser.add_lightning_class_args(CaptionDataModule, "data")
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        add_run_arguments(parser, link_vocab=False)
+        self._add_options(parser)
+
+    def _set_seed(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        self.config_init = self.parser.instantiate_classes(self.config)
+        self.datamodule = self._get(self.config_init, "data")
