@@ -32,7 +32,12 @@ from typing import Any
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from captioner.data.datamodule import CaptionDataModule, CaptionDataset, collate_captions
+from captioner.data.datamodule import (
+    CaptionDataModule,
+    CaptionDataset,
+    check_renamed_data_keys,
+    collate_captions,
+)
 from captioner.data.records import ImageRecord
 from captioner.data.vocab import tokenize
 from captioner.inference import CaptionPipeline
@@ -97,18 +102,37 @@ def read_config_section(paths: Sequence[str | os.PathLike], *keys: str) -> dict[
     return merged
 
 
+def _merge_data(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """``update`` over ``base`` as LightningCLI merges them: a section (``shapes: {...}``) key by
+    key, and a dotted key (``shapes.data_dir``, from ``--set``) into its section."""
+    out = dict(base)
+    for key, value in update.items():
+        section, dot, sub = key.partition(".")
+        if dot:
+            value, key = {sub: value}, section
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            value = {**out[key], **value}
+        out[key] = value
+    return out
+
+
 def read_data_config(
     paths: Sequence[str | os.PathLike], overrides: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """The ``data:`` section of LightningCLI YAML configs (later files win), plus ``overrides``."""
-    return {**read_config_section(paths, "data"), **(overrides or {})}
+    merged: dict[str, Any] = {}
+    for path in paths:
+        merged = _merge_data(merged, read_config_section([path], "data"))
+    return _merge_data(merged, overrides or {})
 
 
 def build_datamodule(data_cfg: Mapping[str, Any], preprocessing: Any) -> CaptionDataModule:
     """A ``CaptionDataModule`` from a config's data section, with the checkpoint's preprocessing.
 
-    ``shapes`` is generated when absent (``prepare_data``). Raises ``ValueError`` for unknown keys.
+    The source prepares its files (``shapes`` is generated when absent). Raises ``ValueError`` for
+    unknown keys, naming the new key for one that moved (``data_dir`` -> ``shapes.data_dir``).
     """
+    check_renamed_data_keys(data_cfg)
     known = set(inspect.signature(CaptionDataModule.__init__).parameters) - {"self"}
     unknown = sorted(set(data_cfg) - known)
     if unknown:
@@ -117,8 +141,7 @@ def build_datamodule(data_cfg: Mapping[str, Any], preprocessing: Any) -> Caption
     # The model decides resizing/normalisation; a feature cache would bypass the images it needs.
     kwargs = {k: v for k, v in data_cfg.items() if k not in ("preprocessing", "feature_cache")}
     dm = CaptionDataModule(**kwargs, preprocessing=preprocessing)
-    if dm.dataset == "shapes":
-        dm.prepare_data()
+    dm.source.prepare()
     return dm
 
 
@@ -381,8 +404,8 @@ def evaluate_checkpoint(
     references. ``data``: a data module, or a config's ``data:`` section (see :func:`build_datamodule`).
 
     Decoding uses the checkpoint's vocabulary and preprocessing. ``batch_size``/``num_workers``
-    default to the config's ``eval_batch_size``/``num_workers``. On ``shapes`` (a
-    ``grounding.json`` beside the data) the attention maps are scored too; ``keep_attention``
+    default to the config's ``eval_batch_size``/``num_workers``. When the source has word-region
+    grounding (``shapes``: a ``grounding.json`` beside the data) the attention maps are scored too; ``keep_attention``
     keeps every image's maps on the result (for figures).
     """
     dm = data if isinstance(data, CaptionDataModule) else build_datamodule(
@@ -390,7 +413,7 @@ def evaluate_checkpoint(
     records = dm.split_records(split)
     if not records:
         raise ValueError(f"split {split!r} of the data set has no images")
-    grounding_file = dm.data_dir / "grounding.json" if dm.dataset == "shapes" else None
+    grounding_file = dm.source.grounding_file()
     has_grounding = grounding_file is not None and grounding_file.is_file()
     batch_size = batch_size or dm.eval_batch_size
     num_workers = dm.num_workers if num_workers is None else num_workers
