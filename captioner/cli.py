@@ -52,9 +52,10 @@ def _setup_logging(verbose: bool) -> None:
 
 def _user_error(err: BaseException) -> bool:
     """Errors that come from the user's files or settings, not from a bug."""
+    from captioner.data.images import ImageLoadError
     from captioner.models.encoder import WeightsUnavailable
 
-    return isinstance(err, (OSError, ValueError, WeightsUnavailable))
+    return isinstance(err, (OSError, ValueError, ImageLoadError, WeightsUnavailable))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,7 +18,6 @@ validation curves of the run and attention figures of the best and worst images.
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 import logging
 import math
@@ -32,7 +31,11 @@ from typing import Any
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from captioner.data.datamodule import CaptionDataModule, CaptionDataset, collate_captions
+from captioner.data.datamodule import (
+    CaptionDataModule,
+    CaptionDataset,
+    collate_captions,
+)
 from captioner.data.records import ImageRecord
 from captioner.data.vocab import tokenize
 from captioner.inference import CaptionPipeline
@@ -60,66 +63,6 @@ class ResultsFormatError(ValueError):
 
 class ImageIdMismatch(ValueError):
     """Predictions and references cover different images."""
-
-
-# ---------------------------------------------------------------------------------------------
-# configuration
-# ---------------------------------------------------------------------------------------------
-def read_config_section(paths: Sequence[str | os.PathLike], *keys: str) -> dict[str, Any]:
-    """The section at ``keys`` (``"data"``, or ``"model", "encoder"``) of LightningCLI YAML configs,
-    merged (later files win).
-
-    Accepts plain keyword sections and ``class_path``/``init_args`` ones at every level. Raises
-    ``ValueError`` naming the file for unreadable YAML or a section that is not a mapping, and
-    ``FileNotFoundError`` for a missing file.
-    """
-    import yaml
-
-    name = ".".join(keys)
-    merged: dict[str, Any] = {}
-    for path in paths:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: config file not found")
-        try:
-            section = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
-        if not isinstance(section, dict):
-            raise ValueError(f"{path}: expected a mapping with a {keys[0]!r} section")
-        for key in keys:
-            section = section.get(key) or {}
-            if isinstance(section, dict) and "init_args" in section:
-                section = section["init_args"] or {}
-            if not isinstance(section, dict):
-                raise ValueError(f"{path}: {name!r} must be a mapping of keyword arguments")
-        merged.update(section)
-    return merged
-
-
-def read_data_config(
-    paths: Sequence[str | os.PathLike], overrides: Mapping[str, Any] | None = None
-) -> dict[str, Any]:
-    """The ``data:`` section of LightningCLI YAML configs (later files win), plus ``overrides``."""
-    return {**read_config_section(paths, "data"), **(overrides or {})}
-
-
-def build_datamodule(data_cfg: Mapping[str, Any], preprocessing: Any) -> CaptionDataModule:
-    """A ``CaptionDataModule`` from a config's data section, with the checkpoint's preprocessing.
-
-    ``shapes`` is generated when absent (``prepare_data``). Raises ``ValueError`` for unknown keys.
-    """
-    known = set(inspect.signature(CaptionDataModule.__init__).parameters) - {"self"}
-    unknown = sorted(set(data_cfg) - known)
-    if unknown:
-        raise ValueError(f"unknown data settings: {', '.join(unknown)} "
-                         f"(CaptionDataModule takes: {', '.join(sorted(known))})")
-    # The model decides resizing/normalisation; a feature cache would bypass the images it needs.
-    kwargs = {k: v for k, v in data_cfg.items() if k not in ("preprocessing", "feature_cache")}
-    dm = CaptionDataModule(**kwargs, preprocessing=preprocessing)
-    if dm.dataset == "shapes":
-        dm.prepare_data()
-    return dm
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,7 +311,7 @@ def _score(
 
 def evaluate_checkpoint(
     pipeline: CaptionPipeline,
-    data: CaptionDataModule | Mapping[str, Any],
+    dm: CaptionDataModule,
     split: str = "test",
     batch_size: int | None = None,
     num_workers: int | None = None,
@@ -378,19 +321,17 @@ def evaluate_checkpoint(
     on_batch: Callable[[int], None] | None = None,
 ) -> Evaluation:
     """Caption ``split`` of a data set once per image and score the captions against all its raw
-    references. ``data``: a data module, or a config's ``data:`` section (see :func:`build_datamodule`).
+    references. ``dm``: the data module, with the checkpoint's preprocessing.
 
     Decoding uses the checkpoint's vocabulary and preprocessing. ``batch_size``/``num_workers``
-    default to the config's ``eval_batch_size``/``num_workers``. On ``shapes`` (a
-    ``grounding.json`` beside the data) the attention maps are scored too; ``keep_attention``
+    default to the config's ``eval_batch_size``/``num_workers``. When the source has word-region
+    grounding (``shapes``: a ``grounding.json`` beside the data) the attention maps are scored too; ``keep_attention``
     keeps every image's maps on the result (for figures).
     """
-    dm = data if isinstance(data, CaptionDataModule) else build_datamodule(
-        data, pipeline.loaded.preprocessing)
     records = dm.split_records(split)
     if not records:
         raise ValueError(f"split {split!r} of the data set has no images")
-    grounding_file = dm.data_dir / "grounding.json" if dm.dataset == "shapes" else None
+    grounding_file = dm.source.grounding_file()
     has_grounding = grounding_file is not None and grounding_file.is_file()
     batch_size = batch_size or dm.eval_batch_size
     num_workers = dm.num_workers if num_workers is None else num_workers
@@ -712,8 +653,8 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
 
 __all__ = [
     "Evaluation", "GeneratedCaption", "ImageIdMismatch", "References", "ResultsFormatError",
-    "align_ids", "build_datamodule", "caption_records", "coco_annotation_references",
+    "align_ids", "caption_records", "coco_annotation_references",
     "evaluate_checkpoint", "evaluate_predictions", "exact_match", "find_metrics_csv",
     "format_grounding_table", "karpathy_references", "load_results", "plot_curves",
-    "read_config_section", "read_curves", "read_data_config", "results_json", "write_json", "write_report",
+    "read_curves", "results_json", "write_json", "write_report",
 ]

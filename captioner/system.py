@@ -191,7 +191,7 @@ class CaptioningSystem(L.LightningModule):
         if weight > 0:
             if "token_objects" not in batch:
                 raise ValueError("model.loss.attention_supervision needs word-region grounding in the "
-                                 "training batches: set data.grounding: true (shapes only)")
+                                 "training batches: set data.shapes.grounding: true (only shapes has it)")
             att = attention_supervision_loss(out.alphas, batch["token_objects"], batch["object_masks"], out.mask)
             logs["loss"] = logs["loss"] + weight * att
             logs["attention_supervision"] = att.detach()

@@ -22,7 +22,7 @@ mkdir -p "$OUT_DIR"
 if [[ "${QUICK:-0}" == 1 ]]; then
   DEC=(--encoder-dim 64 --grid 4 --vocab 100 --batch 4 --embed-dim 32 --attention-dim 32 --decoder-dim 32 --repeats 1)
   CAP=(--encoder shapes_cnn --image-size 64 --images 4 --batch-size 2 --repeats 1)
-  FIT_ARGS=(--data.shapes_num_images 80 --data.batch_size 16 --trainer.max_epochs 1 --trainer.limit_train_batches 2)
+  FIT_ARGS=(--data.shapes.num_images 80 --data.batch_size 16 --trainer.max_epochs 1 --trainer.limit_train_batches 2)
   EPOCHS=1
 else
   DEC=(--repeats 5)
@@ -67,7 +67,7 @@ start=$(date +%s)
 "$PY" -m captioner.cli fit --config configs/shapes.yaml "${ACCEL[@]}" --trainer.max_time null \
   --trainer.max_epochs "$EPOCHS" --early_stopping.patience 1000 --trainer.enable_progress_bar false \
   --trainer.default_root_dir "$run" --trainer.logger false \
-  --data.data_dir "$run/data" "${FIT_ARGS[@]}" 2>&1 | tee "$OUT_DIR/fit.log" | grep -v "^\s*$" | tail -n 5
+  --data.shapes.data_dir "$run/data" "${FIT_ARGS[@]}" 2>&1 | tee "$OUT_DIR/fit.log" | grep -v "^\s*$" | tail -n 5
 echo "fit: $(( $(date +%s) - start )) s for $EPOCHS epochs" | tee -a "$OUT_DIR/fit.log"
 "$PY" -m captioner.cli evaluate --checkpoint "$run/checkpoints/best.ckpt" \
   --split test --device "$DEVICE" --output "$OUT_DIR/metrics.json" 2>&1 | tail -n 20

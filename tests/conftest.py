@@ -28,7 +28,7 @@ def fit_args(shapes_dir: Path, root: Path, *extra: str) -> list[str]:
     """Arguments for a tiny, fast `captioner fit` on the session's shapes images."""
     return [
         "fit", "--config", str(Path(__file__).parent.parent / "configs" / "shapes.yaml"),
-        "--data.data_dir", str(shapes_dir), "--data.shapes_image_size", "32",
+        "--data.shapes.data_dir", str(shapes_dir), "--data.shapes.image_size", "32",
         "--data.num_workers", "0", "--data.batch_size", "8", "--data.eval_batch_size", "8",
         "--data.min_count", "1",
         "--model.encoder.channels", "16", "--model.encoder.grid", "4", "--model.encoder.image_size", "32",

@@ -64,7 +64,7 @@ def test_callback_uses_a_fixed_training_sample_before_validation(shapes_dir) -> 
     from captioner.data.datamodule import CaptionDataModule
     from captioner.data.transforms import Preprocessing
 
-    dm = CaptionDataModule(dataset="shapes", data_dir=str(shapes_dir), shapes_image_size=32, min_count=1,
+    dm = CaptionDataModule(dataset="shapes", shapes={"data_dir": str(shapes_dir), "image_size": 32}, min_count=1,
                            batch_size=8, num_workers=0, preprocessing=Preprocessing(32))
     system = _stale_system().eval()
     cb = PreciseBatchNorm(batches=2)

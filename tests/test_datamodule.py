@@ -10,6 +10,7 @@ from PIL import Image
 
 from captioner.data.datamodule import CaptionDataModule, collate_captions
 from captioner.data.images import ImageLoadError
+from captioner.data.sources import ShapesSource
 from captioner.data.transforms import Preprocessing
 from captioner.data.vocab import END_ID, PAD_ID, START_ID, Vocabulary
 
@@ -18,8 +19,8 @@ PRE = Preprocessing(32, [0.5] * 3, [0.5] * 3)
 
 def _dm(shapes_dir, tmp_path, **kw) -> CaptionDataModule:
     kw.setdefault("vocab_path", str(tmp_path / "vocab.json"))
-    dm = CaptionDataModule(data_dir=str(shapes_dir), num_workers=0, batch_size=8, min_count=1,
-                           preprocessing=PRE, **kw)
+    dm = CaptionDataModule(shapes=ShapesSource(data_dir=str(shapes_dir)), num_workers=0, batch_size=8,
+                           min_count=1, preprocessing=PRE, **kw)
     dm.prepare_data()
     dm.setup("fit")
     return dm
@@ -85,8 +86,8 @@ def _broken_karpathy(tmp_path):
 
 def test_bad_image_stops_with_its_name_or_is_skipped(tmp_path) -> None:
     path, root = _broken_karpathy(tmp_path)
-    kw = {"dataset": "karpathy", "karpathy_json": str(path), "image_root": str(root), "min_count": 1,
-          "preprocessing": PRE, "num_workers": 0, "batch_size": 3}
+    kw = {"dataset": "karpathy", "karpathy": {"split_file": str(path), "image_root": str(root)},
+          "min_count": 1, "preprocessing": PRE, "num_workers": 0, "batch_size": 3}
     dm = CaptionDataModule(**kw)
     dm.setup()
     with pytest.raises(ImageLoadError, match=r"bad\.png.*zero-byte.*data check"):
@@ -99,16 +100,14 @@ def test_bad_image_stops_with_its_name_or_is_skipped(tmp_path) -> None:
 
 
 def test_bad_arguments_are_named() -> None:
-    with pytest.raises(ValueError, match="data.dataset"):
+    with pytest.raises(ValueError, match="data.dataset 'imagenet'; choose one of coco, karpathy, shapes"):
         CaptionDataModule(dataset="imagenet")
-    with pytest.raises(ValueError, match="karpathy_json"):
-        CaptionDataModule(dataset="karpathy")
     with pytest.raises(ValueError, match="captions_per_image"):
         CaptionDataModule(captions_per_image="some")
 
 
 def test_missing_shapes_data_is_generated(tmp_path) -> None:
-    dm = CaptionDataModule(data_dir=str(tmp_path / "gen"), shapes_num_images=30, shapes_image_size=32,
+    dm = CaptionDataModule(shapes={"data_dir": str(tmp_path / "gen"), "num_images": 30, "image_size": 32},
                            min_count=1, preprocessing=PRE, num_workers=0)
     assert len(dm.vocab) > 4  # property access prepares the data
     assert (tmp_path / "gen" / "dataset.json").is_file()

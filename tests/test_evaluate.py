@@ -47,8 +47,8 @@ def evaluated(tiny_checkpoint, shapes_dir, tmp_path_factory) -> SimpleNamespace:
     csv.write_text(FAKE_CSV)
     cfg = root / "shapes.yaml"
     # eval_batch_size 3: the 8 test images go through several batches, the last one short
-    cfg.write_text(f"trainer:\n  max_epochs: 1\ndata:\n  dataset: shapes\n  data_dir: {shapes_dir}\n"
-                   "  shapes_image_size: 32\n  min_count: 1\n  eval_batch_size: 3\n  num_workers: 0\n")
+    cfg.write_text(f"trainer:\n  max_epochs: 1\ndata:\n  dataset: shapes\n  shapes: {{data_dir: {shapes_dir}, image_size: 32}}\n"
+                   "  min_count: 1\n  eval_batch_size: 3\n  num_workers: 0\n")
     out = root / "out"
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):

@@ -26,7 +26,7 @@ ENCODER = {"name": "resnet50", "grid": 2, "image_size": 32, "trainable_blocks": 
 
 def _datamodule(shapes_dir: Path, **kwargs) -> CaptionDataModule:
     enc = EncoderConfig(**ENCODER)
-    return CaptionDataModule(dataset="shapes", data_dir=str(shapes_dir), shapes_image_size=32, min_count=1,
+    return CaptionDataModule(dataset="shapes", shapes={"data_dir": str(shapes_dir), "image_size": 32}, min_count=1,
                              num_workers=0, batch_size=8, preprocessing=create_encoder(enc).preprocessing, **kwargs)
 
 
@@ -164,7 +164,7 @@ def _write_config(path: Path, shapes_dir: Path, **encoder) -> Path:
     import yaml
 
     cfg = {"model": {"encoder": {**ENCODER, **encoder}},
-           "data": {"dataset": "shapes", "data_dir": str(shapes_dir), "shapes_image_size": 32,
+           "data": {"dataset": "shapes", "shapes": {"data_dir": str(shapes_dir), "image_size": 32},
                     "min_count": 1, "num_workers": 0}}
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -36,9 +36,10 @@ def test_cell_shares_are_the_correctness_of_one_cell_maps(grid, size) -> None:
     torch.testing.assert_close(both[0, 1], 1 - shares, atol=1e-5, rtol=0)
 
 
-def _datamodule(shapes_dir, **kw) -> CaptionDataModule:
-    return CaptionDataModule(dataset="shapes", data_dir=str(shapes_dir), shapes_image_size=32, min_count=1,
-                             batch_size=8, num_workers=0, preprocessing=Preprocessing(32), **kw)
+def _datamodule(shapes_dir, max_caption_length: int = 20, **shapes) -> CaptionDataModule:
+    return CaptionDataModule(dataset="shapes", shapes={"data_dir": str(shapes_dir), "image_size": 32, **shapes},
+                             min_count=1, batch_size=8, num_workers=0, preprocessing=Preprocessing(32),
+                             max_caption_length=max_caption_length)
 
 
 def test_training_batches_name_the_object_of_every_word(shapes_dir) -> None:
@@ -96,7 +97,7 @@ def test_relation_keywords_are_grounded_in_the_next_mention(shapes_dir) -> None:
                 assert obj == following, (tokens, pos)
                 relations += 1
     assert relations > 20
-    with pytest.raises(ValueError, match="ground_relations needs data.grounding"):
+    with pytest.raises(ValueError, match="data.shapes.ground_relations needs data.shapes.grounding"):
         _datamodule(shapes_dir, ground_relations=True)
 
 
@@ -112,8 +113,11 @@ def test_grounding_survives_cut_captions(shapes_dir) -> None:
 
 
 def test_grounding_errors_are_clear(shapes_dir, tmp_path) -> None:
-    with pytest.raises(ValueError, match="only data.dataset 'shapes'"):
-        CaptionDataModule(dataset="karpathy", karpathy_json="x.json", image_root=".", grounding=True)
+    karpathy = CaptionDataModule(dataset="karpathy", karpathy={"split_file": str(shapes_dir / "dataset.json"),
+                                                               "image_root": str(shapes_dir / "images")})
+    assert not karpathy.grounding
+    with pytest.raises(ValueError, match="data.dataset 'karpathy' has none: only the shapes source"):
+        karpathy.dataset_for("train", grounding=True)
     plain = _datamodule(shapes_dir)
     with pytest.raises(ValueError, match="have none"):
         CaptionDataset(plain.split_records("train"), plain.vocab, None, grounding=True)
@@ -206,7 +210,7 @@ def test_supervision_lowers_its_loss_when_trained() -> None:
 
 def test_supervision_without_grounding_is_a_clear_error() -> None:
     system = _system("soft", attention_supervision=1.0).train()
-    with pytest.raises(ValueError, match="data.grounding: true"):
+    with pytest.raises(ValueError, match="data.shapes.grounding: true"):
         system.compute_loss(_batch())
     from captioner.system import LossConfig
 

@@ -32,7 +32,7 @@ from captioner.callbacks import PreciseBatchNorm
 from captioner.checkpointing import AtomicCheckpointIO, PeriodicCheckpoint
 from captioner.commands.common import UsageError
 from captioner.data.atomic import atomic_write
-from captioner.data.datamodule import CaptionDataModule
+from captioner.data.datamodule import RENAMED_DATA_KEYS, CaptionDataModule
 from captioner.system import CaptioningSystem
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ NOT_SAVED = ("ckpt_path", "weights_only")
 RENAMED = {
     # `checkpoint` clashed with the --checkpoint option of `evaluate`; it pairs with last_checkpoint
     "checkpoint": "best_checkpoint",
+    **{f"data.{old}": f"data.{new}" for old, new in RENAMED_DATA_KEYS.items()},
 }
 
 
@@ -136,7 +137,7 @@ def _dotted_keys(tree: Any, prefix: str = "") -> Iterator[str]:
         for k, v in tree.items():
             key = f"{prefix}{k}"
             yield key
-            if key not in ("trainer", "model"):  # their nested values are not captioner's keys
+            if key not in ("trainer", "model", "data.coco"):  # values there are not settings
                 yield from _dotted_keys(v, key + ".")
 
 

@@ -142,7 +142,7 @@ def _evaluate_checkpoint(a, cli):
     dm.preprocessing = pipeline.loaded.preprocessing
     dm.feature_cache = None
     try:
-        dm.prepare_data()
+        dm.source.prepare()
         n = len(dm.split_records(a.split))
     except (OSError, ValueError, TypeError) as err:
         raise UsageError(" ".join(str(err).split())) from None

@@ -65,7 +65,7 @@ def run(args: Sequence[str], prog: str = "captioner features extract") -> int:
     dm.feature_cache = None
     try:
         device = resolve_device(a.device)
-        dm.prepare_data()  # generates shapes when absent, as `captioner fit` does
+        dm.source.prepare()  # generates shapes when absent, as `captioner fit` does
         present = list(dm.records)
     except (OSError, ValueError) as err:
         raise UsageError(" ".join(str(err).split())) from None

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from captioner.data.coco import read_coco_annotations
@@ -141,6 +142,11 @@ def _split_from_name(path: Path) -> str:
     return next((s for s in ("train", "val", "test") if s in name), "train")
 
 
+def _read_coco_file(path: Path, root: Path) -> dict[str, list[ImageRecord]]:
+    split = _split_from_name(path)
+    return {split: read_coco_annotations(path, root, split)}
+
+
 def run_data_check(
     karpathy_json: str | os.PathLike | None = None,
     image_root: str | os.PathLike | None = None,
@@ -159,18 +165,16 @@ def run_data_check(
         raise ValueError("give karpathy_json and/or coco_annotations")
     records: dict[str, list[ImageRecord]] = {s: [] for s in SPLITS}
     read_problems: list[dict[str, str]] = []
-    sources = []
+    # Each file with the reader that understands it: (path, image root) -> records per split.
+    sources: list[tuple[Path, Callable[[Path, Path], dict[str, list[ImageRecord]]]]] = []
     if karpathy_json is not None:
-        sources.append(("karpathy", Path(karpathy_json)))
+        sources.append((Path(karpathy_json), partial(read_karpathy, restval_to_train=restval_to_train)))
     if coco_annotations is not None:
-        sources.append(("coco", Path(coco_annotations)))
-    for kind, path in sources:
+        sources.append((Path(coco_annotations), _read_coco_file))
+    for path, read in sources:
         root = Path(image_root) if image_root is not None else path.parent
         try:
-            if kind == "karpathy":
-                found = read_karpathy(path, root, restval_to_train=restval_to_train)
-            else:
-                found = {_split_from_name(path): read_coco_annotations(path, root, _split_from_name(path))}
+            found = read(path, root)
         except (OSError, ValueError) as e:
             if isinstance(e, FileNotFoundError):
                 error = "file not found"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -15,12 +15,36 @@ from torch.utils.data import DataLoader, Dataset
 from captioner.data.images import ImageLoadError, load_image
 from captioner.data.records import ImageRecord
 from captioner.data.sampling import EpochSampler
+from captioner.data.sources import SOURCES, CocoSource, KarpathySource, ShapesSource, as_source
 from captioner.data.transforms import Preprocessing
 from captioner.data.vocab import PAD_ID, Vocabulary
 
 logger = logging.getLogger(__name__)
 
-DATASETS = ("shapes", "karpathy", "coco")
+# Keys (relative to ``data.``) that moved into a source's section when the sources became a
+# registry; the CLI and ``check_renamed_data_keys`` answer the old spelling with the new one.
+RENAMED_DATA_KEYS = {
+    "data_dir": "shapes.data_dir",
+    "shapes_num_images": "shapes.num_images",
+    "shapes_image_size": "shapes.image_size",
+    "shapes_seed": "shapes.seed",
+    "shapes_compositional": "shapes.compositional",
+    "grounding": "shapes.grounding",
+    "ground_relations": "shapes.ground_relations",
+    "karpathy_json": "karpathy.split_file",
+    "image_root": "karpathy.image_root",
+    "restval_to_train": "karpathy.restval_to_train",
+    "coco_annotations": "coco.annotations",
+    "coco_image_roots": "coco.image_roots",
+}
+
+
+def check_renamed_data_keys(keys: Iterable[str]) -> None:
+    """Raise ``ValueError`` for settings under their old names, e.g. "data.shapes_num_images is
+    now data.shapes.num_images" (keys may carry the ``data.`` prefix or not)."""
+    old = [k.removeprefix("data.") for k in keys if k.removeprefix("data.") in RENAMED_DATA_KEYS]
+    if old:
+        raise ValueError("; ".join(f"data.{k} is now data.{RENAMED_DATA_KEYS[k]}" for k in old))
 
 
 class CaptionDataset(Dataset):
@@ -149,18 +173,16 @@ def collate_captions(items: list[dict | None]) -> dict[str, Tensor]:
 
 
 class CaptionDataModule(L.LightningDataModule):
-    """Serves ``shapes`` (generated on first use), Karpathy split files or COCO annotation files.
+    """Serves any registered data source: ``shapes`` (generated on first use), Karpathy split files
+    or COCO annotation files.
 
     Args:
-        dataset: ``shapes``, ``karpathy`` (COCO / Flickr8k / Flickr30k split JSON) or ``coco``
-            (COCO caption annotation files, one per split).
-        data_dir: ``shapes``: where the data set lives (generated there when absent).
-        karpathy_json: the split file for ``karpathy``.
-        image_root: the image folder (``karpathy``: COCO's holds train2014/ and val2014/).
-        coco_annotations: ``coco``: split -> annotation file, e.g. ``{"train": ".../captions_train2014.json"}``.
-        coco_image_roots: ``coco``: split -> image folder.
-        shapes: settings for generating ``shapes``.
-        restval_to_train: fold Karpathy's ``restval`` into train.
+        dataset: the source to use, a name from ``captioner.data.sources.SOURCES``: ``shapes``,
+            ``karpathy`` (COCO / Flickr8k / Flickr30k split JSON) or ``coco`` (COCO caption
+            annotation files, one per split).
+        shapes, karpathy, coco: each source's settings (``ShapesSource``, ``KarpathySource``,
+            ``CocoSource``, or a plain mapping of them); only the one ``dataset`` names is used.
+            Word-region grounding is a ``shapes`` setting (``shapes.grounding``).
         min_count, max_vocab: vocabulary rule (training split only).
         max_caption_length: words kept per caption (longer ones are cut).
         vocab_path: where the vocabulary is cached (default: beside the data).
@@ -170,10 +192,6 @@ class CaptionDataModule(L.LightningDataModule):
         feature_cache: a folder written by ``captioner features extract``; images are then not read.
         limit_train, limit_eval: use only the first N images of each split (quick runs).
         seed: the order of training images and the reference drawn per epoch.
-        grounding: training batches carry, per word, the object it names and the objects' masks
-            (``shapes`` only), for ``model.loss.attention_supervision``.
-        ground_relations: with ``grounding``, relation keywords (left/right/above/below) are
-            grounded too, in the object the relation is about (the next mention).
 
     Multi-process training shards through ``EpochSampler`` (so ``captioner fit`` sets
     ``trainer.use_distributed_sampler: false``); mid-epoch resume restores the position.
@@ -182,16 +200,10 @@ class CaptionDataModule(L.LightningDataModule):
     def __init__(
         self,
         dataset: str = "shapes",
-        data_dir: str = "data/shapes",
-        karpathy_json: str | None = None,
-        image_root: str | None = None,
-        coco_annotations: dict[str, str] | None = None,
-        coco_image_roots: dict[str, str] | None = None,
-        shapes_num_images: int = 4000,
-        shapes_image_size: int = 64,
-        shapes_seed: int = 0,
-        shapes_compositional: bool = False,
-        restval_to_train: bool = True,
+        # frozen dataclasses, so these shared default instances cannot be changed through one module
+        shapes: ShapesSource = ShapesSource(),
+        karpathy: KarpathySource = KarpathySource(),
+        coco: CocoSource = CocoSource(),
         min_count: int = 5,
         max_vocab: int | None = None,
         max_caption_length: int = 20,
@@ -206,29 +218,18 @@ class CaptionDataModule(L.LightningDataModule):
         limit_train: int | None = None,
         limit_eval: int | None = None,
         seed: int = 0,
-        grounding: bool = False,
-        ground_relations: bool = False,
     ) -> None:
         super().__init__()
-        if dataset not in DATASETS:
-            raise ValueError(f"data.dataset must be one of {DATASETS}, got {dataset!r}")
+        SOURCES.get(dataset)  # an unknown name fails here, listing the registered ones
         if captions_per_image not in ("random", "all"):
             raise ValueError(f"data.captions_per_image must be 'random' or 'all', got {captions_per_image!r}")
-        if dataset == "karpathy" and not (karpathy_json and image_root):
-            raise ValueError("data.dataset 'karpathy' needs data.karpathy_json and data.image_root")
-        if dataset == "coco" and not (coco_annotations and coco_image_roots):
-            raise ValueError("data.dataset 'coco' needs data.coco_annotations and data.coco_image_roots")
+        # The sections are typed arguments (so LightningCLI can parse and override them), named as
+        # the registry names them; mappings become the registered classes here.
+        self.sources = {name: as_source(name, value)
+                        for name, value in (("shapes", shapes), ("karpathy", karpathy), ("coco", coco))}
         self.dataset = dataset
-        self.data_dir = Path(data_dir)
-        self.karpathy_json = karpathy_json
-        self.image_root = image_root
-        self.coco_annotations = coco_annotations or {}
-        self.coco_image_roots = coco_image_roots or {}
-        self.shapes_kwargs = {
-            "num_images": shapes_num_images, "image_size": shapes_image_size,
-            "seed": shapes_seed, "compositional": shapes_compositional,
-        }
-        self.restval_to_train = restval_to_train
+        self.source = self.sources[dataset]
+        self.source.check()
         self.min_count = min_count
         self.max_vocab = max_vocab
         self.max_caption_length = max_caption_length
@@ -243,14 +244,9 @@ class CaptionDataModule(L.LightningDataModule):
         self.limit_train = limit_train
         self.limit_eval = limit_eval
         self.seed = seed
-        self.grounding = grounding
-        if grounding and dataset != "shapes":
-            raise ValueError("data.grounding needs word-region alignments: only data.dataset 'shapes' has them")
-        if ground_relations and not grounding:
-            raise ValueError("data.ground_relations needs data.grounding: true")
-        self.ground_relations = ground_relations
+        self.grounding = self.source.grounded_training
         self._records: dict[str, list[ImageRecord]] | None = None
-        self._grounded: set[str] = set()  # splits whose records carry grounding.json's alignments
+        self._grounded: set[str] = set()  # splits whose records carry the source's grounding
         self._vocab: Vocabulary | None = None
         self._resume: dict | None = None
         self._train_sampler: EpochSampler | None = None
@@ -261,22 +257,13 @@ class CaptionDataModule(L.LightningDataModule):
     def vocab_path(self) -> Path:
         if self._vocab_path:
             return Path(self._vocab_path)
-        base = self.data_dir if self.dataset == "shapes" else Path(
-            self.karpathy_json or next(iter(self.coco_annotations.values()))).parent
         cap = f"-max{self.max_vocab}" if self.max_vocab else ""
-        return base / f"vocab-min{self.min_count}{cap}.json"
-
-    @property
-    def karpathy_path(self) -> Path:
-        return self.data_dir / "dataset.json" if self.dataset == "shapes" else Path(self.karpathy_json)
+        return self.source.vocab_dir() / f"vocab-min{self.min_count}{cap}.json"
 
     def prepare_data(self) -> None:
-        """Generate ``shapes`` when absent; build and cache the vocabulary (rank 0 only)."""
-        if self.dataset == "shapes" and not (self.data_dir / "dataset.json").exists():
-            from captioner.data.shapes import ShapesConfig, generate_shapes
-
-            logger.warning("shapes data set not found at %s: generating it (%s)", self.data_dir, self.shapes_kwargs)
-            generate_shapes(self.data_dir, ShapesConfig(**self.shapes_kwargs))
+        """Let the source prepare its files (``shapes``: generate when absent); build and cache
+        the vocabulary (rank 0 only)."""
+        self.source.prepare()
         if not self.vocab_path.exists():
             train = self.records["train"]
             vocab = Vocabulary.build((c for r in train for c in r.captions), self.min_count, self.max_vocab)
@@ -287,23 +274,8 @@ class CaptionDataModule(L.LightningDataModule):
     @property
     def records(self) -> dict[str, list[ImageRecord]]:
         if self._records is None:
-            self._records = self._read()
+            self._records = self.source.read()
         return self._records
-
-    def _read(self) -> dict[str, list[ImageRecord]]:
-        if self.dataset in ("shapes", "karpathy"):
-            from captioner.data.karpathy import read_karpathy
-
-            root = self.data_dir / "images" if self.dataset == "shapes" else self.image_root
-            return read_karpathy(self.karpathy_path, root, restval_to_train=self.restval_to_train)
-        from captioner.data.coco import read_coco_annotations
-
-        out = {}
-        for split, ann in self.coco_annotations.items():
-            if split not in self.coco_image_roots:
-                raise ValueError(f"data.coco_image_roots has no folder for split {split!r}")
-            out[split] = read_coco_annotations(ann, self.coco_image_roots[split], split=split)
-        return out
 
     @property
     def vocab(self) -> Vocabulary:
@@ -337,7 +309,7 @@ class CaptionDataModule(L.LightningDataModule):
 
     def dataset_for(self, split: str, mode: str | None = None, grounding: bool | None = None) -> CaptionDataset:
         """``grounding``: items carry word-region grounding; None: for the training split when
-        ``data.grounding`` is set (only training uses it)."""
+        ``data.shapes.grounding`` is set (only training uses it)."""
         mode = mode or (self.captions_per_image if split == "train" else "first")
         grounding = self.grounding and split == "train" if grounding is None else grounding
         records = self.split_records(split)
@@ -350,14 +322,11 @@ class CaptionDataModule(L.LightningDataModule):
         )
 
     def _attach_grounding(self, split: str) -> None:
-        """Copy ``grounding.json`` onto the split's records, once, when a dataset needs it (so
-        commands that never train, such as ``evaluate``, do not read the file for it)."""
-        if split in self._grounded or self.dataset != "shapes":
+        """Copy the source's word-region grounding onto the split's records, once, when a dataset
+        needs it (so commands that never train, such as ``evaluate``, do not read it)."""
+        if split in self._grounded:
             return
-        from captioner.data.grounding import attach_shapes_grounding
-        from captioner.data.shapes import load_grounding
-
-        attach_shapes_grounding(self.records[split], load_grounding(self.data_dir), relations=self.ground_relations)
+        self.source.attach_grounding(self.records[split])
         self._grounded.add(split)
 
     def setup(self, stage: str | None = None) -> None:

@@ -121,8 +121,8 @@ def _load_weights(name: str, config: EncoderConfig) -> dict[str, Tensor]:
     except Exception as err:
         raise WeightsUnavailable(
             f"could not download the ImageNet weights for {name} ({weights.url}): {err}. "
-            f"Download that file where you have internet and set `encoder.weights_path: /path/to/"
-            f"{weights.url.rsplit('/', 1)[-1]}` (or set `encoder.pretrained: false`)."
+            f"Download that file where you have internet and set `model.encoder.weights_path: /path/to/"
+            f"{weights.url.rsplit('/', 1)[-1]}` (or set `model.encoder.pretrained: false`)."
         ) from err
 
 
