@@ -115,6 +115,9 @@ class ShapesSource(DataSource):
     def read(self) -> dict[str, list[ImageRecord]]:
         from captioner.data.karpathy import read_karpathy
 
+        if not Path(self.split_file).is_file():
+            raise FileNotFoundError(f"data.karpathy.split_file: {self.split_file} not found "
+                                    "(see docs/data.md for where to get it)")
         return read_karpathy(self.root / "dataset.json", self.root / "images")
 
     def vocab_dir(self) -> Path:
@@ -155,6 +158,9 @@ class KarpathySource(DataSource):
     def read(self) -> dict[str, list[ImageRecord]]:
         from captioner.data.karpathy import read_karpathy
 
+        if not Path(self.split_file).is_file():
+            raise FileNotFoundError(f"data.karpathy.split_file: {self.split_file} not found "
+                                    "(see docs/data.md for where to get it)")
         return read_karpathy(self.split_file, self.image_root, restval_to_train=self.restval_to_train)
 
     def vocab_dir(self) -> Path:
@@ -180,6 +186,9 @@ class CocoSource(DataSource):
     def read(self) -> dict[str, list[ImageRecord]]:
         from captioner.data.coco import read_coco_annotations
 
+        for split, ann in self.annotations.items():
+            if not Path(ann).is_file():
+                raise FileNotFoundError(f"data.coco.annotations.{split}: {ann} not found")
         return {split: read_coco_annotations(ann, self.image_roots[split], split=split)
                 for split, ann in self.annotations.items()}
 
