@@ -33,7 +33,7 @@ import torch
 from captioner.data.vocab import END_ID, SPECIALS, START_ID, Vocabulary
 from captioner.decoding import beam_search, greedy
 from captioner.inference import JPEG_DECODE, autocast
-from captioner.models import AttentionDecoder, Captioner, DecoderConfig, EncoderConfig
+from captioner.models import ATTENTIONS, AttentionDecoder, Captioner, DecoderConfig, EncoderConfig
 from captioner.models.quantize import QUANTIZE, quantize_decoder
 from captioner.system import LossConfig, caption_loss
 
@@ -345,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--caption-length", type=int, default=22, help="tokens per caption, <start>/<end> included")
     d.add_argument("--beam-size", type=int, default=5)
     d.add_argument("--max-steps", type=int, default=20, help="decoding steps (always all of them)")
-    d.add_argument("--attention", default="soft", choices=("soft", "hard", "multihead"))
+    d.add_argument("--attention", default="soft", choices=ATTENTIONS.names())
     d.add_argument("--repeats", type=int, default=3)
     d.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     d.add_argument("--compile", action="store_true", help="torch.compile the decoder")

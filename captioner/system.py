@@ -177,7 +177,7 @@ class CaptioningSystem(L.LightningModule):
         captions, lengths = batch["captions"], batch["lengths"]
         decoder = self.model.decoder
         features = self.features(batch)
-        if decoder.training and decoder.config.attention == "hard" and self.loss_config.baseline == "expectation":
+        if decoder.training and decoder.attention.stochastic and self.loss_config.baseline == "expectation":
             logs, out = self._hard_loss_with_expectation_baseline(features, captions, lengths)
         else:
             out = decoder(features, captions, lengths)
@@ -261,15 +261,9 @@ class CaptioningSystem(L.LightningModule):
         return loss, extra
 
     def _anneal_semi_sampling(self) -> bool:
-        """Hard attention's warm-up: the expectation's share falls from 1 to semi_sampling.
-        True when there is a warm-up."""
-        decoder = self.model.decoder
-        c = decoder.config
-        if c.attention != "hard" or c.semi_sampling_warmup_steps <= 0:
-            return False
-        done = min(1.0, self.global_step / c.semi_sampling_warmup_steps)
-        decoder.attention.semi_sampling = 1.0 - (1.0 - c.semi_sampling) * done
-        return True
+        """The attention's warm-up at this optimiser step (hard attention: the expectation's
+        share falls from 1 to semi_sampling). True when there is a warm-up."""
+        return self.model.decoder.attention.anneal(self.global_step)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
         if not batch:  # every image of the batch was unreadable and skipped

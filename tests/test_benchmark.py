@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import captioner.models.attention as attention_module
 from captioner.benchmark import main
 from captioner.decoding import beam_search
-from captioner.models import AttentionDecoder, DecoderConfig
+from captioner.models import ATTENTIONS, AttentionDecoder, DecoderConfig
 
 MACHINE = {"torch", "threads", "device", "cpu"}
 TINY_DECODER = ["--encoder-dim", "24", "--grid", "3", "--vocab", "40", "--batch", "3", "--embed-dim", "8",
@@ -37,7 +37,7 @@ def _run(capsys, *argv: str) -> dict:
     return report
 
 
-@pytest.mark.parametrize("attention", ["soft", "hard", "multihead"])
+@pytest.mark.parametrize("attention", ATTENTIONS.names())
 def test_decoder_benchmark_reports_its_figures(capsys, attention: str) -> None:
     report = _run(capsys, "decoder", *TINY_DECODER, "--attention", attention)
     for key in ("train_captions_per_s", "beam_images_per_s", "greedy_images_per_s", "peak_rss_mb"):
@@ -131,7 +131,7 @@ def test_teacher_forcing_and_its_gradients_equal_the_plain_maths(gate: str) -> N
         torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-6, msg=k)
 
 
-@pytest.mark.parametrize("attention", ["soft", "hard", "multihead"])
+@pytest.mark.parametrize("attention", ATTENTIONS.names())
 def test_beams_sharing_the_image_cache_equal_copies_of_it(attention: str) -> None:
     dec = _decoder(attention).eval()
     feats, k = torch.randn(3, 5, 6), 4

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from captioner.models import ATTENTIONS
 from tests.conftest import fit_args
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
@@ -27,7 +28,7 @@ def test_config_parses_and_resolves(config: Path, tmp_path) -> None:
     )
     assert out.returncode == 0, out.stderr[-2000:]
     resolved = yaml.safe_load(out.stdout)
-    assert resolved["model"]["decoder"]["attention"] in ("soft", "hard", "multihead")
+    assert resolved["model"]["decoder"]["attention"] in ATTENTIONS
     assert resolved["best_checkpoint"]["monitor"] == "val/CIDEr"
 
 

@@ -10,10 +10,10 @@ import torch
 
 from captioner.data.vocab import END_ID, PAD_ID, START_ID
 from captioner.decoding import beam_search, greedy, sample
-from captioner.models import AttentionDecoder, DecoderConfig
+from captioner.models import ATTENTIONS, AttentionDecoder, DecoderConfig
 
 
-@pytest.fixture(params=["soft", "hard", "multihead"])
+@pytest.fixture(params=ATTENTIONS.names())
 def decoder(request) -> AttentionDecoder:
     torch.manual_seed(0)
     cfg = DecoderConfig(attention=request.param, embed_dim=16, attention_dim=16, decoder_dim=24, num_heads=4)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from torch import nn
@@ -14,6 +16,7 @@ from captioner.models import (
     DecoderConfig,
     EncoderConfig,
 )
+from captioner.models.attention import Attention, SoftAttention
 from captioner.models.encoder import create_encoder, encoder_preprocessing
 
 SMALL_DEC = {"embed_dim": 16, "attention_dim": 16, "decoder_dim": 24, "num_heads": 4, "dropout": 0.0}
@@ -248,6 +251,57 @@ def test_hard_attention_is_deterministic_in_eval_and_stochastic_in_training() ->
     out = dec(feats, caps, lengths)
     assert out.sample_log_probs.shape == (4, 6) and (out.sample_log_probs <= 0).all()
     assert 0 < out.sampled.float().mean() < 1  # semi-sampling: about half the steps sample
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS.names())
+def test_every_attention_type_builds_itself_from_the_decoder_config(attention: str) -> None:
+    """The decoder passes each type the arguments it picks from DecoderConfig, and what the
+    type declares (stochastic or not) is what it does in training."""
+    cls = ATTENTIONS.get(attention)
+    assert issubclass(cls, Attention)
+    config = DecoderConfig(attention=attention, **SMALL_DEC)
+    assert set(cls.options(config)) <= set(inspect.signature(cls).parameters)
+    dec = AttentionDecoder(config, vocab_size=15, encoder_dim=12).train()
+    assert type(dec.attention) is cls
+    caps, lengths = _captions(2, 5, 15)
+    out = dec(torch.randn(2, 4, 12), caps, lengths)
+    assert (out.sample_log_probs is not None) == cls.stochastic
+    assert dec.attention.anneal(0) is False  # no warm-up in the default settings
+
+
+class _Custom(SoftAttention):
+    """A type the decoder has never heard of, with a setting of its own and its own draw."""
+
+    def __init__(self, encoder_dim: int, decoder_dim: int, attention_dim: int, heads: int = 1) -> None:
+        super().__init__(encoder_dim, decoder_dim, attention_dim)
+        self.heads = heads
+        self.draws: list[int] = []
+        self.seen: list[torch.Tensor | None] = []
+
+    @classmethod
+    def options(cls, config: DecoderConfig) -> dict:
+        return {"heads": config.num_heads}
+
+    def draw_sample_rows(self, batch: int, device: torch.device) -> torch.Tensor:
+        self.draws.append(batch)
+        return torch.arange(batch, device=device) % 2 == 0
+
+    def forward(self, cache, h, sample_rows=None):
+        self.seen.append(sample_rows)
+        return super().forward(cache, h)
+
+
+def test_a_newly_registered_attention_gets_its_options_and_draws(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(ATTENTIONS._items, "custom", _Custom)
+    dec = AttentionDecoder(DecoderConfig(attention="custom", **SMALL_DEC), vocab_size=15, encoder_dim=12)
+    assert isinstance(dec.attention, _Custom) and dec.attention.heads == SMALL_DEC["num_heads"]
+    caps, lengths = _captions(4, 6, 15)
+    dec.train()(torch.randn(4, 5, 12), caps, lengths)
+    assert dec.attention.draws == [4]  # once per pass, not per step
+    assert all(rows is not None for rows in dec.attention.seen)
+    dec.attention.draws.clear()
+    dec.eval()(torch.randn(4, 5, 12), caps, lengths)
+    assert dec.attention.draws == []  # nothing is drawn outside training
 
 
 @pytest.mark.parametrize("gate", ["scalar", "vector"])

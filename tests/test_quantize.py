@@ -9,7 +9,7 @@ from torch import nn
 from captioner.data.vocab import END_ID, START_ID
 from captioner.decoding import beam_search, greedy
 from captioner.inference import CaptionPipeline, load_checkpoint
-from captioner.models import AttentionDecoder, DecoderConfig
+from captioner.models import ATTENTIONS, AttentionDecoder, DecoderConfig
 from captioner.models.quantize import (
     QUANTIZE,
     Int8Decoder,
@@ -41,7 +41,7 @@ def test_int8_linear_is_within_quantisation_error_of_the_float_product(bias: boo
     assert 0 < err < 0.03, err
 
 
-@pytest.mark.parametrize(("attention", "deep_output"), [("soft", True), ("hard", True), ("multihead", True),
+@pytest.mark.parametrize(("attention", "deep_output"), [*((name, True) for name in ATTENTIONS.names()),
                                                          ("soft", False)])
 @torch.inference_mode()
 def test_int8_step_is_close_to_the_float_step(attention: str, deep_output: bool) -> None:

@@ -9,7 +9,8 @@ import torch
 
 from captioner.data.vocab import SPECIALS
 from captioner.inference import CaptionPipeline, CheckpointError, load_checkpoint, read_checkpoint
-from captioner.models import DecoderConfig, EncoderConfig
+from captioner.models import ATTENTIONS, DecoderConfig, EncoderConfig
+from captioner.models.attention import HardAttention
 from captioner.models.decoder import DecoderOutput
 from captioner.system import CaptioningSystem, LossConfig, caption_loss
 from tests.conftest import fit_args
@@ -73,7 +74,7 @@ def test_loss_settings_are_checked() -> None:
         LossConfig(reduction="sentence")
 
 
-@pytest.mark.parametrize("attention", ["soft", "hard", "multihead"])
+@pytest.mark.parametrize("attention", ATTENTIONS.names())
 def test_tiny_model_overfits_one_batch(attention: str) -> None:
     system = _system(attention, doubly_stochastic=0.01).train()
     batch = _batch()
@@ -212,6 +213,17 @@ def test_semi_sampling_warmup_anneals_from_one(monkeypatch: pytest.MonkeyPatch) 
         system._anneal_semi_sampling()
         seen.append(system.model.decoder.attention.semi_sampling)
     assert seen == pytest.approx([1.0, 0.75, 0.5, 0.5])
+
+
+def test_the_system_follows_what_the_attention_declares_not_its_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hard attention under another name still gets the expectation baseline and its warm-up."""
+    monkeypatch.setitem(ATTENTIONS._items, "renamed_hard", HardAttention)
+    system = _system("renamed_hard", doubly_stochastic=0.0, baseline="expectation",
+                     semi_sampling_warmup_steps=10).train()
+    assert system._anneal_semi_sampling()
+    assert system.model.decoder.attention.semi_sampling == 1.0  # step 0 of the warm-up
+    assert "ce_expectation" in system.compute_loss(_batch())
+    assert not _system("soft", semi_sampling_warmup_steps=10)._anneal_semi_sampling()
 
 
 def test_hard_training_settings_are_checked() -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +24,14 @@ from torch import Tensor, nn
 
 from captioner.models.registry import Registry
 
-ATTENTIONS: Registry[nn.Module] = Registry("attention")
+if TYPE_CHECKING:  # decoder.py imports this module
+    from captioner.models.decoder import DecoderConfig
+
+ATTENTIONS: Registry[Attention] = Registry("attention")
 register_attention = ATTENTIONS.register
+
+# What one semi-sampling draw of hard attention covers (DecoderConfig.semi_sampling_unit).
+SEMI_SAMPLING_UNITS = ("step", "caption", "batch")
 
 
 @dataclass
@@ -55,13 +62,46 @@ def _image_rows(b: int, k: int, device: torch.device) -> Tensor:
     return torch.arange(b, device=device).repeat_interleave(k)
 
 
-def create_attention(
-    name: str, encoder_dim: int, decoder_dim: int, attention_dim: int, **kwargs
-) -> nn.Module:
-    return ATTENTIONS.get(name)(encoder_dim, decoder_dim, attention_dim, **kwargs)
+def create_attention(config: DecoderConfig, encoder_dim: int) -> Attention:
+    """The attention named by ``config.attention``, given the settings that type reads."""
+    cls = ATTENTIONS.get(config.attention)
+    return cls(encoder_dim, config.decoder_dim, config.attention_dim, **cls.options(config))
 
 
-class AdditiveScores(nn.Module):
+class Attention(nn.Module):
+    """Base of every registered attention. A type carries its own settings and training
+    behaviour, so that the decoder and ``CaptioningSystem`` never ask for it by name.
+
+    Subclasses take ``(encoder_dim, decoder_dim, attention_dim, **options(config))`` and
+    implement ``precompute`` and ``forward`` (see the module's docstring). A stochastic type
+    (``stochastic = True``) samples locations in training, returns ``sample_log_prob``,
+    ``sampled`` and ``entropy``, is trained with REINFORCE, and keeps ``semi_sampling``, the
+    current probability of the expectation instead of a sample.
+    """
+
+    stochastic: ClassVar[bool] = False
+
+    @classmethod
+    def options(cls, config: DecoderConfig) -> dict[str, Any]:
+        """This type's own constructor arguments, read from the decoder's settings."""
+        return {}
+
+    def precompute(self, features: Tensor) -> tuple[Tensor, ...]:
+        raise NotImplementedError
+
+    def draw_sample_rows(self, batch: int, device: torch.device) -> Tensor | None:
+        """Training, once per teacher-forced pass of ``batch`` captions: (batch,) bool, whether
+        every step of a caption uses a sample (True) or the expectation (False); None leaves it
+        to each step (or there is nothing to draw)."""
+        return None
+
+    def anneal(self, global_step: int) -> bool:
+        """Follow a warm-up schedule at this optimiser step; True when there is one (the system
+        then logs ``semi_sampling``)."""
+        return False
+
+
+class AdditiveScores(Attention):
     """e_ti = w^T tanh(W_a a_i + W_h h_{t-1}) (Xu et al. 2015, Eq. 4 with Bahdanau's f_att).
 
     Computed as e_ti = 2 w^T sigmoid(2 (W_a a_i + W_h h_{t-1})) - sum(w), the same function
@@ -134,11 +174,14 @@ class SoftAttention(AdditiveScores):
 class HardAttention(AdditiveScores):
     """Stochastic hard attention: a location s_t ~ Multinoulli(alpha_t); context a_{s_t}.
 
-    In training, with probability ``semi_sampling`` per step and image the expectation is used
-    instead of a sample (the paper's variance reduction; ``CaptioningSystem`` anneals
-    ``semi_sampling`` during a warm-up). At test time the context is the
-    expectation (``test_mode="expectation"``, the paper's choice) or the argmax location.
+    In training, with probability ``semi_sampling`` the expectation is used instead of a sample
+    (the paper's variance reduction), drawn once per ``unit``: per step and image, per caption
+    or per batch. Over ``warmup_steps`` optimiser steps ``anneal`` lowers that probability from 1
+    to ``semi_sampling``. At test time the context is the expectation
+    (``test_mode="expectation"``, the paper's choice) or the argmax location.
     """
+
+    stochastic = True
 
     def __init__(
         self,
@@ -147,14 +190,42 @@ class HardAttention(AdditiveScores):
         attention_dim: int,
         semi_sampling: float = 0.5,
         test_mode: str = "expectation",
+        unit: str = "step",
+        warmup_steps: int = 0,
     ) -> None:
         super().__init__(encoder_dim, decoder_dim, attention_dim)
         if test_mode not in ("expectation", "argmax"):
             raise ValueError(f"test_mode must be 'expectation' or 'argmax', got {test_mode!r}")
         if not 0.0 <= semi_sampling <= 1.0:
             raise ValueError(f"semi_sampling must be in [0, 1], got {semi_sampling}")
-        self.semi_sampling = semi_sampling
+        if unit not in SEMI_SAMPLING_UNITS:
+            raise ValueError(f"unit must be one of {', '.join(SEMI_SAMPLING_UNITS)}, got {unit!r}")
+        self.semi_sampling = semi_sampling  # the current value: anneal changes it
+        self.final_semi_sampling = semi_sampling
         self.test_mode = test_mode
+        self.unit = unit
+        self.warmup_steps = warmup_steps
+
+    @classmethod
+    def options(cls, config: DecoderConfig) -> dict[str, Any]:
+        return {"semi_sampling": config.semi_sampling, "test_mode": config.hard_test_mode,
+                "unit": config.semi_sampling_unit, "warmup_steps": config.semi_sampling_warmup_steps}
+
+    def draw_sample_rows(self, batch: int, device: torch.device) -> Tensor | None:
+        if self.unit == "caption":
+            return torch.rand(batch, device=device) >= self.semi_sampling
+        if self.unit == "batch":
+            return (torch.rand((), device=device) >= self.semi_sampling).expand(batch)
+        return None  # per step: forward draws it
+
+    def anneal(self, global_step: int) -> bool:
+        """``semi_sampling`` falls linearly from 1 to ``final_semi_sampling`` over the warm-up,
+        so that the maps are informative before samples are drawn."""
+        if self.warmup_steps <= 0:
+            return False
+        done = min(1.0, global_step / self.warmup_steps)
+        self.semi_sampling = 1.0 - (1.0 - self.final_semi_sampling) * done
+        return True
 
     def forward(
         self, cache: tuple[Tensor, ...], h: Tensor, sample_rows: Tensor | None = None
@@ -184,7 +255,7 @@ class HardAttention(AdditiveScores):
 
 
 @register_attention("multihead")
-class MultiHeadAttention(nn.Module):
+class MultiHeadAttention(Attention):
     """Scaled dot-product attention over regions with ``num_heads`` heads, queried by h_{t-1}.
 
     Keys and values are projected once per image. The per-word map is the heads' mean.
@@ -205,6 +276,10 @@ class MultiHeadAttention(nn.Module):
         self.key = nn.Linear(encoder_dim, attention_dim)
         self.value = nn.Linear(encoder_dim, encoder_dim)
         self.out = nn.Linear(encoder_dim, encoder_dim)
+
+    @classmethod
+    def options(cls, config: DecoderConfig) -> dict[str, Any]:
+        return {"num_heads": config.num_heads}
 
     def precompute(self, features: Tensor) -> tuple[Tensor, Tensor]:
         b, n, d = features.shape

@@ -7,12 +7,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from captioner.models.attention import AttentionOutput, create_attention
+from captioner.models.attention import SEMI_SAMPLING_UNITS, AttentionOutput, create_attention
 
 
 @dataclass
 class DecoderConfig:
-    """Decoder settings. ``attention`` is a name from the attention registry."""
+    """Decoder settings. ``attention`` is a name from the attention registry; the attention type
+    reads the settings that are its own (``num_heads``, ``semi_sampling``..) through ``options``."""
 
     attention: str = "soft"
     embed_dim: int = 512
@@ -37,9 +38,9 @@ class DecoderConfig:
     def __post_init__(self) -> None:
         if self.gate not in ("scalar", "vector", "none"):
             raise ValueError(f"gate must be 'scalar', 'vector' or 'none', got {self.gate!r}")
-        if self.semi_sampling_unit not in ("step", "caption", "batch"):
+        if self.semi_sampling_unit not in SEMI_SAMPLING_UNITS:
             raise ValueError(
-                f"semi_sampling_unit must be 'step', 'caption' or 'batch', got {self.semi_sampling_unit!r}"
+                f"semi_sampling_unit must be one of {', '.join(SEMI_SAMPLING_UNITS)}, got {self.semi_sampling_unit!r}"
             )
 
 
@@ -48,7 +49,7 @@ class DecoderOutput:
     logits: Tensor  # (B, T, V) predictions of captions[:, 1:]
     alphas: Tensor  # (B, T, N)
     mask: Tensor  # (B, T) True on real (unpadded) steps
-    # Hard attention (training) only: per-step log p(s_t), sample flags and entropies.
+    # Stochastic (hard) attention in training only: per-step log p(s_t), sample flags, entropies.
     sample_log_probs: Tensor | None = None  # (B, T)
     sampled: Tensor | None = None  # (B, T) bool
     entropies: Tensor | None = None  # (B, T)
@@ -132,12 +133,7 @@ class AttentionDecoder(nn.Module):
         self.vocab_size = vocab_size
         self.encoder_dim = encoder_dim
         c = config
-        extra = {}
-        if c.attention == "multihead":
-            extra["num_heads"] = c.num_heads
-        elif c.attention == "hard":
-            extra = {"semi_sampling": c.semi_sampling, "test_mode": c.hard_test_mode}
-        self.attention = create_attention(c.attention, encoder_dim, c.decoder_dim, c.attention_dim, **extra)
+        self.attention = create_attention(c, encoder_dim)
         self.embedding = nn.Embedding(vocab_size, c.embed_dim)
         self.init_h = nn.Linear(encoder_dim, c.decoder_dim)
         self.init_c = nn.Linear(encoder_dim, c.decoder_dim)
@@ -230,19 +226,6 @@ class AttentionDecoder(nn.Module):
         logits = self._logits(emb, state[0], z)
         return torch.log_softmax(logits.float(), dim=-1), state, att.alpha
 
-    def _sample_rows(self, features: Tensor, sample_rows: Tensor | None) -> Tensor | None:
-        """Hard attention's semi-sampling draw per caption or per batch (None: per step)."""
-        c = self.config
-        if c.attention != "hard" or not self.training or sample_rows is not None:
-            return sample_rows
-        b = features.size(0)
-        p = self.attention.semi_sampling  # annealed by CaptioningSystem during warm-up
-        if c.semi_sampling_unit == "caption":
-            return torch.rand(b, device=features.device) >= p
-        if c.semi_sampling_unit == "batch":
-            return (torch.rand((), device=features.device) >= p).expand(b)
-        return None  # per step: the attention draws it
-
     # -- teacher forcing -------------------------------------------------------------------------
     def forward(
         self, features: Tensor, captions: Tensor, lengths: Tensor, sample_rows: Tensor | None = None
@@ -250,8 +233,9 @@ class AttentionDecoder(nn.Module):
         """Teacher-forced pass. captions (B, L) hold ``<start> w.. <end> <pad>..``; lengths (B,)
         count tokens including ``<start>`` and ``<end>``. Predicts captions[:, 1:].
 
-        Hard attention in training: ``sample_rows`` (B,) bool makes every step of row b use a
-        sampled location (True) or the expectation (False); None follows ``semi_sampling_unit``."""
+        Stochastic attention in training: ``sample_rows`` (B,) bool makes every step of row b use
+        a sampled location (True) or the expectation (False); None lets the attention draw them
+        (``draw_sample_rows``: per caption, per batch or per step)."""
         assert features.dim() == 3, f"features must be (B, N, D), got {tuple(features.shape)}"
         assert captions.dim() == 2 and captions.size(0) == features.size(0), "captions must be (B, L)"
         inputs = captions[:, :-1]  # (B, T)
@@ -264,7 +248,8 @@ class AttentionDecoder(nn.Module):
         order = torch.argsort(lengths, descending=True, stable=True)
         restore = torch.argsort(order)
         features, inputs = features[order], inputs[order]
-        sample_rows = self._sample_rows(features, sample_rows)
+        if sample_rows is None and self.training:
+            sample_rows = self.attention.draw_sample_rows(features.size(0), features.device)
         if sample_rows is not None:
             sample_rows = sample_rows.to(features.device)[order]
         active = (lengths[order] - 1).clamp(min=1).tolist()  # real steps per row, descending
