@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from captioner.models.registry import Registry
+from captioner.registry import Registry
 
 if TYPE_CHECKING:  # decoder.py imports this module
     from captioner.models.decoder import DecoderConfig

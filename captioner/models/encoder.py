@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from captioner.data.transforms import Preprocessing
-from captioner.models.registry import Registry
+from captioner.registry import Registry
 
 logger = logging.getLogger(__name__)
 
