@@ -33,9 +33,8 @@ class PreciseBatchNorm(L.Callback):
 
     The running averages (momentum 0.1) trail the weights; at the learning rates that train
     ``shapes`` in 10 minutes they trail far enough that the eval-mode model captions much worse
-    than its weights deserve (on one mid-training checkpoint: 39 % validation exact match with the
-    running averages, 62 % with statistics re-estimated on 640 training images), so validation
-    CIDEr-D swung between epochs and the best checkpoint was chosen on that noise. Training is not
+    than its weights deserve (docs/results.md, "Seeds"), so validation CIDEr-D swung between
+    epochs and the best checkpoint was chosen on that noise. Training is not
     changed: it normalises with each batch's own statistics. Only layers that update their
     statistics while training are touched (a frozen backbone's are not). The sample is drawn with
     ``seed`` from the training split, the same at every validation and after a resume; its images

@@ -196,8 +196,8 @@ class AttentionDecoder(nn.Module):
     def _context_weight(self, w_ih: Tensor) -> Tensor:
         """The context's columns of the LSTM input weight, w_ih[:, E:] (4H, D), contiguous.
 
-        The slice is a strided view, and a product with it at every step ran ~1.5x slower than
-        with a contiguous copy (D = 2048, 80 rows, 2 CPU threads; ~4 % of a whole beam search).
+        The slice is a strided view, and a product with it at every step is slower than with a
+        contiguous copy (measured in docs/performance.md).
         When decoding (no autograd) one copy is kept per version of the weight: an optimiser
         step or a load bumps the version, so the copy never goes stale. Training uses the view
         (a copy per step measured no faster there)."""

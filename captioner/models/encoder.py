@@ -158,7 +158,7 @@ class TorchvisionEncoder(Encoder):
                     cur = []
             blocks.append(nn.Sequential(*cur))
         self.blocks = nn.ModuleList(blocks)
-        # NHWC convolutions: about 1.3x faster on CPU (oneDNN) and what tensor cores want on GPU;
+        # NHWC convolutions: faster on CPU (oneDNN; docs/performance.md) and what tensor cores want;
         # the pooled map then flattens to (B, N, D) without a copy.
         self.blocks.to(memory_format=torch.channels_last)
         self.pool = nn.AdaptiveAvgPool2d(config.grid)
