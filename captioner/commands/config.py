@@ -176,7 +176,8 @@ def _argv(prog: str, args: Sequence[str]) -> Iterator[None]:
 class CaptionerCLI(LightningCLI):
     """``captioner fit|validate|test``: LightningCLI with captioner's callbacks and run folder."""
 
-    def __init__(self, args: Sequence[str], run: bool = True, prog: str = "captioner") -> None:
+    def __init__(self, args: Sequence[str], run: bool = True, prog: str = "captioner",
+                 description: str | None = None) -> None:
         # Lightning gives its logger a handler of its own when imported; the CLI's root handler
         # already prints its messages, so each would appear twice.
         if logging.getLogger().handlers:
@@ -191,6 +192,7 @@ class CaptionerCLI(LightningCLI):
                 parser_class=_Parser,
                 save_config_callback=RunConfig,
                 save_config_kwargs={"save_to_log_dir": False, "overwrite": True},
+                parser_kwargs={"description": description} if description else None,
                 run=run,
             )
 
@@ -236,9 +238,10 @@ class ConfigCLI(CaptionerCLI):
     model's settings are read from ``.config.model``. Nothing is seeded or trained."""
 
     def __init__(self, prog: str, args: Sequence[str],
-                 add_options: Callable[[LightningArgumentParser], None]) -> None:
+                 add_options: Callable[[LightningArgumentParser], None],
+                 description: str | None = None) -> None:
         self._add_options = add_options
-        super().__init__(args, run=False, prog=prog)
+        super().__init__(args, run=False, prog=prog, description=description)
 
     def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(Trainer, "trainer")

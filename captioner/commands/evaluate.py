@@ -124,7 +124,7 @@ def _parse(args: Sequence[str], prog: str):
                          "--predictions RESULTS.json --references DATASET.json (score a results file)")
     from captioner.commands.config import ConfigCLI
 
-    cli = ConfigCLI(prog, args, add_options)
+    cli = ConfigCLI(prog, args, add_options, description=__doc__)
     return cli.config, cli
 
 

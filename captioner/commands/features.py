@@ -58,7 +58,7 @@ def run(args: Sequence[str], prog: str = "captioner features extract") -> int:
     from captioner.models.encoder import create_encoder, encoder_preprocessing
 
     check_old_flags(args, OLD_FLAGS)
-    cli = ConfigCLI(prog, list(args), add_options)
+    cli = ConfigCLI(prog, list(args), add_options, description=__doc__)
     a, dm = cli.config, cli.datamodule
     enc = encoder_config(a.model.encoder)
     dm.preprocessing = encoder_preprocessing(enc)
