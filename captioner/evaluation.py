@@ -37,12 +37,12 @@ from captioner.data.datamodule import (
     collate_captions,
 )
 from captioner.data.records import ImageRecord
-from captioner.data.vocab import tokenize
 from captioner.inference import CaptionPipeline
 from captioner.metrics import (
     EvalResult,
     check_ids,
     evaluate_grounding,
+    exact_match,
     format_table,
     score_captions,
 )
@@ -213,14 +213,6 @@ def coco_annotation_references(path: str | os.PathLike) -> tuple[References, lis
     if not records:
         raise ValueError(f"{path}: no image has captions")
     return references_from_records(records, str(path)), records
-
-
-def exact_match(predictions: Mapping[int, str], tokens: Mapping[int, Sequence[Sequence[str]]]) -> float:
-    """Share of predictions whose words (``tokenize``) equal one of the image's tokenised references."""
-    if not predictions:
-        return math.nan
-    hits = sum(tokenize(p) in [list(r) for r in tokens[k]] for k, p in predictions.items())
-    return hits / len(predictions)
 
 
 def align_ids(

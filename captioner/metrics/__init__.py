@@ -1,4 +1,4 @@
-"""Caption metrics (pycocoevalcap) and attention grounding metrics."""
+"""Caption metrics (pycocoevalcap, exact match) and attention grounding metrics."""
 
 from captioner.metrics.attention_correctness import (
     attention_correctness,
@@ -16,6 +16,7 @@ from captioner.metrics.coco_eval import (
     score_captions,
     validation_scores,
 )
+from captioner.metrics.exact_match import exact_match
 
 __all__ = [
     "METRIC_KEYS",
@@ -23,6 +24,7 @@ __all__ = [
     "attention_correctness",
     "check_ids",
     "evaluate_grounding",
+    "exact_match",
     "format_table",
     "nltk_corpus_bleu4",
     "pointing_hit",
