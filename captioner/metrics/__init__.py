@@ -1,8 +1,9 @@
-"""Caption metrics (pycocoevalcap, exact match) and attention grounding metrics."""
+"""Caption metrics (pycocoevalcap, exact match) and attention grounding metrics, and their tables."""
 
 from captioner.metrics.attention_correctness import (
     attention_correctness,
     evaluate_grounding,
+    format_grounding_table,
     pointing_hit,
     upsample_attention,
 )
@@ -17,6 +18,7 @@ from captioner.metrics.coco_eval import (
     validation_scores,
 )
 from captioner.metrics.exact_match import exact_match
+from captioner.metrics.tables import markdown_table, percent
 
 __all__ = [
     "METRIC_KEYS",
@@ -25,8 +27,11 @@ __all__ = [
     "check_ids",
     "evaluate_grounding",
     "exact_match",
+    "format_grounding_table",
     "format_table",
+    "markdown_table",
     "nltk_corpus_bleu4",
+    "percent",
     "pointing_hit",
     "python_tokenize_caption",
     "score_captions",
