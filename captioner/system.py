@@ -324,7 +324,7 @@ class CaptioningSystem(L.LightningModule):
         return preds
 
     def _score_epoch(self, prefix: str, stage: str) -> None:
-        from captioner.metrics.coco_eval import validation_scores
+        from captioner.metrics import exact_match, validation_scores
 
         preds = self._gathered_predictions()
         if not preds or self.trainer.sanity_checking:
@@ -339,7 +339,7 @@ class CaptioningSystem(L.LightningModule):
             return
         refs = {i: refs[i] for i in preds}
         scores = validation_scores(preds, refs)
-        exact = sum(p in refs[i] for i, p in preds.items()) / len(preds)
+        exact = exact_match(preds, {i: [r.split() for r in rs] for i, rs in refs.items()})
         self.log(f"{prefix}/CIDEr", float(scores["CIDEr"]), prog_bar=True, sync_dist=False, rank_zero_only=False)
         self.log(f"{prefix}/Bleu_4", float(scores["Bleu_4"]), prog_bar=True)
         self.log(f"{prefix}/exact_match", float(exact))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import subprocess
 
@@ -25,6 +26,7 @@ from captioner.metrics.coco_eval import (
     score_captions,
     validation_scores,
 )
+from captioner.metrics.exact_match import exact_match
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="needs Java on PATH")
 
@@ -300,3 +302,17 @@ def test_format_table_scales_by_100_in_paper_order():
                         nltk_corpus_bleu4=0.28)
     assert "BLEU-4 (nltk)" in format_table(result) and "28.0" in format_table(result)
     assert format_table({}) == "(no metrics)"
+
+
+def test_exact_match_compares_words_with_tokenised_references():
+    """One rule for validation (decoded words joined by spaces) and evaluate (any results file):
+    a caption counts when its words equal one of the image's tokenised references."""
+    refs = {1: [["a", "red", "circle"], ["a", "circle"]], 2: [["two", "blue", "squares"]],
+            3: [["a", "mans", "hat"]]}
+    # case and punctuation are not words; a prefix or a reordering is no match
+    assert exact_match({1: "A red circle.", 2: "two blue", 3: "A man's hat"}, refs) == 2 / 3
+    assert exact_match({1: "a circle", 2: "squares blue two"}, refs) == 1 / 2
+    # the validation loop's form: references as space-joined tokens, split back into words
+    joined = {1: ["a red circle", "a circle"]}
+    assert exact_match({1: "a circle"}, {i: [r.split() for r in rs] for i, rs in joined.items()}) == 1.0
+    assert math.isnan(exact_match({}, refs))

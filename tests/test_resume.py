@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import torch
 
 from captioner.checkpointing import atomic_torch_save
 from captioner.data import sampling
+from captioner.data.atomic import atomic_write_json
 from captioner.data.sampling import EpochSampler
 from tests.conftest import fit_args
 
@@ -32,6 +35,18 @@ def test_interrupted_write_leaves_the_previous_checkpoint_intact(tmp_path, monke
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary left behind
+
+
+def test_atomic_json_is_strict_and_keeps_the_plain_format(tmp_path) -> None:
+    data = {"words": ["<pad>", "a"], "n": (1, 2)}
+    path = atomic_write_json(tmp_path / "new" / "vocab.json", data)  # creates the folder
+    assert path == tmp_path / "new" / "vocab.json"
+    assert path.read_bytes() == json.dumps(data).encode()  # vocab/feature-index bytes as before
+    scores = {"CIDEr": math.nan, "per": [math.inf, 0.5, -math.inf]}
+    text = atomic_write_json(path, scores, indent=2, newline=True).read_text()
+    assert json.loads(text) == {"CIDEr": None, "per": [None, 0.5, None]}  # strict JSON: no NaN
+    assert text.endswith("}\n") and "NaN" not in text and "Infinity" not in text
+    assert [p.name for p in path.parent.iterdir()] == ["vocab.json"]  # no temporary left behind
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])

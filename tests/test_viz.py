@@ -14,6 +14,7 @@ from captioner.viz import (
     attention_json,
     overlay_attention,
     plot_attention,
+    plot_curves,
     save_attention_figure,
     save_attention_gif,
     upsample_map,
@@ -131,3 +132,15 @@ def test_attention_json_shapes_and_sums() -> None:
     assert attention_json(WORDS, alphas.flatten(1).numpy(), (4, 3))["maps"] == d["maps"]
     with pytest.raises(ValueError, match="grid"):
         attention_json(WORDS, alphas, (3, 4))
+
+
+def test_plot_curves_writes_a_png_and_needs_points(tmp_path) -> None:
+    curves = {"CIDEr-D": [(0.0, 0.2), (1.0, 0.35), (2.0, 0.3)], "BLEU-4": [(0.0, 0.1), (2.0, 0.18)]}
+    out = plot_curves(curves, tmp_path / "curves.png", x_label="epoch", best="CIDEr-D")
+    assert out == tmp_path / "curves.png"
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size == (640, 400)
+    with pytest.raises(ValueError, match="no curve"):
+        plot_curves({"CIDEr-D": []}, tmp_path / "empty.png")
+    with pytest.raises(ValueError, match="best"):
+        plot_curves(curves, tmp_path / "x.png", best="METEOR")

@@ -8,7 +8,6 @@ Exit status: 0 written, 1 the image could not be read, 2 bad arguments or an unu
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ logger = logging.getLogger(__name__)
 def cmd_attend(a: argparse.Namespace) -> int:
     from matplotlib import colormaps
 
+    from captioner.data.atomic import atomic_write_json
     from captioner.data.images import ImageLoadError, load_image
     from captioner.viz import attention_json, save_attention_figure, save_attention_gif
 
@@ -48,9 +48,7 @@ def cmd_attend(a: argparse.Namespace) -> int:
     if a.json:
         maps = attention_json(caption.words, caption.alphas, caption.grid)
         maps.update(image=str(a.image), score=caption.score)
-        json_path = a.output.with_suffix(".json")
-        json_path.write_text(json.dumps(maps) + "\n")
-        written.append(json_path)
+        written.append(atomic_write_json(a.output.with_suffix(".json"), maps, newline=True))
     print(caption.text)
     logger.info("wrote %s", ", ".join(str(p) for p in written))
     return 0

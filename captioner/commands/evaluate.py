@@ -182,16 +182,10 @@ def run(args: Sequence[str], prog: str = "captioner evaluate") -> int:
 
 
 def report(a, cli) -> int:
+    from captioner.data.atomic import atomic_write_json
     from captioner.data.images import ImageLoadError
-    from captioner.evaluation import (
-        ImageIdMismatch,
-        find_metrics_csv,
-        format_grounding_table,
-        results_json,
-        write_json,
-        write_report,
-    )
-    from captioner.metrics import format_table
+    from captioner.evaluation import ImageIdMismatch, find_metrics_csv, results_json, write_report
+    from captioner.metrics import format_grounding_table, format_table
 
     try:
         ev = _evaluate_checkpoint(a, cli) if a.checkpoint is not None else _evaluate_predictions(a)
@@ -205,9 +199,10 @@ def report(a, cli) -> int:
 
     written = []
     if a.results is not None:
-        written.append(write_json(a.results, results_json(ev.captions.values())))
+        written.append(atomic_write_json(a.results, results_json(ev.captions.values()), indent=2,
+                                         newline=True))
     if a.output is not None:
-        written.append(write_json(a.output, ev.to_json()))
+        written.append(atomic_write_json(a.output, ev.to_json(), indent=2, newline=True))
     if a.report is not None:
         csv_path = find_metrics_csv(a.checkpoint, a.logs)
         written += write_report(ev, a.report, metrics_csv=csv_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -31,6 +32,35 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) 
         raise
 
 
-def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
-    """``data`` as JSON through :func:`atomic_write` (``json.dumps`` in one shot: its C encoder)."""
-    atomic_write(path, lambda f: f.write(json.dumps(data).encode()))
+def finite_json(value: Any) -> Any:
+    """``value`` with NaN/inf floats replaced by ``None``, recursively (strict JSON has no NaN);
+    tuples become lists, as ``json`` writes them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def atomic_write_json(
+    path: str | os.PathLike,
+    data: Any,
+    indent: int | None = None,
+    *,
+    sort_keys: bool = False,
+    separators: tuple[str, str] | None = None,
+    newline: bool = False,
+) -> Path:
+    """Write ``data`` as strict JSON (NaN/inf as ``null``) through :func:`atomic_write`, creating
+    the folder; return the path. ``indent``, ``sort_keys`` and ``separators`` are ``json.dumps``'s;
+    ``newline`` ends the file with one."""
+    options = {"indent": indent, "sort_keys": sort_keys, "separators": separators, "allow_nan": False}
+    try:  # json.dumps in one shot (its C encoder); the recursive conversion only when needed
+        text = json.dumps(data, **options)
+    except ValueError:  # a NaN or inf somewhere
+        text = json.dumps(finite_json(data), **options)
+    body = (text + "\n" if newline else text).encode()
+    atomic_write(path, lambda f: f.write(body))
+    return Path(path)

@@ -1,8 +1,9 @@
-"""Caption metrics (pycocoevalcap) and attention grounding metrics."""
+"""Caption metrics (pycocoevalcap, exact match) and attention grounding metrics, and their tables."""
 
 from captioner.metrics.attention_correctness import (
     attention_correctness,
     evaluate_grounding,
+    format_grounding_table,
     pointing_hit,
     upsample_attention,
 )
@@ -16,6 +17,8 @@ from captioner.metrics.coco_eval import (
     score_captions,
     validation_scores,
 )
+from captioner.metrics.exact_match import exact_match
+from captioner.metrics.tables import markdown_table, percent
 
 __all__ = [
     "METRIC_KEYS",
@@ -23,8 +26,12 @@ __all__ = [
     "attention_correctness",
     "check_ids",
     "evaluate_grounding",
+    "exact_match",
+    "format_grounding_table",
     "format_table",
+    "markdown_table",
     "nltk_corpus_bleu4",
+    "percent",
     "pointing_hit",
     "python_tokenize_caption",
     "score_captions",

@@ -39,6 +39,7 @@ from captioner.data.shapes import (
     parse_caption,
     relation_holds,
 )
+from captioner.metrics.tables import markdown_table, percent
 
 ArrayLike = np.ndarray | torch.Tensor
 WORD_CLASSES = ("colour", "size", "shape")
@@ -306,7 +307,27 @@ def evaluate_grounding(
     }
 
 
+def format_grounding_table(grounding: Mapping[str, Any]) -> str:
+    """:func:`evaluate_grounding`'s scores as markdown tables ×100: attention correctness and
+    pointing game per word class, then caption grounding (objects and relations)."""
+    rows = [["all", percent(grounding["attention_correctness"]), percent(grounding["pointing_game"]),
+             str(grounding["grounded_words"])]]
+    for cls, s in grounding["per_class"].items():
+        rows.append([cls, percent(s["attention_correctness"]), percent(s["pointing_game"]), str(s["count"])])
+    words = markdown_table(["words", "attention correctness", "pointing game", "count"], rows)
+    objects = markdown_table(
+        ["object precision", "object recall", "object F1", "relation accuracy", "relations"],
+        [[percent(grounding["object_precision"]), percent(grounding["object_recall"]),
+          percent(grounding["object_f1"]), percent(grounding["relation_accuracy"]),
+          str(grounding["relations"])]],
+    )
+    ceiling = grounding.get("attention_correctness_ceiling")
+    note = "" if ceiling is None else (
+        f"\n(attention correctness of the best one-cell map on this grid, same words: {percent(ceiling)})")
+    return words + note + "\n\n" + objects
+
+
 __all__ = [
-    "attention_correctness", "evaluate_grounding", "pointing_hit", "upsample_attention",
-    "WORD_CLASSES",
+    "attention_correctness", "evaluate_grounding", "format_grounding_table", "pointing_hit",
+    "upsample_attention", "WORD_CLASSES",
 ]

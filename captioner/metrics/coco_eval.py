@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import math
 import re
 import shutil
 import time
@@ -31,6 +30,8 @@ from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS
+
+from captioner.metrics.tables import markdown_table, percent
 
 logger = logging.getLogger(__name__)
 
@@ -414,15 +415,7 @@ def format_table(metrics: Mapping[str, float] | EvalResult) -> str:
             if k in metrics and metrics[k] is not None]
     if not keys:
         return "(no metrics)"
-    titles = [_TABLE_TITLES[k] for k in keys]
-    cells = [f"{100 * metrics[k]:.1f}" if math.isfinite(metrics[k]) else "nan" for k in keys]
-    widths = [max(len(t), len(c)) for t, c in zip(titles, cells)]
-
-    def row(items: list[str]) -> str:
-        return "| " + " | ".join(s.rjust(w) for s, w in zip(items, widths)) + " |"
-
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([row(titles), rule, row(cells)])
+    return markdown_table([_TABLE_TITLES[k] for k in keys], [[percent(metrics[k]) for k in keys]])
 
 
 __all__: list[str] = [

@@ -1,4 +1,5 @@
-"""Pictures of what the model looked at: per-word attention maps over the image."""
+"""Pictures of what the model looked at (per-word attention maps over the image) and of how
+training went (score curves)."""
 
 from captioner.viz.attention_maps import (
     attention_frames,
@@ -11,6 +12,7 @@ from captioner.viz.attention_maps import (
     save_attention_gif,
     upsample_map,
 )
+from captioner.viz.curves import plot_curves
 
 __all__ = [
     "attention_frames",
@@ -19,6 +21,7 @@ __all__ = [
     "figure_png_bytes",
     "overlay_attention",
     "plot_attention",
+    "plot_curves",
     "save_attention_figure",
     "save_attention_gif",
     "upsample_map",
