@@ -71,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             words, run = target
             try:
                 return int(run(argv[len(words):], prog="captioner " + " ".join(words)) or 0)
+            except SystemExit as done:  # jsonargparse's --help and --print_config
+                return done.code if isinstance(done.code, int) else 0
             except Exception as err:
                 if verbose or isinstance(err, UsageError) or not _user_error(err):
                     raise

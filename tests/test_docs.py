@@ -123,7 +123,7 @@ def test_every_readme_command_runs_as_written(tiny_run, monkeypatch, capsys) -> 
             # as written, plus what keeps it short and on the session's tiny data
             argv += ["--trainer.max_steps", "2", "--trainer.max_time", "null", *TINY]
         elif "--checkpoint" in argv and argv[0] in ("evaluate", "features"):
-            argv += ["--data.limit_eval", "4", "--data.num_workers", "0", "--no-meteor"]
+            argv += ["--data.num_workers", "0", "--no-meteor"]
         elif argv[0] == "shapes":
             argv += ["--num-images", "20", "--image-size", "32"]
         capsys.readouterr()
@@ -138,7 +138,7 @@ def test_every_readme_command_runs_as_written(tiny_run, monkeypatch, capsys) -> 
 
 
 TINY = ["--data.shapes.image_size", "32", "--data.num_workers", "0", "--data.batch_size", "8",
-        "--data.eval_batch_size", "8", "--data.min_count", "1", "--data.limit_eval", "4",
+        "--data.eval_batch_size", "8", "--data.min_count", "1",
         "--model.encoder.channels", "16", "--model.encoder.grid", "4", "--model.encoder.image_size", "32",
         "--model.decoder.embed_dim", "16", "--model.decoder.attention_dim", "16",
         "--model.decoder.decoder_dim", "16", "--model.decoder.num_heads", "4",
