@@ -115,9 +115,6 @@ class ShapesSource(DataSource):
     def read(self) -> dict[str, list[ImageRecord]]:
         from captioner.data.karpathy import read_karpathy
 
-        if not Path(self.split_file).is_file():
-            raise FileNotFoundError(f"data.karpathy.split_file: {self.split_file} not found "
-                                    "(see docs/data.md for where to get it)")
         return read_karpathy(self.root / "dataset.json", self.root / "images")
 
     def vocab_dir(self) -> Path:
