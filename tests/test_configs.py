@@ -7,9 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tests.conftest import fit_args
+from tests.helpers import record_fits
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -31,10 +33,16 @@ def test_config_parses_and_resolves(config: Path, tmp_path) -> None:
     assert resolved["checkpoint"]["monitor"] == "val/CIDEr"
 
 
-@pytest.mark.parametrize("variant", ["shapes-hard.yaml", "shapes-multihead.yaml"])
-def test_attention_variants_fit(variant: str, shapes_dir, tmp_path) -> None:
+@pytest.mark.parametrize(("variant", "attention"), [("shapes-hard.yaml", "hard"),
+                                                  ("shapes-multihead.yaml", "multihead")])
+def test_attention_variants_fit(variant: str, attention: str, shapes_dir, tmp_path, monkeypatch) -> None:
     from captioner.cli import main
 
     args = fit_args(shapes_dir, tmp_path, "--trainer.fast_dev_run", "2", "--model.decoder.num_heads", "4")
     args[2] = str(Path(args[2]).parent / variant)
+    fits = record_fits(monkeypatch)
     assert main(args) == 0
+    (trainer,) = fits
+    assert trainer.state.status == "finished" and trainer.global_step == 2
+    assert trainer.lightning_module.model.decoder.config.attention == attention
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
