@@ -35,8 +35,10 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing
-            warnings.simplefilter("ignore", UserWarning)
+        with warnings.catch_warnings():
+            # a file pickled outside torch.save: torch notes its protocol, then refuses it below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning,
+                                    module=r"torch\._weights_only_unpickler")
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(

@@ -1,4 +1,5 @@
-"""Test helpers: callbacks injected into `captioner fit` runs, a live server for socket tests."""
+"""Test helpers: what `captioner fit` runs did, callbacks injected into them, a live server for
+socket tests."""
 
 from __future__ import annotations
 
@@ -10,6 +11,21 @@ import threading
 import time
 
 import lightning as L
+
+
+def record_fits(monkeypatch) -> list[L.Trainer]:
+    """The Trainers of the ``fit`` runs started from now on, each appended once its ``fit``
+    returns: what a ``captioner fit`` run did (its steps, state and metrics), where its exit
+    status does not say."""
+    trainers: list[L.Trainer] = []
+    fit = L.Trainer.fit
+
+    def recorded(self: L.Trainer, *args, **kwargs) -> None:
+        fit(self, *args, **kwargs)
+        trainers.append(self)
+
+    monkeypatch.setattr(L.Trainer, "fit", recorded)
+    return trainers
 
 
 class KillAtStep(L.Callback):

@@ -239,10 +239,15 @@ def attention_checkpoint(request, tiny_checkpoint, shapes_dir, tmp_path_factory)
     """The session checkpoint for soft attention; one epoch of training for the others."""
     if request.param == "soft":
         return tiny_checkpoint
+    from captioner.inference import read_checkpoint
+
     root = tmp_path_factory.mktemp(request.param)
     assert main(fit_args(shapes_dir, root, "--trainer.max_epochs", "1",
                          "--model.decoder.attention", request.param,
                          "--model.decoder.num_heads", "4")) == 0
+    ckpt = read_checkpoint(root / "checkpoints" / "best.ckpt")
+    assert ckpt["global_step"] == 8  # one epoch: 64 training images in batches of 8
+    assert ckpt["hyper_parameters"]["decoder"]["attention"] == request.param
     return root / "checkpoints" / "best.ckpt"
 
 

@@ -120,8 +120,9 @@ def test_sampling_is_reproducible_and_top1_is_greedy(decoder) -> None:
 
 
 def test_beam_runs_exactly_max_steps_without_early_stop(decoder) -> None:
-    gen = beam_search(decoder, torch.randn(2, 7, 12), beam_size=3, max_length=9, early_stop=False)
-    assert gen.tokens.size(1) == 9
+    gen = beam_search(decoder, torch.randn(3, 7, 12), beam_size=4, max_length=9, early_stop=False)
+    assert gen.tokens.shape == (3, 9) and gen.alphas.shape == (3, 9, 7)
+    assert [len(hyps) for hyps in gen.nbest] == [4, 4, 4]
 
 
 def test_no_empty_caption_even_when_end_is_most_likely_first(decoder) -> None:

@@ -16,9 +16,10 @@ from captioner.data.features import (
     bytes_per_image,
     extract_features,
 )
-from captioner.models import DecoderConfig, EncoderConfig, create_encoder
+from captioner.models import Captioner, DecoderConfig, EncoderConfig, create_encoder
 from captioner.system import CaptioningSystem
 from tests.conftest import fit_args
+from tests.helpers import record_fits
 
 # A frozen torchvision encoder at the fixture's 32 px: a 1x1 map pooled to a 2x2 grid.
 ENCODER = {"name": "resnet50", "grid": 2, "image_size": 32, "trainable_blocks": 0}
@@ -170,7 +171,7 @@ def _write_config(path: Path, shapes_dir: Path, **encoder) -> Path:
     return path
 
 
-def test_cli_extract_then_fit_from_the_cache(shapes_dir, tmp_path, capsys) -> None:
+def test_cli_extract_then_fit_from_the_cache(shapes_dir, tmp_path, capsys, monkeypatch) -> None:
     cfg = _write_config(tmp_path / "cfg.yaml", shapes_dir)
     out = tmp_path / "cache"
     code = main(["features", "extract", "--config", str(cfg), "--out", str(out), "--device", "cpu",
@@ -183,9 +184,19 @@ def test_cli_extract_then_fit_from_the_cache(shapes_dir, tmp_path, capsys) -> No
     assert summary["bytes"] == (n_train + n_val) * 4 * 2048 * 2
 
     root = tmp_path / "run"
+    fits = record_fits(monkeypatch)
+    read = []
+    get = FeatureStore.get
+    monkeypatch.setattr(FeatureStore, "get", lambda self, image_id: read.append(image_id) or get(self, image_id))
+    monkeypatch.setattr(Captioner, "encode", lambda self, images: pytest.fail("an image was encoded"))
     main(fit_args(shapes_dir, root, "--model.encoder.name", "resnet50", "--model.encoder.grid", "2",
                   "--model.encoder.image_size", "32", "--model.encoder.trainable_blocks", "0",
                   "--data.feature_cache", str(out), "--trainer.fast_dev_run", "true"))
+    (trainer,) = fits
+    assert trainer.state.status == "finished" and trainer.global_step == 1
+    # a training batch and a validation batch, all from the cache
+    store = FeatureStore(out)
+    assert len(read) == 16 and all(image_id in store for image_id in read)
 
 
 @pytest.mark.parametrize(("encoder", "message"), [

@@ -4,6 +4,7 @@ the GPU runs, nvJPEG aside) against the PIL path."""
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,7 @@ def test_device_decoding_matches_pil(jpegs, device):
     exact = device == "cpu"
     for path, img in zip(jpegs, decoded, strict=True):
         assert img.dtype == torch.uint8 and img.shape[0] == 3 and img.device.type == device
-        pil = torch.from_numpy(np.asarray(load_image(path))).permute(2, 0, 1)
+        pil = torch.from_numpy(np.array(load_image(path))).permute(2, 0, 1)
         diff = (img.cpu().int() - pil.int()).abs()
         print(f"{device} decode {path.name}: max {int(diff.max())} mean {float(diff.float().mean()):.3f} levels")
         assert diff.max() <= (0 if exact else 32), path.name
@@ -100,6 +101,27 @@ def test_one_corrupt_file_costs_only_itself(jpegs, device):
     out = decode_jpegs(files, device)
     assert [o is None for o in out] == [False, True, False]
     assert decode_jpegs([], device) == []
+
+
+def test_torchvisions_deprecation_is_filtered_once_at_import(jpegs, monkeypatch):
+    """torchvision 0.29 deprecates its decoders; captioner.data.jpeg ignores that one message with
+    a filter made when it is imported, not with ``catch_warnings`` around each call, which is not
+    thread-safe and decode_jpegs runs beside the reader threads."""
+    import importlib
+
+    import captioner.data.jpeg as jpeg
+
+    files = [read_jpeg(p) for p in jpegs[:2]]
+    entered = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.resetwarnings()
+        warnings.simplefilter("always")
+        importlib.reload(jpeg)  # its import-time filter, here without pytest's configured ones
+        with monkeypatch.context() as m:
+            m.setattr(warnings, "catch_warnings", lambda *a, **k: entered.append(a) or pytest.fail("entered"))
+            decoded = jpeg.decode_jpegs(files, "cpu")
+    assert not entered and all(d is not None for d in decoded)
+    assert [f"{w.category.__name__}: {w.message}" for w in caught] == []
 
 
 def test_from_uint8_rejects_bad_tensors():

@@ -6,8 +6,10 @@ import inspect
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+import captioner.models.attention as attention_module
 from captioner.models import (
     ATTENTIONS,
     ENCODERS,
@@ -353,3 +355,89 @@ def test_context_weight_copy_follows_the_weight() -> None:
         cache, state = dec.precompute(feats), dec.init_state(feats)
         logp, _, _ = dec.step(caps[:, 0], state, cache)
     torch.testing.assert_close(logp, torch.log_softmax(ref[:, 0], -1))
+
+
+# -- the decoder's fast paths against the plain maths ---------------------------------------------
+def _tiny_decoder(attention: str = "soft", gate: str = "scalar") -> AttentionDecoder:
+    torch.manual_seed(0)
+    cfg = DecoderConfig(attention=attention, embed_dim=8, attention_dim=10, decoder_dim=12, num_heads=2,
+                        dropout=0.0, gate=gate)
+    return AttentionDecoder(cfg, vocab_size=20, encoder_dim=6)
+
+
+def _reference_forward(dec: AttentionDecoder, feats, captions):
+    """Teacher forcing written the obvious way: tanh attention, nn.LSTMCell, per-step logits."""
+    att = dec.attention
+    proj = att.encoder_proj(feats)  # (B, N, A)
+    h, c = dec.init_state(feats)
+    logits, alphas = [], []
+    for t in range(captions.size(1) - 1):
+        emb = dec.embedding(captions[:, t])
+        e = att.score(torch.tanh(proj + att.hidden_proj(h).unsqueeze(1))).squeeze(-1)  # (B, N)
+        alpha = F.softmax(e, -1)
+        z = (alpha.unsqueeze(-1) * feats).sum(1)
+        if dec.gate is not None:
+            z = torch.sigmoid(dec.gate(h)) * z
+        h, c = dec.lstm(torch.cat([emb, z], 1), (h, c))
+        logits.append(dec.out(torch.tanh(emb + dec.out_h(h) + dec.out_z(z))))
+        alphas.append(alpha)
+    return torch.stack(logits, 1), torch.stack(alphas, 1)
+
+
+@pytest.mark.parametrize("gate", ["scalar", "vector", "none"])
+def test_teacher_forcing_and_its_gradients_equal_the_plain_maths(gate: str) -> None:
+    dec = _tiny_decoder(gate=gate).train()
+    feats = torch.randn(4, 5, 6)
+    caps = torch.randint(4, 20, (4, 7))
+    lengths = torch.tensor([7, 6, 7, 4])
+    grads = []
+    for run in ("fast", "reference"):
+        dec.zero_grad()
+        if run == "fast":
+            out = dec(feats, caps, lengths)
+            logits, alphas = out.logits, out.alphas
+        else:
+            logits, alphas = _reference_forward(dec, feats, caps)
+        # real steps only: the fast path does not compute the steps after a caption's end
+        real = torch.arange(caps.size(1) - 1) < (lengths - 1).unsqueeze(1)  # (B, T)
+        loss = (F.cross_entropy(logits[real], caps[:, 1:][real])
+                + ((1 - (alphas * real.unsqueeze(-1)).sum(1)) ** 2).sum())
+        loss.backward()
+        grads.append({k: p.grad.clone() for k, p in dec.named_parameters() if p.grad is not None})
+        if run == "fast":
+            fast_logits, fast_alphas = logits.detach(), alphas.detach()
+    torch.testing.assert_close(fast_logits[real], logits.detach()[real])
+    torch.testing.assert_close(fast_alphas[real], alphas.detach()[real])
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("attention", ["soft", "hard", "multihead"])
+def test_beams_sharing_the_image_cache_equal_copies_of_it(attention: str) -> None:
+    dec = _tiny_decoder(attention).eval()
+    feats, k = torch.randn(3, 5, 6), 4
+    h = torch.randn(3 * k, 12)
+    with torch.no_grad():
+        cache = dec.precompute(feats)
+        shared = dec.attention(cache, h)
+        copied = dec.attention(tuple(c.repeat_interleave(k, 0) for c in cache), h)
+    torch.testing.assert_close(shared.context, copied.context)
+    torch.testing.assert_close(shared.alpha, copied.alpha)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_chunked_attention_scores_equal_one_pass(monkeypatch, grad: bool) -> None:
+    dec = _tiny_decoder().eval()
+    feats = torch.randn(5, 4, 6)
+    h = torch.randn(5 * 3, 12, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        _, proj2 = dec.precompute(feats)
+        whole = dec.attention.scores(proj2, h)
+        monkeypatch.setattr(attention_module, "SCORE_CHUNK_ELEMENTS", 3 * 4 * 10 * 2)  # 2 images (grad)
+        chunked = dec.attention.scores(proj2, h)
+    torch.testing.assert_close(chunked, whole)
+    if grad:
+        (g1,) = torch.autograd.grad(whole.sum(), h)
+        (g2,) = torch.autograd.grad(chunked.sum(), h)
+        torch.testing.assert_close(g1, g2)

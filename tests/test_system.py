@@ -14,6 +14,7 @@ from captioner.models.attention import HardAttention
 from captioner.models.decoder import DecoderOutput
 from captioner.system import CaptioningSystem, LossConfig, caption_loss
 from tests.conftest import fit_args
+from tests.helpers import record_fits
 
 VOCAB = [*SPECIALS, *(f"w{i}" for i in range(12))]
 
@@ -90,10 +91,16 @@ def test_tiny_model_overfits_one_batch(attention: str) -> None:
     assert last < first / 8, (first, last)
 
 
-def test_fit_fast_dev_run_through_the_cli(shapes_dir, tmp_path) -> None:
+def test_fit_fast_dev_run_through_the_cli(shapes_dir, tmp_path, monkeypatch) -> None:
     from captioner.cli import main
 
+    fits = record_fits(monkeypatch)
     assert main(fit_args(shapes_dir, tmp_path, "--trainer.fast_dev_run", "2")) == 0
+    (trainer,) = fits
+    assert trainer.state.status == "finished"  # not interrupted
+    assert trainer.global_step == 2  # two optimiser steps, one per training batch
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert "val/CIDEr" in trainer.callback_metrics  # the validation batches were captioned and scored
 
 
 def test_checkpoint_round_trip_gives_identical_captions(tiny_checkpoint, shapes_dir) -> None:

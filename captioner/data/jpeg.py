@@ -27,6 +27,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+# torchvision 0.29 deprecates its decoders in favour of TorchCodec's; they are still the ones in
+# the supported torchvision range (and in every torchvision with nvJPEG). This one message is
+# ignored, with a filter installed once here rather than around each call: ``decode_jpegs`` runs
+# while reader threads open images under ``warnings.catch_warnings`` (``images._open``), and two
+# threads inside ``catch_warnings`` at once restore each other's filters (one can stay for good).
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning, module=r"torchvision\.io\.image")
+
 _SOI = b"\xff\xd8\xff"  # every JPEG file starts with these bytes
 _EOI = b"\xff\xd9"  # ... and a complete one ends with these
 _ORIENTATION = 0x0112  # EXIF tag
@@ -66,18 +74,14 @@ def decode_jpegs(files: Sequence[bytes], device: torch.device | str) -> list[Ten
         return []
     dev = torch.device(device)
     raw = [torch.from_numpy(np.frombuffer(f, dtype=np.uint8).copy()) for f in files]  # (L,) each
-    with warnings.catch_warnings():
-        # torchvision 0.29 deprecates its decoders in favour of TorchCodec's; they are still
-        # the ones in the supported torchvision range (and in every torchvision with nvJPEG).
-        warnings.simplefilter("ignore", DeprecationWarning)
+    try:
+        return list(decode_jpeg(raw, mode=ImageReadMode.RGB, device=dev))
+    except Exception:
+        pass
+    decoded: list[Tensor | None] = []
+    for r in raw:
         try:
-            return list(decode_jpeg(raw, mode=ImageReadMode.RGB, device=dev))
+            decoded.append(decode_jpeg(r, mode=ImageReadMode.RGB, device=dev))
         except Exception:
-            pass
-        decoded: list[Tensor | None] = []
-        for r in raw:
-            try:
-                decoded.append(decode_jpeg(r, mode=ImageReadMode.RGB, device=dev))
-            except Exception:
-                decoded.append(None)
-        return decoded
+            decoded.append(None)
+    return decoded

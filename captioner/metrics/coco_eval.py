@@ -396,7 +396,8 @@ def nltk_corpus_bleu4(
     refs = [[_as_text(r).lower().split() for r in references[k]] for k in ids]
     with warnings.catch_warnings():
         # nltk warns when a higher-order n-gram never matches; the score is then 0, as reported.
-        warnings.simplefilter("ignore", UserWarning)
+        warnings.filterwarnings("ignore", message=r"\nThe hypothesis contains 0 counts", category=UserWarning,
+                                module=r"nltk\.translate\.bleu_score")
         return float(corpus_bleu(refs, hyps))
 
 
