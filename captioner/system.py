@@ -340,9 +340,11 @@ class CaptioningSystem(L.LightningModule):
         refs = {i: refs[i] for i in preds}
         scores = validation_scores(preds, refs)
         exact = exact_match(preds, {i: [r.split() for r in rs] for i, rs in refs.items()})
-        self.log(f"{prefix}/CIDEr", float(scores["CIDEr"]), prog_bar=True, sync_dist=False, rank_zero_only=False)
-        self.log(f"{prefix}/Bleu_4", float(scores["Bleu_4"]), prog_bar=True)
-        self.log(f"{prefix}/exact_match", float(exact))
+        # Every rank scored the same gathered captions: the mean over ranks is each rank's value,
+        # and saying sync_dist keeps Lightning from asking for it.
+        self.log(f"{prefix}/CIDEr", float(scores["CIDEr"]), prog_bar=True, sync_dist=True)
+        self.log(f"{prefix}/Bleu_4", float(scores["Bleu_4"]), prog_bar=True, sync_dist=True)
+        self.log(f"{prefix}/exact_match", float(exact), sync_dist=True)
         logger.info("%s: CIDEr-D %.3f  BLEU-4 %.3f  exact %.3f on %d images", stage,
                     scores["CIDEr"], scores["Bleu_4"], exact, len(preds))
         for i in sorted(preds)[:3]:  # a glimpse of what the numbers mean

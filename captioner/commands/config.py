@@ -163,10 +163,11 @@ def check_renamed(args: Sequence[str]) -> None:
 
 
 @contextlib.contextmanager
-def _argv(prog: str, args: Sequence[str]) -> Iterator[None]:
-    """LightningCLI reads sys.argv (and warns when given ``args`` beside a longer sys.argv)."""
+def _argv(args: Sequence[str]) -> Iterator[None]:
+    """LightningCLI reads sys.argv (and warns when given ``args`` beside a longer sys.argv).
+    sys.argv[0] stays: Lightning's DDP launcher starts the other ranks with it."""
     saved = sys.argv
-    sys.argv = [prog, *args]
+    sys.argv = [saved[0] if saved else "captioner", *args]
     try:
         yield
     finally:
@@ -183,7 +184,7 @@ class CaptionerCLI(LightningCLI):
         if logging.getLogger().handlers:
             logging.getLogger("lightning").handlers.clear()
         check_renamed(args)
-        with _argv(prog, args):
+        with _argv(args):
             super().__init__(
                 CaptioningSystem, CaptionDataModule,
                 seed_everything_default=0,
@@ -192,7 +193,7 @@ class CaptionerCLI(LightningCLI):
                 parser_class=_Parser,
                 save_config_callback=RunConfig,
                 save_config_kwargs={"save_to_log_dir": False, "overwrite": True},
-                parser_kwargs={"description": description} if description else None,
+                parser_kwargs={"prog": prog, **({"description": description} if description else {})},
                 run=run,
             )
 
