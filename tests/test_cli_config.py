@@ -151,6 +151,17 @@ def test_fit_says_each_thing_once(shapes_dir, tmp_path) -> None:
     assert f"run folder: {tmp_path}" in text
 
 
+def test_lightning_keeps_the_program_that_ddp_relaunches(monkeypatch) -> None:
+    """Lightning's DDP launcher starts the other ranks with sys.argv[0]: it must stay the real
+    program (the `captioner` console script) while the CLI hands LightningCLI its arguments."""
+    from captioner.commands.config import _argv
+
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/captioner", "fit", "--config", "x.yaml"])
+    with _argv(["fit", "--config", "x.yaml", "--trainer.devices", "2"]):
+        assert sys.argv == ["/venv/bin/captioner", "fit", "--config", "x.yaml", "--trainer.devices", "2"]
+    assert sys.argv == ["/venv/bin/captioner", "fit", "--config", "x.yaml"]
+
+
 # -- the import graph: one-way arrows ------------------------------------------------------------
 # Lower layers never import higher ones; the CLI is the top and nothing imports it.
 LAYERS = [

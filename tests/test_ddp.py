@@ -47,3 +47,4 @@ def test_two_process_ddp_fit_and_validation_equal_single_process(shapes_dir, tin
     assert _metric(single.stdout, "val/CIDEr") > 0  # a comparison of real captions, not of zeros
     for name in ("val/CIDEr", "val/Bleu_4", "val/exact_match"):
         assert _metric(double.stdout, name) == pytest.approx(_metric(single.stdout, name), abs=1e-6)
+    assert "sync_dist" not in double.stderr  # no warning about our own logging
