@@ -31,6 +31,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) 
         raise
 
 
+def publish(part: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Make a file written progressively beside ``path`` appear as ``path`` in one step: flushed
+    to disk, then renamed over it (a reader sees the old file or the whole new one)."""
+    with open(part, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(part, path)
+
+
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     """``data`` as JSON through :func:`atomic_write` (``json.dumps`` in one shot: its C encoder)."""
     atomic_write(path, lambda f: f.write(json.dumps(data).encode()))
