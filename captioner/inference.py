@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pickle
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -17,8 +18,8 @@ from PIL import Image
 from torch import Tensor
 
 from captioner.data.transforms import Preprocessing
-from captioner.data.vocab import Vocabulary
-from captioner.decoding import DecodingConfig, Generated, generate
+from captioner.data.vocab import END_ID, Vocabulary
+from captioner.decoding import DecodingConfig, Generated, beam_search, generate, sample
 from captioner.models import Captioner, DecoderConfig, EncoderConfig
 from captioner.models.quantize import quantize_decoder
 
@@ -82,14 +83,93 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
 
 @dataclass
 class Caption:
+    """One caption of an image. ``score``: the summed log-probability of its tokens (the words,
+    then ``<end>`` when it was emitted), divided by ``words ** length_penalty`` where beam search
+    was asked for a length penalty. ``token_logprobs``: those tokens' log-probabilities, each
+    given the words before it."""
+
     words: list[str]
     score: float
     alphas: Tensor  # (T, h, w): one map per word
     grid: tuple[int, int]
+    token_logprobs: list[float] = field(default_factory=list)
 
     @property
     def text(self) -> str:
         return " ".join(self.words)
+
+    @property
+    def word_probs(self) -> list[float]:
+        """The probability of each word (one per word of ``words``)."""
+        return [math.exp(x) for x in self.token_logprobs[: len(self.words)]]
+
+    @property
+    def mean_logprob(self) -> float:
+        """The mean log-probability per token (the words and ``<end>``): a confidence that does
+        not fall with the caption's length as the summed log-probability does."""
+        lp = self.token_logprobs
+        return sum(lp) / len(lp) if lp else float("nan")
+
+
+class OptionError(ValueError):
+    """A caption option out of range or not allowed with the others; ``field`` names it."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field_name
+
+
+@dataclass(frozen=True)
+class CaptionOptions:
+    """How to caption each image: the best caption of a beam search (the default), its ``n_best``
+    best (distinct, best first), or ``num_samples`` drawn ones (``sample=True``: each word drawn
+    from the model's distribution at ``temperature``, within its ``top_k`` words and the ``top_p``
+    nucleus; ``seed`` makes the draws repeat, from a generator of their own, never the global
+    random state). ``beam_size``/``max_length`` None: the pipeline's."""
+
+    beam_size: int | None = None
+    max_length: int | None = None
+    n_best: int = 1
+    sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    num_samples: int = 1
+    seed: int | None = None
+
+    @property
+    def count(self) -> int:
+        """Captions per image."""
+        return self.num_samples if self.sample else self.n_best
+
+    def check(self, default_beam_size: int) -> None:
+        """OptionError naming the first option that is out of range or needs another."""
+        beam = self.beam_size if self.beam_size is not None else default_beam_size
+        for name in ("beam_size", "max_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise OptionError(name, f"{name} must be >= 1, got {value}")
+        if self.n_best < 1:
+            raise OptionError("n_best", f"n_best must be >= 1, got {self.n_best}")
+        if self.num_samples < 1:
+            raise OptionError("num_samples", f"num_samples must be >= 1, got {self.num_samples}")
+        if not self.temperature > 0:
+            raise OptionError("temperature", f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise OptionError("top_p", f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise OptionError("top_k", f"top_k must be >= 0, got {self.top_k}")
+        if self.sample:
+            if self.n_best != 1:
+                raise OptionError("n_best", "n_best is for beam search; with sample, ask for num_samples")
+        else:
+            sampling = {"num_samples": self.num_samples != 1, "temperature": self.temperature != 1.0,
+                        "top_k": self.top_k != 0, "top_p": self.top_p != 1.0, "seed": self.seed is not None}
+            for name, given in sampling.items():
+                if given:
+                    raise OptionError(name, f"{name} is an option of sampling: it needs sample")
+            if self.n_best > beam:
+                raise OptionError("n_best", f"n_best ({self.n_best}) must be <= the beam size ({beam})")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -170,27 +250,90 @@ class CaptionPipeline:
     def generate(self, features: Tensor, beam_size: int | None = None) -> Generated:
         return generate(self.decoder, features, self.decoding, beam_size)
 
+    def options(self, options: CaptionOptions | None = None, **kw) -> CaptionOptions:
+        """``options`` (default: the pipeline's decoding) with ``kw`` replacing its fields, checked
+        (OptionError naming the field)."""
+        opts = replace(options or CaptionOptions(), **kw)
+        opts.check(self.beam_size)
+        return opts
+
+    def generator(self, options: CaptionOptions) -> torch.Generator | None:
+        """The random source of a seeded sampling run, on the model's device; None otherwise."""
+        if not options.sample or options.seed is None:
+            return None
+        return torch.Generator(self.device).manual_seed(options.seed)
+
+    def _decode(self, features: Tensor, options: CaptionOptions,
+                generator: torch.Generator | None) -> tuple[Generated, list[list[int]]]:
+        """features (B, N, D) -> the generated rows and, per image, which rows are its captions."""
+        b = features.size(0)
+        k = options.beam_size or self.beam_size
+        cfg = replace(self.decoding, max_length=options.max_length or self.max_length)
+        if options.sample:
+            s = options.num_samples
+            gen = sample(self.decoder, features.repeat_interleave(s, 0), cfg.max_length, options.temperature,
+                         options.top_k, cfg.suppress_unk, generator=generator, top_p=options.top_p)
+            return gen, [list(range(i * s, (i + 1) * s)) for i in range(b)]
+        if options.n_best == 1:
+            return generate(self.decoder, features, cfg, k), [[i] for i in range(b)]
+        out = beam_search(self.decoder, features, k, cfg.max_length, cfg.length_penalty, cfg.suppress_unk,
+                          cuda_graph=cfg.cuda_graph)
+        rows = []
+        for i, hyps in enumerate(out.nbest):  # distinct captions of beams that lived, best first
+            seen, mine = set(), []
+            for j, (toks, score) in enumerate(hyps):
+                if math.isfinite(score) and tuple(toks) not in seen and len(mine) < options.n_best:
+                    seen.add(tuple(toks))
+                    mine.append(i * k + j)
+            rows.append(mine)
+        return out.beams, rows
+
     @torch.inference_mode()
-    def caption_tensors(self, images: Tensor, beam_size: int | None = None) -> list[Caption]:
-        """images (B, 3, S, S), already preprocessed."""
+    def captions_for_tensors(self, images: Tensor, options: CaptionOptions | None = None,
+                             generator: torch.Generator | None = None) -> list[list[Caption]]:
+        """images (B, 3, S, S), already preprocessed -> per image its captions: one by default,
+        the ``n_best`` best (best first) or ``num_samples`` samples (in the order drawn).
+        ``generator``: the random source of sampling (default: a new one from ``options.seed``)."""
+        options = options or CaptionOptions()
+        options.check(self.beam_size)
+        if generator is None:
+            generator = self.generator(options)
         model = self.loaded.model
         dev = self.device
         with autocast(dev, self.precision):
             features, (h, w) = model.encode(images.to(dev, non_blocking=True))
-            gen = self.generate(features, beam_size)
+            gen, rows = self._decode(features, options, generator)
         # One device-to-host copy per tensor, not one per image.
         lengths, tokens, scores = gen.lengths.tolist(), gen.tokens.tolist(), gen.scores.float().tolist()
-        alphas = gen.alphas.float().cpu()  # (B, T, N)
+        logps = gen.token_logprobs.float().tolist()
+        alphas = gen.alphas.float().cpu()  # (rows, T, N)
         out = []
-        for i, n in enumerate(lengths):
-            words = self.loaded.vocab.decode(tokens[i][:n], strip=False)
-            out.append(Caption(words, scores[i], alphas[i, :n].reshape(n, h, w), (h, w)))
+        for mine in rows:
+            caps = []
+            for r in mine:
+                n = lengths[r]
+                words = self.loaded.vocab.decode(tokens[r][:n], strip=False)
+                ended = n < len(tokens[r]) and tokens[r][n] == END_ID
+                caps.append(Caption(words, scores[r], alphas[r, :n].reshape(n, h, w), (h, w),
+                                    logps[r][: n + ended]))
+            out.append(caps)
         return out
 
-    def caption_images(self, images: Iterable[Image.Image], beam_size: int | None = None) -> list[Caption]:
+    def caption_tensors(self, images: Tensor, beam_size: int | None = None) -> list[Caption]:
+        """images (B, 3, S, S), already preprocessed -> the best caption of each."""
+        return [caps[0] for caps in self.captions_for_tensors(images, CaptionOptions(beam_size=beam_size))]
+
+    def captions(self, images: Iterable[Image.Image], options: CaptionOptions | None = None,
+                 **kw) -> list[list[Caption]]:
+        """PIL images -> per image a list of captions (see :meth:`captions_for_tensors`);
+        ``kw``: fields of :class:`CaptionOptions`, e.g. ``n_best=3`` or ``sample=True, seed=0``."""
         pre = self.loaded.preprocessing
         batch = torch.stack([pre(im) for im in images])
-        return self.caption_tensors(batch, beam_size)
+        return self.captions_for_tensors(batch, self.options(options, **kw))
+
+    def caption_images(self, images: Iterable[Image.Image], beam_size: int | None = None) -> list[Caption]:
+        """PIL images -> the best caption of each."""
+        return [caps[0] for caps in self.captions(images, beam_size=beam_size)]
 
     def jpeg_on_device(self, jpeg_decode: str = "auto") -> bool:
         """Whether ``caption_paths`` decodes JPEGs with torchvision on the model's device:
@@ -206,6 +349,19 @@ class CaptionPipeline:
         num_workers: int | None = None, jpeg_decode: str = "auto",
     ) -> Iterator[tuple[Path, Caption | None, str | None]]:
         """Streams (path, caption, None) or (path, None, error) in input order; memory stays flat.
+        The best caption of each image; :meth:`captions_for_paths` for more than one."""
+        for path, caps, error in self.captions_for_paths(paths, CaptionOptions(beam_size=beam_size), batch_size,
+                                                         num_workers, jpeg_decode):
+            yield path, (caps[0] if caps is not None else None), error
+
+    def captions_for_paths(
+        self, paths: Iterable[Path], options: CaptionOptions | None = None, batch_size: int = 16,
+        num_workers: int | None = None, jpeg_decode: str = "auto",
+    ) -> Iterator[tuple[Path, list[Caption] | None, str | None]]:
+        """Streams (path, captions, None) or (path, None, error) in input order; memory stays flat.
+        ``captions``: as :meth:`captions_for_tensors` gives them for ``options``; seeded sampling
+        draws from one generator for the whole stream (the same paths and batch size, the same
+        captions).
 
         ``num_workers`` > 0 reads and preprocesses images in that many threads (PIL decoding and
         resizing release the GIL), at most two batches ahead of the model, so reading overlaps
@@ -217,6 +373,9 @@ class CaptionPipeline:
 
         pre = self.loaded.preprocessing
         on_device = self.jpeg_on_device(jpeg_decode)
+        options = options or CaptionOptions()
+        options.check(self.beam_size)
+        generator = self.generator(options)
 
         def read(p: Path) -> tuple[Path, Tensor | bytes | None, str | None]:
             if on_device:
@@ -246,7 +405,7 @@ class CaptionPipeline:
             good = [x for _p, x, e in items if e is None]
             if len({x.device for x in good}) > 1:  # device-decoded JPEGs beside PIL-read images
                 good = [x.to(self.device) for x in good]
-            caps = iter(self.caption_tensors(torch.stack(good), beam_size)) if good else iter(())
+            caps = iter(self.captions_for_tensors(torch.stack(good), options, generator)) if good else iter(())
             for p, _x, e in items:
                 yield (p, None, e) if e is not None else (p, next(caps), None)
 

@@ -66,7 +66,8 @@ def test_caption_json_reports_bad_files_and_captions_the_rest(tiny_checkpoint, m
         assert reason in by_path[path]["error"]
     for path in good:
         row = by_path[path]
-        assert set(row) == {"image", "caption", "score"}
+        assert set(row) == {"image", "rank", "caption", "score", "mean_logprob", "word_probs"}
+        assert row["rank"] == 1 and len(row["word_probs"]) == len(row["caption"].split())
         assert isinstance(row["caption"], str) and row["caption"]
         assert isinstance(row["score"], float) and row["score"] <= 0
     # Output follows the sorted recursive listing, errors in place.

@@ -119,6 +119,60 @@ def test_sampling_is_reproducible_and_top1_is_greedy(decoder) -> None:
         sample(decoder, feats, temperature=0)
 
 
+def test_token_logprobs_are_the_steps_of_the_score(decoder) -> None:
+    """Every strategy reports each chosen token's log-probability; they sum to the score, match a
+    fresh teacher-forced pass of the model and are 0 after <end>."""
+    feats = torch.randn(3, 7, 12)
+    gens = {"greedy": greedy(decoder, feats, max_length=9),
+            "beam": beam_search(decoder, feats, beam_size=3, max_length=9),
+            "sample": sample(decoder, feats, max_length=9, generator=torch.Generator().manual_seed(0))}
+    for name, gen in gens.items():
+        lp = gen.token_logprobs
+        assert lp.shape == gen.tokens.shape, name
+        torch.testing.assert_close(lp.sum(1), gen.scores, msg=name)
+        assert (lp <= 1e-6).all(), name
+        pad = gen.tokens == PAD_ID
+        assert (lp[pad] == 0).all(), name
+        for i in range(3):  # the model's own log-probability of each token, step by step
+            cache, state = decoder.precompute(feats[i : i + 1]), decoder.init_state(feats[i : i + 1])
+            prev = torch.tensor([START_ID])
+            for t, tok in enumerate(gen.tokens[i].tolist()):
+                if tok == PAD_ID:
+                    break
+                with torch.no_grad():
+                    logp, state, _ = decoder.step(prev, state, cache)
+                assert lp[i, t].item() == pytest.approx(logp[0, tok].item(), abs=1e-4), (name, i, t)
+                prev = torch.tensor([tok])
+
+
+def test_beams_hold_every_hypothesis_best_first(decoder) -> None:
+    feats = torch.randn(2, 7, 12)
+    gen = beam_search(decoder, feats, beam_size=4, max_length=10)
+    beams = gen.beams
+    assert beams.tokens.shape[0] == 2 * 4 and beams.alphas.shape[:2] == beams.tokens.shape
+    for i, hyps in enumerate(gen.nbest):
+        for j, (toks, score) in enumerate(hyps):
+            assert beams.words(i * 4 + j) == toks
+            assert beams.scores[i * 4 + j].item() == pytest.approx(score)
+            torch.testing.assert_close(beams.token_logprobs[i * 4 + j].sum(), beams.scores[i * 4 + j])
+        assert len({tuple(t) for t, _ in hyps}) == 4, "the beams are distinct captions"
+        assert torch.equal(beams.tokens[i * 4], gen.tokens[i])
+        torch.testing.assert_close(beams.alphas[i * 4], gen.alphas[i])
+        torch.testing.assert_close(beams.token_logprobs[i * 4], gen.token_logprobs[i])
+
+
+def test_top_p_keeps_the_nucleus(decoder) -> None:
+    feats = torch.randn(3, 7, 12)
+    tiny = sample(decoder, feats, max_length=12, top_p=1e-6, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(tiny.tokens, greedy(decoder, feats, max_length=12).tokens)
+    a = sample(decoder, feats, top_p=0.9, generator=torch.Generator().manual_seed(4))
+    b = sample(decoder, feats, top_p=0.9, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a.tokens, b.tokens)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="top_p"):
+            sample(decoder, feats, top_p=bad)
+
+
 def test_beam_runs_exactly_max_steps_without_early_stop(decoder) -> None:
     gen = beam_search(decoder, torch.randn(3, 7, 12), beam_size=4, max_length=9, early_stop=False)
     assert gen.tokens.shape == (3, 9) and gen.alphas.shape == (3, 9, 7)
@@ -160,6 +214,8 @@ def test_beam_wider_than_the_vocabulary() -> None:
         ref_tokens, ref_score, *_ = _reference_beam(dec, feats[i : i + 1], 8, 5)
         assert out.words(i) == [t for t in ref_tokens if t not in (END_ID, PAD_ID)]
         assert out.scores[i].item() == pytest.approx(ref_score, abs=1e-4)
+    assert not out.beams.token_logprobs.isnan().any()  # the beams that never lived: -inf
+    torch.testing.assert_close(out.token_logprobs.sum(1), out.scores)
     with pytest.raises(ValueError, match="max_length must be >= 1"):
         beam_search(dec, feats, beam_size=2, max_length=0)
 
@@ -185,6 +241,8 @@ def test_cuda_graph_beam_search_equals_eager(decoder, monkeypatch, k: int, min_l
     assert torch.equal(graphed.tokens, eager.tokens) and torch.equal(graphed.lengths, eager.lengths)
     torch.testing.assert_close(graphed.scores, eager.scores)
     torch.testing.assert_close(graphed.alphas, eager.alphas)
+    torch.testing.assert_close(graphed.token_logprobs, eager.token_logprobs)
+    torch.testing.assert_close(graphed.beams.token_logprobs, eager.beams.token_logprobs)
     for a, b in zip(graphed.nbest, eager.nbest, strict=True):
         assert [t for t, _ in a] == [t for t, _ in b]
         assert [s for _, s in a] == pytest.approx([s for _, s in b], abs=1e-5)
@@ -220,6 +278,7 @@ def test_cuda_graph_greedy_equals_the_eager_single_path(decoder) -> None:
         assert torch.equal(fast.lengths, slow.lengths)
         torch.testing.assert_close(fast.scores, slow.scores)
         torch.testing.assert_close(fast.alphas, slow.alphas)
+        torch.testing.assert_close(fast.token_logprobs, slow.token_logprobs)
 
 
 @needs_cuda

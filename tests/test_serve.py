@@ -83,6 +83,66 @@ def test_caption_default_beam_and_every_beam_size(client):
         check_caption(r.json())
 
 
+def test_caption_carries_per_word_probabilities(client):
+    body = post(client, png_bytes(seed=5), beam_size=2).json()
+    assert len(body["word_probs"]) == len(body["words"]) and all(0 < p <= 1 for p in body["word_probs"])
+    assert body["mean_logprob"] <= 0 and body["rank"] == 1 and body["alternatives"] == []
+    assert sum(np.log(body["word_probs"])) >= body["score"] - 1e-3  # the score adds <end>'s
+
+
+def post_options(client, **fields):
+    return client.post("/api/caption", files={"image": ("x.png", png_bytes(seed=4), "image/png")},
+                       data={k: str(v) for k, v in fields.items()})
+
+
+def test_n_best_returns_distinct_sorted_alternatives(client):
+    r = post_options(client, beam_size=4, n_best=3, max_length=8)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    caps = [body, *body["alternatives"]]
+    assert [c["rank"] for c in caps] == list(range(1, len(caps) + 1)) and len(caps) >= 2
+    assert len({c["caption"] for c in caps}) == len(caps)
+    assert [c["score"] for c in caps] == sorted((c["score"] for c in caps), reverse=True)
+    for c in caps:
+        check_caption(c)
+        assert len(c["word_probs"]) == len(c["words"]) <= 8
+    assert body["caption"] == post_options(client, beam_size=4, max_length=8).json()["caption"]
+
+
+def test_seeded_sampling_repeats(client):
+    def draw(seed):
+        r = post_options(client, sample="true", num_samples=3, seed=seed, temperature=1.5, top_p=0.9, top_k=12)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["sample"] is True and len(body["alternatives"]) == 2
+        return [c["caption"] for c in [body, *body["alternatives"]]]
+
+    assert draw(3) == draw(3)
+    assert draw(3) != draw(4)
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("n_best", "0"), ("n_best", "11"), ("n_best", "x"), ("beam_size", "11"), ("max_length", "0"),
+    ("max_length", "51"), ("num_samples", "0"), ("num_samples", "11"), ("temperature", "0"),
+    ("temperature", "-1"), ("temperature", "nan"), ("top_p", "0"), ("top_p", "1.5"), ("top_k", "-1"),
+    ("seed", "-1"), ("seed", "1.5"), ("sample", "maybe"),
+])
+def test_out_of_range_options_are_422_naming_the_field(client, field, value):
+    extra = {} if field in ("n_best", "beam_size", "max_length", "sample") else {"sample": "true"}
+    r = post_options(client, **extra, **{field: value})
+    assert r.status_code == 422, r.text
+    assert field in r.json()["error"]
+
+
+@pytest.mark.parametrize(("fields", "named"), [
+    ({"beam_size": "2", "n_best": "3"}, "n_best"), ({"temperature": "0.5"}, "temperature"),
+    ({"sample": "true", "n_best": "2"}, "n_best"), ({"seed": "1"}, "seed"),
+])
+def test_options_that_do_not_go_together_are_422(client, fields, named):
+    r = post_options(client, **fields)
+    assert r.status_code == 422 and named in r.json()["error"], r.text
+
+
 def test_rgba_and_jpeg_uploads(client):
     buf = io.BytesIO()
     Image.new("RGBA", (30, 20), (255, 0, 0, 128)).save(buf, format="PNG")
@@ -295,6 +355,34 @@ def test_mixed_beam_sizes_are_batched_separately(loaded):
     assert all(r.json()["beam_size"] == 1 + i % 2 for i, r in out.items())
     assert sum(n for n, _ in seen) == 6
     assert len(seen) < 6, seen
+
+
+def test_seeded_sampling_requests_run_alone(loaded):
+    """Concurrent requests with the same seed are not batched together, so each gets the draws
+    that seed gives alone; unseeded ones still batch."""
+    app = create_app(loaded, max_batch=8, batch_wait_ms=200)
+    seen: list[int] = []
+    run_model = app.state.batcher._run_model
+
+    def record(images, options):
+        seen.append(len(images))
+        return run_model(images, options)
+
+    app.state.batcher._run_model = record
+    with TestClient(app) as c:
+        out = {}
+
+        def worker(i):
+            out[i] = post_options(c, sample="1", num_samples=2, seed=9)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert all(r.status_code == 200 for r in out.values())
+    assert len({r.json()["caption"] for r in out.values()}) == 1
+    assert seen == [1, 1, 1]
 
 
 def test_full_queue_answers_503(loaded):

@@ -31,13 +31,21 @@ def cmd_attend(a: argparse.Namespace) -> int:
         raise UsageError(f"--output: folder {a.output.parent} does not exist")
     pipeline = load_pipeline(a.checkpoint, a.device, a.quantize, beam_size=a.beam_size,
                              max_length=a.max_length)
+    if a.rank > pipeline.beam_size:
+        raise UsageError(f"--rank: {a.rank} is more than the beam size ({pipeline.beam_size}); "
+                         "give a --beam-size of at least the rank")
     try:
         image = load_image(a.image)
     except ImageLoadError as err:
         print(f"captioner: error: {err}", file=sys.stderr)
         return 1
 
-    (caption,) = pipeline.caption_images([image])
+    (captions,) = pipeline.captions([image], n_best=a.rank)
+    if len(captions) < a.rank:
+        print(f"captioner: error: the beam search found {len(captions)} distinct captions, "
+              f"fewer than --rank {a.rank}", file=sys.stderr)
+        return 1
+    caption = captions[a.rank - 1]
     if fmt == "gif":
         save_attention_gif(image, caption.words, caption.alphas, a.output, smooth=a.smooth,
                            duration_ms=a.duration_ms, cmap=a.cmap)
@@ -47,7 +55,8 @@ def cmd_attend(a: argparse.Namespace) -> int:
     written = [a.output]
     if a.json:
         maps = attention_json(caption.words, caption.alphas, caption.grid)
-        maps.update(image=str(a.image), score=caption.score)
+        maps.update(image=str(a.image), rank=a.rank, score=caption.score, mean_logprob=caption.mean_logprob,
+                    word_probs=caption.word_probs)
         written.append(atomic_write_json(a.output.with_suffix(".json"), maps, newline=True))
     print(caption.text)
     logger.info("wrote %s", ", ".join(str(p) for p in written))
@@ -72,6 +81,8 @@ def register(subparsers) -> None:
                    help="overlay a matplotlib colour map (e.g. jet, inferno) instead of dimming "
                    "what is not attended (the paper's look, default)")
     p.add_argument("--json", action="store_true", help="also write OUT.json with the raw per-word maps")
+    p.add_argument("--rank", type=positive_int, default=1, metavar="K",
+                   help="draw the K-th best caption of the beam search (1 = the best; K <= beam size)")
     p.add_argument("--max-cols", type=positive_int, default=5, help="panels per row of the figure")
     p.add_argument("--duration-ms", type=positive_int, default=800, help="GIF: time per word")
     p.set_defaults(func=cmd_attend)

@@ -32,6 +32,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) 
         raise
 
 
+def publish(part: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Make a file written progressively beside ``path`` appear as ``path`` in one step: flushed
+    to disk, then renamed over it (a reader sees the old file or the whole new one)."""
+    with open(part, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(part, path)
+
+
 def finite_json(value: Any) -> Any:
     """``value`` with NaN/inf floats replaced by ``None``, recursively (strict JSON has no NaN);
     tuples become lists, as ``json`` writes them."""

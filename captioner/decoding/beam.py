@@ -100,7 +100,7 @@ def beam_search(
                     graph = None
                     run(step)
             steps += 1
-        tokens, alphas = _backtrack(beams, steps, alpha0)  # (B, K, T), (B, K, T, N)
+        tokens, alphas, logps = _backtrack(beams, steps, alpha0)  # (B, K, T), (B, K, T, N), (B, K, T)
         scores = beams.scores.clone()
     finally:
         if graph is not None:
@@ -114,11 +114,15 @@ def beam_search(
     final = final.gather(1, order)
     tokens = tokens.gather(1, order.unsqueeze(-1).expand(-1, -1, t))
     alphas = alphas.gather(1, order.view(b, k, 1, 1).expand(-1, -1, t, n))
+    logps = logps.gather(1, order.unsqueeze(-1).expand(-1, -1, t))
     lengths = lengths.gather(1, order)
     # Python lists built from one host copy of each tensor (not one sync per hypothesis).
     tok_l, len_l, score_l = tokens.tolist(), lengths.tolist(), final.tolist()
     nbest = [[(tok_l[i][j][: len_l[i][j]], score_l[i][j]) for j in range(k)] for i in range(b)]
-    return Generated(tokens[:, 0], lengths[:, 0], final[:, 0], alphas[:, 0], nbest)
+    beams_out = Generated(tokens.reshape(b * k, t), lengths.reshape(b * k), final.reshape(b * k),
+                          alphas.reshape(b * k, t, n), token_logprobs=logps.reshape(b * k, t))
+    return Generated(tokens[:, 0], lengths[:, 0], final[:, 0], alphas[:, 0], nbest,
+                     token_logprobs=logps[:, 0], beams=beams_out)
 
 
 @dataclass
@@ -131,6 +135,7 @@ class _Beams:
     prev: Tensor  # (B*K,) the last word of each beam
     scores: Tensor  # (B, K)
     done: Tensor  # (B, K)
+    totals: Tensor  # (T, B, K) each beam's score after step t (the per-word log-probs are its steps)
     words: Tensor  # (T, B, K) the word step t chose
     parents: Tensor  # (T, B, K) the beam it extended
     maps: Tensor  # (T, B, K, N) at step t >= 1: the attention of the beams it extended
@@ -145,6 +150,7 @@ class _Beams:
         return cls(
             cache=cache, h=torch.empty_like(h), c=torch.empty_like(h), prev=torch.empty(b * k, **long),
             scores=torch.empty(b, k, device=dev), done=torch.empty(b, k, dtype=torch.bool, device=dev),
+            totals=torch.empty(max_length, b, k, device=dev),
             words=torch.empty(max_length, b, k, **long), parents=torch.zeros(max_length, b, k, **long),
             maps=torch.empty(max_length, b, k, n, dtype=map_dtype, device=dev), t_now=torch.empty((), **long),
             batch_offset=(torch.arange(b, device=dev) * k).unsqueeze(1),
@@ -161,6 +167,7 @@ class _Beams:
         self.done.copy_((tok == END_ID) | scores.isneginf())
         self.words.fill_(PAD_ID)
         self.words[0] = tok
+        self.totals[0] = scores
         self.t_now.fill_(1)
 
     def advance(self, decoder: AttentionDecoder, step: int, suppress_unk: bool, min_length: int) -> None:
@@ -181,6 +188,7 @@ class _Beams:
         self.words.index_copy_(0, self.t_now, tok.unsqueeze(0))
         self.parents.index_copy_(0, self.t_now, origin.unsqueeze(0))
         self.maps.index_copy_(0, self.t_now, alpha.view(1, b, k, -1))
+        self.totals.index_copy_(0, self.t_now, scores.unsqueeze(0))
         self.t_now.add_(1)
         self.done.copy_(self.done.gather(1, origin) | (tok == END_ID))
         self.scores.copy_(scores)
@@ -189,10 +197,10 @@ class _Beams:
         self.prev.copy_(tok.view(-1))
 
 
-def _backtrack(beams: _Beams, steps: int, alpha0: Tensor) -> tuple[Tensor, Tensor]:
-    """Each final beam's words and attention maps over the first ``steps`` steps, read back
-    through the parent pointers (followed on the host: T small steps; then one gather each).
-    -> tokens (B, K, T), alphas (B, K, T, N)."""
+def _backtrack(beams: _Beams, steps: int, alpha0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Each final beam's words, attention maps and per-token log-probabilities over the first
+    ``steps`` steps, read back through the parent pointers (followed on the host: T small steps;
+    then one gather each). -> tokens (B, K, T), alphas (B, K, T, N), token log-probs (B, K, T)."""
     words, maps = beams.words[:steps], beams.maps[:steps]
     parents = beams.parents[:steps].cpu()
     t, b, k = words.shape
@@ -204,10 +212,15 @@ def _backtrack(beams: _Beams, steps: int, alpha0: Tensor) -> tuple[Tensor, Tenso
         cur = parents[s].gather(1, cur)
     ancestor = ancestor.to(words.device)
     tokens = words.gather(2, ancestor).permute(1, 2, 0)  # (B, K, T)
+    # a token's log-prob is the step of its path's running score; a beam that never lived
+    # (more beams than words) has -inf - -inf there: probability 0
+    totals = beams.totals[:steps].gather(2, ancestor).permute(1, 2, 0)  # (B, K, T)
+    logps = torch.cat([totals[..., :1], totals[..., 1:] - totals[..., :-1]], dim=-1)
+    logps = logps.masked_fill(logps.isnan(), float("-inf"))
     # step s's map is the one of the beam it extended: the ancestor at step s - 1
     later = maps[1:].gather(2, ancestor[:-1].unsqueeze(-1).expand(-1, -1, -1, n))  # (T-1, B, K, N)
     alphas = torch.cat([alpha0.view(1, b, 1, n).expand(1, b, k, n), later]).permute(1, 2, 0, 3)
-    return tokens, alphas
+    return tokens, alphas, logps
 
 
 # Recorded searches per decoder, outside the module so that copying or pickling a decoder never

@@ -22,6 +22,10 @@ class Generated:
     ``scores`` (B,): the caption's total log-probability (``<end>`` included), or the
     length-normalised score where beam search was asked for it.
     ``nbest``: for beam search, per image the K hypotheses as (token ids, score), best first.
+    ``token_logprobs`` (B, T): the log-probability the model gave each token of ``tokens`` when
+    it was chosen (temperature 1; 0 for the ``<pad>`` after ``<end>``): the scores' summands.
+    ``beams``: for beam search, all K hypotheses per image as one ``Generated`` of B*K rows
+    (image i's j-th best at row i*K + j), ``tokens``, ``alphas`` and ``token_logprobs`` included.
     """
 
     tokens: Tensor
@@ -29,6 +33,8 @@ class Generated:
     scores: Tensor
     alphas: Tensor
     nbest: list[list[tuple[list[int], float]]] | None = field(default=None)
+    token_logprobs: Tensor | None = field(default=None)
+    beams: Generated | None = field(default=None)
 
     def words(self, i: int) -> list[int]:
         return self.tokens[i, : int(self.lengths[i])].tolist()
@@ -71,18 +77,21 @@ def single_path(
     prev = torch.full((b,), START_ID, dtype=torch.long, device=features.device)
     done = torch.zeros(b, dtype=torch.bool, device=features.device)
     scores = torch.zeros(b, device=features.device)
-    tokens, alphas = [], []
+    tokens, alphas, picked = [], [], []
     for step in range(max_length):
         logp, state, alpha = decoder.step(prev, state, cache)  # (B, V), .., (B, N)
         ban_tokens(logp, step, suppress_unk, min_length)
         tok = torch.where(done, torch.full_like(prev, PAD_ID), choose(logp))
-        scores += torch.where(done, torch.zeros_like(scores), logp.gather(1, tok.unsqueeze(1)).squeeze(1))
+        tok_logp = torch.where(done, torch.zeros_like(scores), logp.gather(1, tok.unsqueeze(1)).squeeze(1))
+        scores += tok_logp
         tokens.append(tok)
         alphas.append(alpha)
+        picked.append(tok_logp)
         done |= tok == END_ID
         prev = tok
         if early_stop and bool(done.all()):
             break
     toks = torch.stack(tokens, 1)  # (B, T)
-    return Generated(toks, word_lengths(toks), scores, torch.stack(alphas, 1))
+    return Generated(toks, word_lengths(toks), scores, torch.stack(alphas, 1),
+                     token_logprobs=torch.stack(picked, 1))
 

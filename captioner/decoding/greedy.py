@@ -26,6 +26,6 @@ def greedy(
     runs as beam search of width 1, which gives the same captions and scores and replays too."""
     if graph_replay(cuda_graph, features.device, max_length, decoder):
         out = beam_search(decoder, features, 1, max_length, 0.0, suppress_unk, min_length, early_stop, cuda_graph)
-        return Generated(out.tokens, out.lengths, out.scores, out.alphas)
+        return Generated(out.tokens, out.lengths, out.scores, out.alphas, token_logprobs=out.token_logprobs)
     return single_path(decoder, features, lambda logp: logp.max(dim=-1).indices, max_length,
                        suppress_unk, min_length, early_stop)

@@ -2,7 +2,8 @@
 
 One model, loaded once. Uploads are read into memory with a byte limit (never onto disk: the uploaded
 file name is not used for anything), decoded on a small thread pool, and handed to a single consumer
-task that runs the model on one thread, batching images that arrived together per beam size. The
+task that runs the model on one thread, batching images that arrived together with the same caption
+options (a seeded sampling request runs alone, so that its seed gives the same captions). The
 number of images waiting or running is bounded; beyond it the server answers 503 instead of queueing
 without end.
 """
@@ -29,12 +30,23 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from torch import Tensor
 
 from captioner.data import images as image_io
-from captioner.inference import Caption, CaptionPipeline, LoadedModel, load_checkpoint
+from captioner.inference import (
+    Caption,
+    CaptionOptions,
+    CaptionPipeline,
+    LoadedModel,
+    OptionError,
+    load_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
 MAX_BEAM_SIZE = 10
+# Limits of the other caption options of POST /api/caption: each bounds the work of one request.
+MAX_N_BEST = 10
+MAX_LENGTH = 50
+MAX_SAMPLES = 10
 # Room for the multipart boundaries, part headers and the small form fields around the image.
 MULTIPART_OVERHEAD = 64 * 1024
 
@@ -79,8 +91,13 @@ class ServeStats:
 @dataclass
 class _Job:
     image: Tensor  # (3, S, S), preprocessed
-    beam_size: int
+    options: CaptionOptions  # beam_size always set
     future: asyncio.Future
+
+    @property
+    def alone(self) -> bool:
+        """Seeded sampling: in a batch of its own, where the seed's draws are all its own."""
+        return self.options.sample and self.options.seed is not None
 
 
 class QueueFull(Exception):
@@ -90,7 +107,7 @@ class QueueFull(Exception):
 class Batcher:
     """One consumer task feeding one model thread; concurrent requests share batches.
 
-    Requests for the same beam size that are waiting when the model becomes free (or that arrive
+    Requests with the same options that are waiting when the model becomes free (or that arrive
     within ``wait_s`` of an idle queue's first request) run as one batch of at most ``max_batch``.
     """
 
@@ -121,14 +138,14 @@ class Batcher:
             self._task = loop.create_task(self._consume(), name="captioner-batcher")
         return loop
 
-    async def submit(self, image: Tensor, beam_size: int) -> Caption:
+    async def submit(self, image: Tensor, options: CaptionOptions) -> list[Caption]:
         loop = self._ensure_running()
         if self._pending >= self.max_pending:
             self.stats.busy += 1
             raise QueueFull
         self._pending += 1
         self.stats.requests += 1
-        job = _Job(image, beam_size, loop.create_future())
+        job = _Job(image, options, loop.create_future())
         try:
             self._queue.put_nowait(job)
             return await job.future
@@ -148,11 +165,10 @@ class Batcher:
             batch = self._take_batch()
             if not batch:
                 continue
-            beam = batch[0].beam_size
             self._running = batch
             try:
                 captions = await loop.run_in_executor(
-                    self._executor, self._run_model, [j.image for j in batch], beam
+                    self._executor, self._run_model, [j.image for j in batch], batch[0].options
                 )
             except Exception as err:  # e.g. out of memory: fail this batch, keep serving
                 logger.exception("captioning a batch of %d failed", len(batch))
@@ -171,22 +187,24 @@ class Batcher:
                     j.future.set_result(cap)
 
     def _take_batch(self) -> list[_Job]:
-        """Up to ``max_batch`` live jobs with the oldest job's beam size, oldest first."""
+        """Up to ``max_batch`` live jobs with the oldest job's options, oldest first (one when it
+        is seeded sampling)."""
         live = [j for j in self._waiting if not j.future.done()]
         if not live:
             self._waiting.clear()
             return []
-        beam = live[0].beam_size
+        first = live[0]
+        size = 1 if first.alone else self.max_batch
         batch, rest = [], deque()
         for j in live:
-            (batch if j.beam_size == beam and len(batch) < self.max_batch else rest).append(j)
+            (batch if j.options == first.options and len(batch) < size else rest).append(j)
         self._waiting = rest
         return batch
 
-    def _run_model(self, images: list[Tensor], beam_size: int) -> list[Caption]:
+    def _run_model(self, images: list[Tensor], options: CaptionOptions) -> list[list[Caption]]:
         import torch
 
-        return self.pipeline.caption_tensors(torch.stack(images), beam_size)  # (B, 3, S, S)
+        return self.pipeline.captions_for_tensors(torch.stack(images), options)  # (B, 3, S, S)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -208,7 +226,8 @@ def model_name(loaded: LoadedModel) -> str:
     return f"{enc} + {att} attention"
 
 
-def caption_json(cap: Caption, beam_size: int) -> dict:
+def caption_json(cap: Caption, beam_size: int, rank: int = 1) -> dict:
+    """One caption: its words, their attention maps and probabilities, its scores."""
     h, w = cap.grid
     # Six decimals keep the payload small; each map still sums to 1 within ~1e-4.
     attention = [[[round(v, 6) for v in row] for row in m] for m in cap.alphas.tolist()]
@@ -217,9 +236,22 @@ def caption_json(cap: Caption, beam_size: int) -> dict:
         "words": list(cap.words),
         "attention": attention,  # (T, h, w)
         "grid": [h, w],
-        "score": round(float(cap.score), 6),
+        "score": round(float(cap.score), 6),  # summed log-probability (words and <end>)
+        "mean_logprob": round(cap.mean_logprob, 6),  # per token
+        "word_probs": [round(p, 6) for p in cap.word_probs],  # one per word
+        "rank": rank,
         "beam_size": beam_size,
     }
+
+
+def captions_json(caps: list[Caption], options: CaptionOptions) -> dict:
+    """The first caption (the best, or the first drawn) at the top level, as ever; the others,
+    in order, in ``alternatives``, each in the same form."""
+    beam = options.beam_size
+    out = caption_json(caps[0], beam)
+    out["sample"] = options.sample
+    out["alternatives"] = [caption_json(c, beam, rank) for rank, c in enumerate(caps[1:], 2)]
+    return out
 
 
 def _error_status(err: image_io.ImageLoadError) -> int:
@@ -334,6 +366,9 @@ def create_app(
             "image_size": preprocess.image_size,
             "beam_size": default_beam,
             "max_beam_size": MAX_BEAM_SIZE,
+            "max_n_best": MAX_N_BEST,
+            "max_length": MAX_LENGTH,
+            "max_num_samples": MAX_SAMPLES,
             "max_upload_mb": max_upload_mb,
             "quantize": quantize,
         }
@@ -360,7 +395,7 @@ def create_app(
                     raise _TooLarge
                 yield chunk
 
-        parser = MultiPartParser(request.headers, limited(), max_files=1, max_fields=8)
+        parser = MultiPartParser(request.headers, limited(), max_files=1, max_fields=16)
         parser.spool_max_size = body_limit + 1  # keep the upload in memory, never a temp file
         try:
             return await parser.parse()
@@ -369,18 +404,48 @@ def create_app(
         except MultiPartException as err:
             raise ApiError(400, f"malformed multipart form: {err.message}") from None
 
-    def parse_beam(raw) -> int:
+    def parse_field(form, name: str, kind: type, low=None, high=None):
+        """A form field as ``kind`` within [low, high] (None: absent), else 422 naming it."""
+        raw = form.get(name)
         if raw is None or raw == "":
-            return default_beam
+            return None
         if not isinstance(raw, str):
-            raise ApiError(422, "beam_size must be a form field, not a file")
+            raise ApiError(422, f"{name} must be a form field, not a file")
+        text = raw.strip()
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ApiError(422, f"{name} must be true or false, got {raw[:20]!r}")
+            return text.lower() in ("true", "1")
+        span = f" from {low} to {high}" if low is not None and high is not None else ""
         try:
-            k = int(raw.strip())
+            value = kind(text)
         except ValueError:
-            raise ApiError(422, f"beam_size must be an integer from 1 to {MAX_BEAM_SIZE}, got {raw[:20]!r}") from None
-        if not 1 <= k <= MAX_BEAM_SIZE:
-            raise ApiError(422, f"beam_size must be from 1 to {MAX_BEAM_SIZE}, got {k}")
-        return k
+            what = "an integer" if kind is int else "a number"
+            raise ApiError(422, f"{name} must be {what}{span}, got {raw[:20]!r}") from None
+        if kind is float and value != value:  # NaN
+            raise ApiError(422, f"{name} must be a number, got {raw[:20]!r}")
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise ApiError(422, f"{name} must be{span or ' in range'}, got {value}")
+        return value
+
+    def parse_options(form) -> CaptionOptions:
+        fields = {
+            "beam_size": parse_field(form, "beam_size", int, 1, MAX_BEAM_SIZE),
+            "max_length": parse_field(form, "max_length", int, 1, MAX_LENGTH),
+            "n_best": parse_field(form, "n_best", int, 1, MAX_N_BEST),
+            "sample": parse_field(form, "sample", bool),
+            "temperature": parse_field(form, "temperature", float),
+            "top_k": parse_field(form, "top_k", int, 0),
+            "top_p": parse_field(form, "top_p", float),
+            "num_samples": parse_field(form, "num_samples", int, 1, MAX_SAMPLES),
+            "seed": parse_field(form, "seed", int, 0, 2**63 - 1),
+        }
+        given = {k: v for k, v in fields.items() if v is not None}
+        given.setdefault("beam_size", default_beam)
+        try:
+            return pipeline.options(CaptionOptions(), **given)  # temperature > 0, 0 < top_p <= 1, ...
+        except OptionError as err:
+            raise ApiError(422, str(err)) from None
 
     def decode(data: bytes) -> Tensor:
         # The name is only used in messages; the client's file name is never used at all.
@@ -392,7 +457,15 @@ def create_app(
         openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
             "type": "object", "required": ["image"],
             "properties": {"image": {"type": "string", "format": "binary"},
-                           "beam_size": {"type": "integer", "minimum": 1, "maximum": MAX_BEAM_SIZE}},
+                           "beam_size": {"type": "integer", "minimum": 1, "maximum": MAX_BEAM_SIZE},
+                           "max_length": {"type": "integer", "minimum": 1, "maximum": MAX_LENGTH},
+                           "n_best": {"type": "integer", "minimum": 1, "maximum": MAX_N_BEST},
+                           "sample": {"type": "boolean"},
+                           "temperature": {"type": "number", "exclusiveMinimum": 0},
+                           "top_k": {"type": "integer", "minimum": 0},
+                           "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+                           "num_samples": {"type": "integer", "minimum": 1, "maximum": MAX_SAMPLES},
+                           "seed": {"type": "integer", "minimum": 0}},
         }}}}},
     )
     async def caption(request: Request) -> JSONResponse:
@@ -401,7 +474,7 @@ def create_app(
             upload = form.get("image")
             if not isinstance(upload, UploadFile):
                 raise ApiError(422, "the form needs a file field named 'image'")
-            beam = parse_beam(form.get("beam_size"))
+            options = parse_options(form)
             data = await upload.read(max_bytes + 1)
             if len(data) > max_bytes:
                 raise ApiError(413, f"upload too large: the limit is {max_upload_mb:g} MB")
@@ -414,9 +487,9 @@ def create_app(
             raise ApiError(_error_status(err), err.reason) from None
         del data
         try:
-            cap = await batcher.submit(image, beam)
+            caps = await batcher.submit(image, options)
         except QueueFull:
             raise ApiError(503, "the server is busy: too many images waiting; try again shortly") from None
-        return JSONResponse(caption_json(cap, beam))
+        return JSONResponse(captions_json(caps, options))
 
     return app

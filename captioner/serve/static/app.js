@@ -117,9 +117,24 @@
     c.dataset.word = r.words[i];
     c.dataset.index = String(i);
     c.classList.add("visible");
-    el.stageWord.textContent = r.words[i];
+    el.stageWord.replaceChildren(r.words[i]);
+    const p = wordProb(r, i);
+    if (p !== null) { // the model's probability of this word, beside its map
+      const s = document.createElement("span");
+      s.className = "prob";
+      s.textContent = ` p = ${formatProb(p)}`;
+      el.stageWord.append(s);
+    }
     el.stageWord.hidden = false;
     markActive(i);
+  }
+
+  function wordProb(r, i) {
+    return Array.isArray(r.word_probs) && i < r.word_probs.length ? r.word_probs[i] : null;
+  }
+
+  function formatProb(p) {
+    return p >= 0.01 ? p.toFixed(2) : p.toExponential(1);
   }
 
   function markActive(i) {
@@ -154,7 +169,8 @@
       b.type = "button";
       b.className = "thumb";
       b.dataset.index = String(i);
-      b.title = `attention for “${word}”`;
+      const p = wordProb(r, i);
+      b.title = `attention for “${word}”` + (p !== null ? ` (probability ${formatProb(p)})` : "");
       const c = document.createElement("canvas");
       const label = document.createElement("span");
       label.textContent = word;
@@ -193,12 +209,18 @@
       b.className = "word";
       b.textContent = word;
       b.dataset.index = String(i);
+      const p = wordProb(r, i);
+      if (p !== null) {
+        b.dataset.prob = String(p);
+        b.title = `probability ${formatProb(p)}`;
+      }
       b.setAttribute("aria-pressed", "false");
       wireWord(b, i);
       el.caption.append(b);
     });
     const [h, w] = r.grid;
-    el.meta.textContent = `log-probability ${r.score.toFixed(2)} · beam ${r.beam_size} · ` +
+    const mean = typeof r.mean_logprob === "number" ? ` (${r.mean_logprob.toFixed(2)} per word)` : "";
+    el.meta.textContent = `log-probability ${r.score.toFixed(2)}${mean} · beam ${r.beam_size} · ` +
       `${h}×${w} attention grid · ${r.ms} ms`;
     drawStrip();
     drawOverlay();

@@ -1,0 +1,201 @@
+"""What ``captioner caption`` writes: one row per caption in JSON lines, CSV, TSV or plain text,
+to stdout or to a file that appears whole and can be resumed.
+
+``--output OUT`` writes ``OUT.part`` beside it, appending each image's rows in one ``write`` as
+soon as they are known, and renames it over ``OUT`` (after an fsync) when every image is done:
+``OUT`` is never half written. A run that is stopped leaves ``OUT.part``; ``--resume`` keeps its
+complete records (a torn last record, and with it the rows of that record's image, are cut off),
+skips the images they name and appends the rest. ``--resume`` on a finished ``OUT`` copies it to
+``OUT.part`` first, so ``OUT`` stays as it was until the new one is complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from captioner.commands.common import UsageError
+
+FORMATS = ("jsonl", "csv", "tsv", "text")
+# The columns of CSV and TSV, in order; JSON lines use the same keys (an error row has only
+# image and error, a caption row all but error).
+COLUMNS = ("image", "rank", "caption", "score", "mean_logprob", "word_probs", "error")
+DIGITS = 6
+
+
+def caption_row(path: Path, rank: int, caption) -> dict:
+    """``rank``: 1-based, best first (samples: in the order drawn). ``score``: summed
+    log-probability; ``mean_logprob``: per token (words and <end>); ``word_probs``: one per word."""
+    return {"image": str(path), "rank": rank, "caption": caption.text, "score": round(caption.score, DIGITS),
+            "mean_logprob": round(caption.mean_logprob, DIGITS),
+            "word_probs": [round(p, DIGITS) for p in caption.word_probs]}
+
+
+class RowWriter:
+    """Rows of one format to a binary sink, one image's rows in one write (``sink(bytes)``)."""
+
+    def __init__(self, fmt: str, sink, header: bool) -> None:
+        if fmt not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+        self.fmt, self.sink = fmt, sink
+        if header and fmt in ("csv", "tsv"):
+            self._emit([], header=True)
+
+    @property
+    def keeps_errors(self) -> bool:
+        """Whether error rows go to the output (text: they go to stderr)."""
+        return self.fmt != "text"
+
+    def captions(self, path: Path, captions: Sequence) -> None:
+        self._emit([caption_row(path, r, c) for r, c in enumerate(captions, 1)])
+
+    def error(self, path: Path, message: str) -> None:
+        self._emit([{"image": str(path), "error": message}])
+
+    def _emit(self, rows: list[dict], header: bool = False) -> None:
+        if self.fmt == "jsonl":
+            text = "".join(json.dumps(row) + "\n" for row in rows)
+        elif self.fmt == "text":
+            text = "".join(f"{row['image']}\t{row['caption']}\n" for row in rows)
+        else:
+            buf = io.StringIO()
+            out = csv.writer(buf, delimiter="," if self.fmt == "csv" else "\t", lineterminator="\n")
+            if header:
+                out.writerow(COLUMNS)
+            for row in rows:
+                probs = row.get("word_probs")
+                out.writerow([(" ".join(map(str, probs)) if probs is not None else "") if c == "word_probs"
+                              else row.get(c, "") for c in COLUMNS])
+            text = buf.getvalue()
+        # surrogateescape: a file name that is not valid UTF-8 is written back as its own bytes
+        self.sink(text.encode("utf-8", "surrogateescape"))
+
+
+class PartFile:
+    """``OUT.part``, appended to image by image and renamed over ``OUT`` by :meth:`finish`."""
+
+    def __init__(self, path: Path, fmt: str, resume: bool) -> None:
+        if not path.parent.is_dir():
+            raise UsageError(f"--output: folder {path.parent} does not exist")
+        self.path, self.part = path, path.with_name(path.name + ".part")
+        self.done: set[str] = set()
+        if resume:
+            if fmt == "text":
+                raise UsageError("--resume needs --format jsonl, csv or tsv (text lines do not say which images failed)")
+            copied = not self.part.exists() and path.exists()
+            if copied:
+                shutil.copyfile(path, self.part)  # OUT stays whole until the new one is
+            if self.part.exists():
+                data = self.part.read_bytes()
+                try:
+                    self.done, keep = read_done(data, fmt, path if copied else self.part)
+                except UsageError:
+                    if copied:
+                        self.part.unlink()
+                    raise
+                if keep < len(data):
+                    with open(self.part, "rb+") as f:
+                        f.truncate(keep)
+        fresh = not self.done and not (resume and self.part.exists() and self.part.stat().st_size)
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if fresh else os.O_APPEND)
+        self.fd = os.open(self.part, flags, 0o666)  # the umask gives a plain open's permissions
+        self.writer = RowWriter(fmt, self._write, header=fresh)
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:  # one write call for an image's rows unless the system splits it
+            view = view[os.write(self.fd, view):]
+
+    def finish(self) -> None:
+        from captioner.data.atomic import publish
+
+        os.close(self.fd)
+        publish(self.part, self.path)
+
+    def close(self) -> None:
+        """Stopped before the end: OUT.part stays for a resume."""
+        os.close(self.fd)
+
+
+def read_done(data: bytes, fmt: str, name: Path) -> tuple[set[str], int]:
+    """The images an output already has rows for, and the length of its complete records.
+    A torn last record is not complete, and then the rows of its image before it are dropped too
+    (that image's rows may not all be there). Anything else unreadable: UsageError."""
+    records: list[tuple[str, int]] = []  # (image, end offset)
+    torn = False
+    for image, end in (_jsonl_records if fmt == "jsonl" else _csv_records)(data, fmt, name):
+        if image is None:
+            torn = True
+            break
+        records.append((image, end))
+    if torn and records:
+        last = records[-1][0]
+        while records and records[-1][0] == last:
+            records.pop()
+    keep = records[-1][1] if records else 0
+    images = {image for image, _ in records if image is not _HEADER}
+    return images, keep
+
+
+_HEADER = "\0header"
+
+
+def _jsonl_records(data: bytes, fmt: str, name: Path) -> Iterator[tuple[str | None, int]]:
+    end = 0
+    for line in io.BytesIO(data):
+        end += len(line)
+        try:
+            row = json.loads(line)
+            image = row["image"] if line.endswith(b"\n") else None
+        except (ValueError, KeyError, TypeError):
+            image = None
+        if image is None:
+            if end < len(data) or line.endswith(b"\n"):
+                raise UsageError(f"--resume: {name} is not a JSON lines output of captioner caption "
+                                 f"(at byte {end - len(line)})")
+            yield None, end  # torn: the run stopped in the middle of this line
+            return
+        yield image, end
+
+
+def _csv_records(data: bytes, fmt: str, name: Path) -> Iterator[tuple[str | None, int]]:
+    ends = [0]
+    last_line = [b""]
+
+    def lines():
+        for line in io.BytesIO(data):
+            ends[0] += len(line)
+            last_line[0] = line
+            yield line.decode("utf-8", "surrogateescape")
+
+    reader = csv.reader(lines(), delimiter="," if fmt == "csv" else "\t", strict=True)
+    first = True
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            if ends[0] < len(data):
+                raise UsageError(f"--resume: {name} is not a {fmt} output of captioner caption: {err}") from None
+            yield None, ends[0]
+            return
+        if not (last_line[0].endswith(b"\n") and len(record) == len(COLUMNS)):
+            if ends[0] < len(data) or last_line[0].endswith(b"\n"):
+                raise UsageError(f"--resume: {name} is not a {fmt} output of captioner caption "
+                                 f"(line {reader.line_num})")
+            yield None, ends[0]  # torn: the run stopped in the middle of this record
+            return
+        if first:
+            if tuple(record) != COLUMNS:
+                raise UsageError(f"--resume: {name} is not a {fmt} output of captioner caption "
+                                 f"(its first line is not the header {','.join(COLUMNS)})")
+            first = False
+            yield _HEADER, ends[0]
+        else:
+            yield record[0], ends[0]
