@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from captioner.data.tokenizers import TOKENIZERS, get_tokenizer
 from captioner.data.transforms import Preprocessing
 from captioner.data.vocab import Vocabulary
 from captioner.decoding import DecodingConfig, Generated, generate
@@ -54,6 +55,7 @@ class LoadedModel:
     preprocessing: Preprocessing
     hparams: dict
     path: Path
+    tokenizer: str = "simple"  # captioner.data.tokenizers name; checkpoints before it: simple
 
     @property
     def decoding(self) -> dict:
@@ -75,7 +77,12 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{path}: checkpoint does not match this version of captioner: {err}") from None
     model.eval().to(device)
-    return LoadedModel(model, vocab, Preprocessing.from_dict(meta["preprocessing"]), hp, Path(path))
+    tokenizer = meta.get("tokenizer", "simple")
+    if tokenizer not in TOKENIZERS:
+        raise CheckpointError(f"{path}: unknown tokenizer {tokenizer!r} (this version of captioner has "
+                              f"{', '.join(TOKENIZERS.names())})")
+    return LoadedModel(model, vocab, Preprocessing.from_dict(meta["preprocessing"]), hp, Path(path),
+                       tokenizer)
 
 
 @dataclass
@@ -84,10 +91,11 @@ class Caption:
     score: float
     alphas: Tensor  # (T, h, w): one map per word
     grid: tuple[int, int]
+    tokenizer: str = "simple"  # how ``text`` joins the words (no spaces between Chinese characters)
 
     @property
     def text(self) -> str:
-        return " ".join(self.words)
+        return get_tokenizer(self.tokenizer).join(self.words)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -182,7 +190,8 @@ class CaptionPipeline:
         out = []
         for i, n in enumerate(lengths):
             words = self.loaded.vocab.decode(tokens[i][:n], strip=False)
-            out.append(Caption(words, scores[i], alphas[i, :n].reshape(n, h, w), (h, w)))
+            out.append(Caption(words, scores[i], alphas[i, :n].reshape(n, h, w), (h, w),
+                               self.loaded.tokenizer))
         return out
 
     def caption_images(self, images: Iterable[Image.Image], beam_size: int | None = None) -> list[Caption]:
