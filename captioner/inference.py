@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from captioner.data.tokenizers import TOKENIZERS, get_tokenizer
 from captioner.data.transforms import Preprocessing
 from captioner.data.vocab import END_ID, Vocabulary
 from captioner.decoding import DecodingConfig, Generated, beam_search, generate, sample
@@ -57,6 +58,7 @@ class LoadedModel:
     preprocessing: Preprocessing
     hparams: dict
     path: Path
+    tokenizer: str = "simple"  # captioner.data.tokenizers name; checkpoints before it: simple
 
     @property
     def decoding(self) -> dict:
@@ -78,7 +80,12 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{path}: checkpoint does not match this version of captioner: {err}") from None
     model.eval().to(device)
-    return LoadedModel(model, vocab, Preprocessing.from_dict(meta["preprocessing"]), hp, Path(path))
+    tokenizer = meta.get("tokenizer", "simple")
+    if tokenizer not in TOKENIZERS:
+        raise CheckpointError(f"{path}: unknown tokenizer {tokenizer!r} (this version of captioner has "
+                              f"{', '.join(TOKENIZERS.names())})")
+    return LoadedModel(model, vocab, Preprocessing.from_dict(meta["preprocessing"]), hp, Path(path),
+                       tokenizer)
 
 
 @dataclass
@@ -93,10 +100,11 @@ class Caption:
     alphas: Tensor  # (T, h, w): one map per word
     grid: tuple[int, int]
     token_logprobs: list[float] = field(default_factory=list)
+    tokenizer: str = "simple"  # how ``text`` joins the words (no spaces between Chinese characters)
 
     @property
     def text(self) -> str:
-        return " ".join(self.words)
+        return get_tokenizer(self.tokenizer).join(self.words)
 
     @property
     def word_probs(self) -> list[float]:
@@ -315,7 +323,7 @@ class CaptionPipeline:
                 words = self.loaded.vocab.decode(tokens[r][:n], strip=False)
                 ended = n < len(tokens[r]) and tokens[r][n] == END_ID
                 caps.append(Caption(words, scores[r], alphas[r, :n].reshape(n, h, w), (h, w),
-                                    logps[r][: n + ended]))
+                                    logps[r][: n + ended], self.loaded.tokenizer))
             out.append(caps)
         return out
 

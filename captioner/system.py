@@ -324,6 +324,7 @@ class CaptioningSystem(L.LightningModule):
         return preds
 
     def _score_epoch(self, prefix: str, stage: str) -> None:
+        from captioner.data.tokenizers import get_tokenizer
         from captioner.metrics import exact_match, validation_scores
 
         preds = self._gathered_predictions()
@@ -339,7 +340,9 @@ class CaptioningSystem(L.LightningModule):
             return
         refs = {i: refs[i] for i in preds}
         scores = validation_scores(preds, refs)
-        exact = exact_match(preds, {i: [r.split() for r in rs] for i, rs in refs.items()})
+        tokenizer = get_tokenizer(getattr(dm, "tokenizer", "simple"))
+        exact = exact_match(preds, {i: [r.split() for r in rs] for i, rs in refs.items()},
+                            tokenize=tokenizer.tokenize)
         # Every rank scored the same gathered captions: the mean over ranks is each rank's value,
         # and saying sync_dist keeps Lightning from asking for it.
         self.log(f"{prefix}/CIDEr", float(scores["CIDEr"]), prog_bar=True, sync_dist=True)
@@ -382,6 +385,8 @@ class CaptioningSystem(L.LightningModule):
             "format": CHECKPOINT_FORMAT,
             "vocab": self.vocab.to_list(),
             "preprocessing": self.preprocessing.to_dict(),
+            # how captions were split into words, so that captioning writes them back the same way
+            "tokenizer": getattr(self.trainer.datamodule, "tokenizer", "simple"),
         }
         # Dropout and hard attention's samples draw from torch's RNG: resume must continue it.
         rng = {"cpu": torch.get_rng_state()}

@@ -97,7 +97,8 @@ def test_the_readme_shows_the_tour() -> None:
 
 # Commands that need what a test cannot have: a GPU, a download, hours, a server that blocks.
 NOT_RUN = ("--trainer.accelerator gpu", "--trainer.devices 4", "configs/coco.yaml",
-           "configs/flickr8k.yaml", "captioner serve", "data/flickr8k", "data/coco")
+           "configs/flickr8k.yaml", "captioner serve", "data/flickr8k", "data/coco",
+           "configs/custom.yaml", "runs/custom")  # ResNet-101 weights: a download
 
 
 @pytest.mark.slow
@@ -163,6 +164,10 @@ def tiny_run(shapes_dir, tmp_path_factory):
     for p in sorted((shapes_dir / "images").iterdir())[:2]:
         shutil.copy(p, photos / p.name)
     shutil.copy(photos / p.name, root / "photo.png")
+    custom = root / "data" / "custom"  # your own captions, for `data convert`
+    shutil.copytree(photos, custom / "images")
+    (custom / "captions.csv").write_text("image,caption\n" + "".join(
+        f"{p.name},\"a shape, number {i}\"\n" for i, p in enumerate(sorted(photos.iterdir()))))
     run = root / "runs" / "shapes"
     assert main(["fit", "--config", str(ROOT / "configs" / "shapes.yaml"), *TINY,
                  "--data.shapes.data_dir", "data/shapes",

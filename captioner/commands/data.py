@@ -1,4 +1,5 @@
-"""``captioner data check``: count images and captions of a data set and find every broken file."""
+"""``captioner data check``: count images and captions of a data set and find every broken file;
+``captioner data convert``: your captions -> a Karpathy split file."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import argparse
 import json
 from pathlib import Path
 
-from captioner.commands.common import UsageError
+from captioner.commands.common import LazyChoices, UsageError
+
+FORMATS = ("csv", "tsv", "jsonl", "folder", "coco")  # captioner.data.convert.FORMATS, without importing it
+TOKENIZERS = LazyChoices("captioner.data.tokenizers", "TOKENIZERS")
 
 
 def cmd_data_check(a: argparse.Namespace) -> int:
@@ -24,6 +28,34 @@ def cmd_data_check(a: argparse.Namespace) -> int:
     return 1 if report.problems else 0
 
 
+def cmd_data_convert(a: argparse.Namespace) -> int:
+    from captioner.data.atomic import atomic_write_json
+    from captioner.data.convert import ConvertError, convert_rows, read_rows
+
+    image_root = a.image_root or (a.input if a.format == "folder" else None)
+    if image_root is None:
+        raise UsageError("--image-root DIR is required (the folder the image names are relative to)")
+    try:
+        rows = read_rows(a.format, a.input, a.image_column, a.caption_column)
+        dataset, report = convert_rows(rows, image_root, a.tokenizer, a.val_fraction,
+                                       a.test_fraction, a.seed)
+    except ConvertError as err:
+        raise UsageError(" ".join(str(err).split())) from None
+    if report.images == 0:
+        print(report.format_text())
+        raise UsageError(f"{a.input}: no image with a caption was found; nothing written")
+    atomic_write_json(a.out, dataset, newline=True)
+    if a.json:
+        print(json.dumps({**report.to_json(), "out": str(a.out)}))
+    else:
+        print(report.format_text())
+        print(f"wrote {a.out}")
+    if report.dropped and not a.allow_missing:
+        print(f"{report.dropped} caption(s) or image(s) dropped (see above); --allow-missing accepts that")
+        return 1
+    return 0
+
+
 def register(subparsers) -> None:
     d = subparsers.add_parser("data", help="data set tools")
     dsub = d.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
@@ -35,3 +67,24 @@ def register(subparsers) -> None:
     c.add_argument("--keep-restval", action="store_true", help="report restval as its own split")
     c.add_argument("--json", action="store_true", help="one JSON object on stdout")
     c.set_defaults(func=cmd_data_check)
+
+    v = dsub.add_parser("convert", help="your captions (CSV, TSV, JSON Lines, a folder, COCO) -> a "
+                        "Karpathy split file")
+    v.add_argument("input", type=Path, metavar="INPUT", help="the file (the folder for --from folder)")
+    v.add_argument("--from", dest="format", required=True, choices=FORMATS)
+    v.add_argument("--image-root", type=Path, help="the folder image names are relative to "
+                   "(default for --from folder: INPUT)")
+    v.add_argument("--out", type=Path, required=True, help="the split file to write, e.g. dataset.json")
+    v.add_argument("--image-column", default="image", help="csv/tsv column, jsonl key (default: image)")
+    v.add_argument("--caption-column", default="caption",
+                   help="csv/tsv column, jsonl key (default: caption; jsonl also takes a list under captions)")
+    v.add_argument("--tokenizer", default="simple", choices=TOKENIZERS, metavar="NAME",
+                   help="simple (English, default), unicode (any alphabet) or char (Chinese, Japanese); "
+                   "train with the same data.tokenizer")
+    v.add_argument("--val-fraction", type=float, default=0.1, help="share of images for val (default 0.1)")
+    v.add_argument("--test-fraction", type=float, default=0.1, help="share of images for test (default 0.1)")
+    v.add_argument("--seed", type=int, default=0, help="the split's shuffle (default 0)")
+    v.add_argument("--allow-missing", action="store_true",
+                   help="exit 0 even when missing images, empty or duplicate captions were dropped")
+    v.add_argument("--json", action="store_true", help="the report as one JSON object")
+    v.set_defaults(func=cmd_data_convert)

@@ -16,6 +16,7 @@ from captioner.data.images import ImageLoadError, load_image
 from captioner.data.records import ImageRecord
 from captioner.data.sampling import EpochSampler
 from captioner.data.sources import SOURCES, CocoSource, KarpathySource, ShapesSource, as_source
+from captioner.data.tokenizers import TOKENIZERS, get_tokenizer
 from captioner.data.transforms import Preprocessing
 from captioner.data.vocab import PAD_ID, Vocabulary
 
@@ -183,6 +184,10 @@ class CaptionDataModule(L.LightningDataModule):
         shapes, karpathy, coco: each source's settings (``ShapesSource``, ``KarpathySource``,
             ``CocoSource``, or a plain mapping of them); only the one ``dataset`` names is used.
             Word-region grounding is a ``shapes`` setting (``shapes.grounding``).
+        tokenizer: how caption text becomes words, a name from ``captioner.data.tokenizers``:
+            ``simple`` (English; Karpathy files' ``tokens`` are used as they are), ``unicode``
+            (any alphabet) or ``char`` (Chinese, Japanese); with any but ``simple`` every
+            caption's ``raw`` text is tokenised again. Stored in the checkpoint for captioning.
         min_count, max_vocab: vocabulary rule (training split only).
         max_caption_length: words kept per caption (longer ones are cut).
         vocab_path: where the vocabulary is cached (default: beside the data).
@@ -204,6 +209,7 @@ class CaptionDataModule(L.LightningDataModule):
         shapes: ShapesSource = ShapesSource(),
         karpathy: KarpathySource = KarpathySource(),
         coco: CocoSource = CocoSource(),
+        tokenizer: str = "simple",
         min_count: int = 5,
         max_vocab: int | None = None,
         max_caption_length: int = 20,
@@ -221,6 +227,7 @@ class CaptionDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         SOURCES.get(dataset)  # an unknown name fails here, listing the registered ones
+        TOKENIZERS.get(tokenizer)  # and so does an unknown tokenizer
         if captions_per_image not in ("random", "all"):
             raise ValueError(f"data.captions_per_image must be 'random' or 'all', got {captions_per_image!r}")
         # The sections are typed arguments (so LightningCLI can parse and override them), named as
@@ -230,6 +237,7 @@ class CaptionDataModule(L.LightningDataModule):
         self.dataset = dataset
         self.source = self.sources[dataset]
         self.source.check()
+        self.tokenizer = tokenizer
         self.min_count = min_count
         self.max_vocab = max_vocab
         self.max_caption_length = max_caption_length
@@ -258,7 +266,8 @@ class CaptionDataModule(L.LightningDataModule):
         if self._vocab_path:
             return Path(self._vocab_path)
         cap = f"-max{self.max_vocab}" if self.max_vocab else ""
-        return self.source.vocab_dir() / f"vocab-min{self.min_count}{cap}.json"
+        tok = "" if self.tokenizer == "simple" else f"-{self.tokenizer}"
+        return self.source.vocab_dir() / f"vocab-min{self.min_count}{cap}{tok}.json"
 
     def prepare_data(self) -> None:
         """Let the source prepare its files (``shapes``: generate when absent); build and cache
@@ -274,7 +283,14 @@ class CaptionDataModule(L.LightningDataModule):
     @property
     def records(self) -> dict[str, list[ImageRecord]]:
         if self._records is None:
-            self._records = self.source.read()
+            records = self.source.read()
+            if self.tokenizer != "simple":  # the sources tokenise with `simple`: redo it from raw
+                tok = get_tokenizer(self.tokenizer)
+                for recs in records.values():
+                    for r in recs:
+                        if r.raw:
+                            r.captions = [tok.tokenize(text) for text in r.raw]
+            self._records = records
         return self._records
 
     @property

@@ -88,8 +88,12 @@ class References:
                           self.source)
 
 
-def references_from_records(records: Sequence[ImageRecord], source: str) -> References:
-    raw = {r.image_id: list(r.raw) or [" ".join(c) for c in r.captions] for r in records}
+def references_from_records(records: Sequence[ImageRecord], source: str,
+                            tokenized: bool = False) -> References:
+    """``tokenized``: score the captions' words joined by spaces instead of their raw text (for
+    tokenizers other than ``simple``: the scorers' PTB tokenizer splits only English)."""
+    raw = {r.image_id: [" ".join(c) for c in r.captions] if tokenized or not r.raw else list(r.raw)
+           for r in records}
     return References(raw, {r.image_id: [list(c) for c in r.captions] for r in records}, source)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from captioner.data.atomic import finite_json
 from captioner.data.datamodule import CaptionDataModule
 from captioner.data.records import ImageRecord
+from captioner.data.tokenizers import get_tokenizer
 from captioner.evaluation.captioning import GeneratedCaption, caption_records
 from captioner.evaluation.grounding import grounding_file, score_grounding
 from captioner.evaluation.references import (
@@ -77,13 +78,14 @@ class Evaluation:
 
 
 def _score(
-    predictions: dict[int, str], references: References, meteor: bool, spice: bool
+    predictions: dict[int, str], references: References, meteor: bool, spice: bool,
+    tokenizer: str = "simple",
 ) -> tuple[EvalResult, float]:
     result = score_captions(predictions, references.raw, spice=spice, meteor=meteor)
     if not meteor and "METEOR" not in result.skipped:
         result.skipped.append("METEOR")
         result.skip_reasons["METEOR"] = "disabled by the caller (meteor=False)"
-    return result, exact_match(predictions, references.tokens)
+    return result, exact_match(predictions, references.tokens, get_tokenizer(tokenizer).tokenize)
 
 
 def evaluate_checkpoint(
@@ -121,13 +123,15 @@ def evaluate_checkpoint(
                 seconds_captioning, pipeline.beam_size, batch_size)
 
     by_id = {c.image_id: c for c in captions}
-    references = references_from_records(records, f"{dm.dataset}:{split}")
+    # with another tokenizer than `simple`, the words are scored (joined by spaces), not raw text
+    references = references_from_records(records, f"{dm.dataset}:{split}",
+                                         tokenized=dm.tokenizer != "simple")
     if len(by_id) < len(records):
         logger.warning("%d of %d images could not be read and are not scored",
                        len(records) - len(by_id), len(records))
         references = references.subset([r.image_id for r in records if r.image_id in by_id])
     predictions = {k: by_id[k].text for k in references.raw}
-    result, exact = _score(predictions, references, meteor, spice)
+    result, exact = _score(predictions, references, meteor, spice, dm.tokenizer)
     grounding = None if grounding_path is None else score_grounding(captions, grounding_path)
 
     settings = {

@@ -1,0 +1,101 @@
+"""Caption tokenizers, registered by name (``data.tokenizer``): text -> words, and words -> text.
+
+``simple``  lower-case, split on non-alphanumerics (ASCII): reproduces Karpathy's ``tokens`` of
+            English captions; the default.
+``unicode`` words of any script: letters, marks and digits of every alphabet, with apostrophes
+            inside words kept ("l'été", "Straße", "naïve"), lower-cased (``str.lower``, so "ß"
+            stays "ß"); punctuation dropped. Ideographs and kana are one word each, as Unicode
+            word segmentation (UAX #29) treats them.
+``char``    one token per character (grapheme cluster, so a Thai vowel stays on its consonant),
+            whitespace and punctuation dropped: for scripts written without spaces (Chinese,
+            Japanese, Thai). A run of Latin letters or digits inside such text stays one word.
+
+``join`` writes words back as text: a space between two words unless one side is written
+without spaces, so a Chinese or Japanese caption has none and "a dog" keeps its space.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import regex
+
+from captioner.data.vocab import tokenize as simple_tokenize
+from captioner.registry import Registry
+
+# Scripts written without spaces between words (by script extension, so that the kana length
+# mark and iteration marks count as kana).
+_NO_SPACE = (r"\p{scx=Han}\p{scx=Hiragana}\p{scx=Katakana}\p{scx=Thai}\p{scx=Lao}\p{scx=Khmer}"
+             r"\p{scx=Myanmar}\p{scx=Tibetan}")
+_WORD_CHAR = rf"[\p{{L}}\p{{M}}\p{{N}}--[{_NO_SPACE}]]"
+_APOSTROPHE = r"['\u2019]"
+_UNICODE_RE = regex.compile(
+    rf"{_WORD_CHAR}+(?:{_APOSTROPHE}{_WORD_CHAR}+)*|(?=[{_NO_SPACE}--[\p{{P}}\p{{S}}]])\X", regex.V1)
+_LATIN_RUN_RE = regex.compile(
+    rf"[\p{{Latin}}\p{{N}}][\p{{Latin}}\p{{M}}\p{{N}}]*(?:{_APOSTROPHE}[\p{{Latin}}\p{{M}}\p{{N}}]+)*|\X", regex.V1)
+_NO_SPACE_RE = regex.compile(rf"[{_NO_SPACE}]", regex.V1)
+_DROPPED_RE = regex.compile(r"^[\p{Z}\p{P}\p{S}\p{C}\s]+$", regex.V1)
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    name: str
+    _tokenize: Callable[[str], list[str]]
+    _join: Callable[[Sequence[str]], str]
+
+    def tokenize(self, text: str) -> list[str]:
+        """Caption text -> words (``[]`` for text without any)."""
+        return self._tokenize(text)
+
+    def join(self, words: Sequence[str]) -> str:
+        """Words -> caption text, spaced as the language writes it."""
+        return self._join(words)
+
+
+TOKENIZERS: Registry[Tokenizer] = Registry("data.tokenizer")
+
+
+def _spaced_join(words: Sequence[str]) -> str:
+    """A space between two words unless the end of one or the start of the next is a character
+    of a script written without spaces."""
+    out: list[str] = []
+    for w in words:
+        if not w:
+            continue
+        if out and not (_NO_SPACE_RE.match(out[-1][-1]) or _NO_SPACE_RE.match(w[0])):
+            out.append(" ")
+        out.append(w)
+    return "".join(out)
+
+
+def _unicode_tokenize(text: str) -> list[str]:
+    return [w.replace("\u2019", "'") for w in _UNICODE_RE.findall(text.lower())]
+
+
+def _char_tokenize(text: str) -> list[str]:
+    return [t.replace("\u2019", "'") for t in _LATIN_RUN_RE.findall(text.lower())
+            if not _DROPPED_RE.match(t)]
+
+
+@TOKENIZERS.register("simple")
+def _simple() -> Tokenizer:
+    return Tokenizer("simple", simple_tokenize, " ".join)
+
+
+@TOKENIZERS.register("unicode")
+def _unicode() -> Tokenizer:
+    return Tokenizer("unicode", _unicode_tokenize, _spaced_join)
+
+
+@TOKENIZERS.register("char")
+def _char() -> Tokenizer:
+    return Tokenizer("char", _char_tokenize, _spaced_join)
+
+
+def get_tokenizer(name: str) -> Tokenizer:
+    """The registered tokenizer ``name``; ``ValueError`` listing the names for an unknown one."""
+    return TOKENIZERS.get(name)()
+
+
+__all__ = ["TOKENIZERS", "Tokenizer", "get_tokenizer"]

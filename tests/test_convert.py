@@ -1,0 +1,99 @@
+"""`captioner data convert`: CSV, TSV, JSON Lines, folders and COCO files -> a Karpathy split file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from captioner.cli import main
+from captioner.data.convert import ConvertError, assign_splits, convert_rows, read_rows
+from captioner.data.karpathy import read_karpathy
+
+
+def _images(root: Path, n: int) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", (8, 8), (30 * i, 0, 0)).save(root / f"{i}.png")
+
+
+def test_csv_with_bom_quotes_missing_empty_and_duplicates(tmp_path: Path, capsys) -> None:
+    _images(tmp_path / "img", 5)
+    (tmp_path / "c.csv").write_bytes(
+        "image,caption\n0.png,\"A dog, running\nfast\"\n0.png,A cat\n0.png,A cat\n1.png,\" \"\n"
+        "2.png,Un chien\n9.png,gone\n3.png,x\n4.png,y\n".encode("utf-8-sig"))
+    out = tmp_path / "dataset.json"
+    args = ["data", "convert", "--from", "csv", str(tmp_path / "c.csv"), "--image-root",
+            str(tmp_path / "img"), "--out", str(out)]
+    assert main(args) == 1
+    text = capsys.readouterr().out
+    assert "4 images, 5 captions" in text
+    assert "missing image: " + str(tmp_path / "img" / "9.png") in text
+    assert "empty caption: " in text and "(1.png)" in text
+    assert "duplicate caption: " in text and "'A cat'" in text
+    data = json.loads(out.read_text())
+    first = data["images"][0]
+    assert first["filename"] == "0.png"
+    assert first["sentences"][0] == {"tokens": ["a", "dog", "running", "fast"], "raw": "A dog, running fast",
+                                     "imgid": 0, "sentid": 0}
+    records = read_karpathy(out, tmp_path / "img")
+    assert sum(len(v) for v in records.values()) == 4
+    assert main([*args, "--allow-missing"]) == 0
+    assert main(["data", "check", "--karpathy-json", str(out), "--image-root", str(tmp_path / "img")]) == 0
+
+
+def test_missing_column_names_the_columns_found(tmp_path: Path, capsys) -> None:
+    (tmp_path / "c.tsv").write_text("file\ttext\na.png\thello\n")
+    assert main(["data", "convert", "--from", "tsv", str(tmp_path / "c.tsv"), "--image-root",
+                 str(tmp_path), "--out", str(tmp_path / "d.json")]) == 2
+    assert "no column 'image' or 'caption'; found 'file', 'text'" in capsys.readouterr().err
+    rows = read_rows("tsv", tmp_path / "c.tsv", "file", "text")
+    assert [(r.image, r.caption) for r in rows] == [("a.png", "hello")]
+    (tmp_path / "bad.csv").write_bytes(b"image,caption\n\xff\xfe,x\n")
+    with pytest.raises(ConvertError, match="cannot read"):
+        read_rows("csv", tmp_path / "bad.csv")
+
+
+def test_jsonl_folder_and_coco_inputs(tmp_path: Path) -> None:
+    _images(tmp_path, 3)
+    (tmp_path / "c.jsonl").write_text(
+        '{"image": "0.png", "caption": "a red square"}\n'
+        '{"image": "1.png", "captions": ["one", "two"], "split": "test"}\n')
+    data, report = convert_rows(read_rows("jsonl", tmp_path / "c.jsonl"), tmp_path, val_fraction=0,
+                                test_fraction=0)
+    assert [e["split"] for e in data["images"]] == ["train", "test"]
+    assert report.captions == 3 and not report.dropped
+    (tmp_path / "0.txt").write_text("a red square\nA red box\n")
+    (tmp_path / "1.txt").write_text("one\n")
+    data, report = convert_rows(read_rows("folder", tmp_path), tmp_path)
+    assert [e["filename"] for e in data["images"]] == ["0.png", "1.png"]
+    assert report.empty_captions == [f"{tmp_path / '2.txt'} (not found) (2.png)"]
+    (tmp_path / "coco.json").write_text(json.dumps({
+        "images": [{"id": 7, "file_name": "2.png"}],
+        "annotations": [{"id": 1, "image_id": 7, "caption": "A dot."}]}))
+    data, _ = convert_rows(read_rows("coco", tmp_path / "coco.json"), tmp_path)
+    assert data["images"][0]["sentences"][0]["tokens"] == ["a", "dot"]
+
+
+def test_splits_are_deterministic_by_image_whatever_the_order() -> None:
+    images = [f"{i}.jpg" for i in range(100)]
+    a = assign_splits(images, {}, 0.1, 0.2, seed=3)
+    b = assign_splits(images[::-1], {}, 0.1, 0.2, seed=3)
+    assert a == b
+    assert sorted(a.values()).count("val") == 10 and sorted(a.values()).count("test") == 20
+    assert assign_splits(images, {}, 0.1, 0.2, seed=4) != a
+    assert assign_splits(["x", "y"], {"x": "val"}, 0, 0, seed=0) == {"x": "val", "y": "train"}
+
+
+def test_tokenizer_decides_the_tokens(tmp_path: Path) -> None:
+    _images(tmp_path, 1)
+    rows = read_rows("jsonl", _write(tmp_path / "c.jsonl", {"image": "0.png", "captions": ["L'été à Paris", "一只狗。"]}))
+    data, _ = convert_rows(rows, tmp_path, tokenizer="unicode")
+    assert [s["tokens"] for s in data["images"][0]["sentences"]] == [["l'été", "à", "paris"], ["一", "只", "狗"]]
+
+
+def _write(path: Path, obj: dict) -> Path:
+    path.write_text(json.dumps(obj, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
