@@ -21,14 +21,22 @@ from captioner.data.tokenizers import TOKENIZERS, get_tokenizer
 from captioner.data.transforms import Preprocessing
 from captioner.data.vocab import END_ID, Vocabulary
 from captioner.decoding import DecodingConfig, Generated, beam_search, generate, sample
+from captioner.hub import download, hub_repo_id
+from captioner.model_folder import (
+    CONFIG_FILE,
+    FOLDER_FORMAT,
+    FOLDER_FORMAT_VERSION,
+    WEIGHTS_FILE,
+    CheckpointError,
+    check_shapes,
+    model_card,
+    read_model_folder,
+    write_model_folder,
+)
 from captioner.models import Captioner, DecoderConfig, EncoderConfig
 from captioner.models.quantize import quantize_decoder
 
 logger = logging.getLogger(__name__)
-
-
-class CheckpointError(Exception):
-    """A checkpoint that is missing, unsafe or not a captioner checkpoint."""
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
@@ -66,7 +74,15 @@ class LoadedModel:
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuild the model from a checkpoint written by ``captioner fit`` (in eval mode)."""
+    """Rebuild a trained model (in eval mode) from a ``.ckpt`` written by ``captioner fit``, a
+    model folder written by ``captioner export``, or a Hub id (``hf://owner/name``, or a bare
+    ``owner/name`` that is no local path; needs ``captioner[hub]``). Nothing is unpickled but a
+    ``.ckpt``'s tensors and plain containers."""
+    repo_id = hub_repo_id(path)
+    if repo_id is not None:
+        return _load_folder(download(repo_id), device)
+    if Path(path).is_dir():
+        return _load_folder(Path(path), device)
     ckpt = read_checkpoint(path)
     meta = ckpt.get("captioner")
     hp = ckpt.get("hyper_parameters")
@@ -86,6 +102,63 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
                               f"{', '.join(TOKENIZERS.names())})")
     return LoadedModel(model, vocab, Preprocessing.from_dict(meta["preprocessing"]), hp, Path(path),
                        tokenizer)
+
+
+def _load_folder(folder: Path, device: str | torch.device) -> LoadedModel:
+    config, state = read_model_folder(folder)
+    try:
+        vocab = Vocabulary(config["vocab"])
+        model = Captioner(EncoderConfig(**config["encoder"]), DecoderConfig(**config["decoder"]), len(vocab))
+        preprocessing = Preprocessing.from_dict(config["preprocessing"])
+        DecodingConfig.from_dict(config["decoding"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: settings this version of captioner cannot "
+                              f"build a model from: {err}") from None
+    check_shapes(state, model.state_dict(), str(folder / WEIGHTS_FILE), len(vocab))
+    model.load_state_dict(state)
+    model.eval().to(device)
+    hp = {k: config[k] for k in ("encoder", "decoder", "decoding")}
+    tokenizer = config.get("tokenizer", "simple")
+    if tokenizer not in TOKENIZERS:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: unknown tokenizer {tokenizer!r} (this version "
+                              f"of captioner has {', '.join(TOKENIZERS.names())})")
+    return LoadedModel(model, vocab, preprocessing, hp, folder, tokenizer)
+
+
+def export_model_folder(
+    checkpoint: str | os.PathLike, out: str | os.PathLike, *, metrics: dict | None = None,
+    run_config: str | os.PathLike | None = None,
+) -> Path:
+    """Write the model of a ``.ckpt`` as a model folder (``model.safetensors``, ``config.json``,
+    ``README.md``; see :mod:`captioner.model_folder`). ``metrics``: a ``captioner evaluate
+    --output`` dictionary for the card; ``run_config``: the run's ``config.yaml``, whose ``data``
+    and ``model`` sections the card quotes. Raises CheckpointError, FileExistsError (``out`` is
+    not empty) or ValueError (an unreadable ``run_config``)."""
+    import yaml
+
+    path = Path(checkpoint)
+    if path.is_dir() or hub_repo_id(path) is not None:
+        raise CheckpointError(f"{checkpoint}: export takes a .ckpt written by `captioner fit`")
+    loaded = load_checkpoint(path)  # checks it builds before anything is written
+    meta = read_checkpoint(path)["captioner"]
+    config = {
+        "format": FOLDER_FORMAT, "format_version": FOLDER_FORMAT_VERSION,
+        "encoder": loaded.hparams["encoder"], "decoder": loaded.hparams["decoder"],
+        "decoding": loaded.hparams.get("decoding", {}),
+        "preprocessing": loaded.preprocessing.to_dict(),
+        "tokenizer": meta.get("tokenizer", "simple"),
+        "vocab": loaded.vocab.to_list(),
+    }
+    run = None
+    if run_config is not None:
+        try:
+            run = yaml.safe_load(Path(run_config).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as err:
+            raise ValueError(f"{run_config}: not a readable config: {err}") from None
+        if not isinstance(run, dict):
+            raise ValueError(f"{run_config}: not a run config (no sections)")
+    card = model_card(config, name=Path(out).name, metrics=metrics, run_config=run)
+    return write_model_folder(out, config, loaded.model.state_dict(), card)
 
 
 @dataclass
@@ -230,6 +303,48 @@ class CaptionPipeline:
             length_penalty=length_penalty, suppress_unk=suppress_unk, cuda_graph=cuda_graph)
         if self.beam_size < 1:
             raise ValueError(f"beam size must be >= 1, got {self.beam_size}")
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, device: str = "cpu",
+                        **options) -> CaptionPipeline:
+        """A pipeline for a model folder, a Hub id (``hf://owner/name`` or ``owner/name``) or a
+        ``.ckpt``; ``device``: ``cpu``, ``cuda`` or ``auto``; ``options``: the constructor's
+        (``beam_size``, ``max_length``, ``precision``, ...)."""
+        return cls(load_checkpoint(path_or_repo_id, resolve_device(device)), **options)
+
+    def __call__(self, images, beam_size: int | None = None, batch_size: int = 16):
+        """Caption one image or many: a path, a PIL image or a tensor -> one :class:`Caption`;
+        a list of them (or a (B, 3, H, W) tensor) -> a list. uint8 tensors are images (3, H, W)
+        as ``torchvision.io.decode_image`` gives them; float tensors are taken as already
+        preprocessed (3, S, S), as :meth:`caption_tensors` takes them. A file that cannot be read
+        raises ``ImageLoadError`` (``caption_paths`` reports such files and goes on instead)."""
+        one = isinstance(images, str | os.PathLike | Image.Image) or (
+            isinstance(images, Tensor) and images.dim() == 3)
+        items = [images] if one else list(images)
+        out: list[Caption] = []
+        for i in range(0, len(items), batch_size):
+            batch = torch.stack([self._pixels(x) for x in items[i:i + batch_size]])
+            out += self.caption_tensors(batch, beam_size)
+        return out[0] if one else out
+
+    def _pixels(self, image) -> Tensor:
+        """One image of :meth:`__call__` -> a preprocessed (3, S, S) tensor on the model's device."""
+        from captioner.data.images import load_image
+
+        pre = self.loaded.preprocessing
+        if isinstance(image, str | os.PathLike):
+            image = load_image(image)
+        if isinstance(image, Image.Image):
+            return pre(image.convert("RGB")).to(self.device)
+        if not isinstance(image, Tensor):
+            raise TypeError(f"expected a path, a PIL image or a tensor, got {type(image).__name__}")
+        if image.dtype == torch.uint8:
+            return pre.from_uint8([image])[0].to(self.device)
+        s = pre.image_size
+        if tuple(image.shape) != (3, s, s):
+            raise ValueError(f"a float tensor is taken as a preprocessed image (3, {s}, {s}); got "
+                             f"{tuple(image.shape)} (give uint8 pixels to have it resized)")
+        return image.to(self.device)
 
     @property
     def beam_size(self) -> int:

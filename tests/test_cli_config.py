@@ -169,7 +169,7 @@ LAYERS = [
     {"models"},
     {"decoding"},
     {"metrics", "viz"},
-    {"system", "inference", "callbacks", "checkpointing"},
+    {"system", "inference", "model_folder", "hub", "callbacks", "checkpointing"},
     {"evaluation", "serve", "benchmark"},
     {"commands"},
     {"cli"},
@@ -207,6 +207,11 @@ def test_imports_point_down_the_layers_only() -> None:
     for module, imported in _imports().items():
         assert _layer(module) in RANK, f"{module}: add its package to LAYERS"
         for target in imported:
+            # The package root re-exports the Python API lazily (a module __getattr__ imports
+            # captioner.inference on first use), so `import captioner` loads nothing: its import
+            # points up by design, and nothing below imports the root back (the cycle test).
+            if module == "captioner" and target == "captioner.inference":
+                continue
             if RANK[_layer(target)] > RANK[_layer(module)]:
                 wrong.append(f"{module} -> {target}")
     assert not wrong, "imports up the layers: " + ", ".join(sorted(wrong))

@@ -10,7 +10,8 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Sequence
 
-MODULES = ("train", "caption", "attend", "evaluate", "serve", "features", "data", "shapes", "encoders")
+MODULES = ("train", "caption", "attend", "evaluate", "export", "serve", "features", "data", "shapes",
+           "encoders")
 
 CONFIG_COMMANDS: dict[tuple[str, ...], str] = {
     ("fit",): "train:run",

@@ -82,7 +82,7 @@ def add_decoding_arguments(p) -> None:
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """``--checkpoint``, decoding, ``--device`` and ``--quantize``: ``caption`` and ``attend``."""
-    p.add_argument("--checkpoint", required=True, type=Path, help="a .ckpt written by `captioner fit`")
+    p.add_argument("--checkpoint", required=True, type=Path, help="a .ckpt written by `captioner fit`, a model folder (`captioner export`) or hf://OWNER/NAME")
     add_decoding_arguments(p)
     add_device_argument(p)
     add_quantize_argument(p)

@@ -46,7 +46,7 @@ PREDICTION_OPTIONS = ("--predictions", "--references", "--coco-annotations", "--
 def add_options(p) -> None:
     """The options of ``evaluate`` beside the config's sections."""
     p.add_argument("--checkpoint", type=Path | None, default=None,
-                   help="a .ckpt written by `captioner fit`: caption the config's --split and score it")
+                   help="a .ckpt written by `captioner fit`, a model folder (`captioner export`) or hf://OWNER/NAME: caption the config's --split and score it")
     add_device_argument(p)
     add_quantize_argument(p)
     p.add_argument("--results", type=Path | None, default=None,

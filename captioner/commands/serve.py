@@ -24,7 +24,7 @@ def register(subparsers) -> None:
         description="Serve a web page (GET /) and a JSON API (POST /api/caption, GET /healthz) for one "
         "checkpoint. Binds to 127.0.0.1 unless --host says otherwise; there is no authentication.",
     )
-    p.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint written by `captioner fit`")
+    p.add_argument("--checkpoint", required=True, type=Path, help="a .ckpt written by `captioner fit`, a model folder (`captioner export`) or hf://OWNER/NAME")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted image file (default: 10)")

@@ -1,0 +1,172 @@
+"""Model folders: a trained model as ``model.safetensors`` + ``config.json`` + ``README.md``.
+
+What ``captioner export`` writes and what every ``--checkpoint`` also accepts. Loading one reads
+JSON and safetensors only, never a pickle, so a downloaded folder cannot run code. This module
+knows the files; :func:`captioner.inference.load_checkpoint` builds the model from them.
+
+``config.json`` (``format_version`` 1)::
+
+    {"format": "captioner-model", "format_version": 1,
+     "encoder": {...}, "decoder": {...}, "decoding": {...},   # the dataclasses' settings
+     "preprocessing": {"image_size": ..., "mean": [...], "std": [...]},
+     "tokenizer": "simple", "vocab": ["<pad>", "<start>", "<end>", "<unk>", ...]}
+
+``model.safetensors`` holds the ``Captioner`` module's state dict (no ``model.`` prefix).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "README.md"
+FOLDER_FORMAT = "captioner-model"
+FOLDER_FORMAT_VERSION = 1
+# What a loader needs from config.json; the rest (a card's details) is optional.
+REQUIRED_KEYS = ("encoder", "decoder", "decoding", "preprocessing", "vocab")
+
+
+class CheckpointError(Exception):
+    """A checkpoint or model folder that is missing, unsafe, damaged or not a captioner model.
+    (Defined here, below ``captioner.inference``, which re-exports it.)"""
+
+
+def read_model_folder(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config, state dict) of a model folder; CheckpointError naming the file and the problem."""
+    folder = Path(path)
+    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    if not config_path.is_file():
+        raise CheckpointError(f"{config_path}: missing: {folder} is not a model folder "
+                              "(written by `captioner export`)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{config_path}: not readable JSON: {err}") from None
+    if not isinstance(config, dict) or config.get("format") != FOLDER_FORMAT:
+        raise CheckpointError(f"{config_path}: not a captioner model config "
+                              f"(no \"format\": \"{FOLDER_FORMAT}\")")
+    version = config.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{config_path}: format_version {version!r} is not a version number")
+    if version > FOLDER_FORMAT_VERSION:
+        raise CheckpointError(f"{config_path}: format version {version} is newer than this captioner "
+                              f"reads ({FOLDER_FORMAT_VERSION}); upgrade captioner")
+    missing = [k for k in REQUIRED_KEYS if k not in config]
+    if missing:
+        raise CheckpointError(f"{config_path}: lacks {', '.join(missing)}")
+    if not weights_path.is_file():
+        raise CheckpointError(f"{weights_path}: missing")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(weights_path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:  # truncated, empty, not safetensors
+        raise CheckpointError(f"{weights_path}: not a readable safetensors file "
+                              f"(truncated or damaged?): {err}") from None
+    return config, state
+
+
+def check_shapes(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
+                 where: str, vocab_size: int) -> None:
+    """CheckpointError with one line when ``state`` does not fit the model built from the config."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{where}: weights do not match config.json: missing "
+                              f"{missing[:3] or 'none'}, unexpected {unexpected[:3] or 'none'}")
+    for key, want in expected.items():
+        got = state[key]
+        if tuple(got.shape) != tuple(want.shape):
+            raise CheckpointError(
+                f"{where}: {key} has shape {tuple(got.shape)} but config.json (its vocabulary of "
+                f"{vocab_size} words and model settings) gives {tuple(want.shape)}")
+
+
+def write_model_folder(out: str | os.PathLike, config: dict[str, Any],
+                       state: Mapping[str, torch.Tensor], card: str) -> Path:
+    """Write the three files into a temporary folder beside ``out``, then rename it to ``out``:
+    a killed export leaves no folder at ``out`` (at most a hidden ``.out.*.tmp`` one), never a
+    half-written one that loads. ``out`` must not exist or be an empty folder."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out}: exists and is not an empty folder; remove it or choose another")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        (tmp / CARD_FILE).write_text(card, encoding="utf-8")
+        # config.json last: a folder without it is not a model folder
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.chmod(f, 0o666 & ~umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it owner-only; a model is meant to be shared
+        os.replace(tmp, out)  # atomic; replaces an empty folder on POSIX
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _table(metrics: Mapping[str, Any]) -> list[str]:
+    """The scores of a ``captioner evaluate --output`` file as a Markdown table."""
+    rows = [(k, v) for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and k not in (
+                "num_images", "beam_size", "max_length", "length_penalty", "nltk_corpus_bleu4")]
+    lines = ["| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in rows]
+    how = ", ".join(f"{k} {metrics[k]}" for k in ("split", "num_images", "beam_size") if k in metrics)
+    if how:
+        lines += ["", f"Scored by `captioner evaluate` ({how})."]
+    return lines
+
+
+def model_card(config: Mapping[str, Any], *, name: str, metrics: Mapping[str, Any] | None = None,
+               run_config: Mapping[str, Any] | None = None) -> str:
+    """A ``README.md`` model card: front matter for the Hub, the data set, the scores, the
+    training settings (the run's ``data`` and ``model`` sections) and how to use it."""
+    import yaml
+
+    data = (run_config or {}).get("data") or {}
+    dataset = data.get("dataset", "unknown") if isinstance(data, dict) else "unknown"
+    enc, dec = config["encoder"], config["decoder"]
+    lines = [
+        "---", "library_name: captioner", "pipeline_tag: image-to-text",
+        "tags: [image-captioning, show-attend-tell]", "---", "",
+        f"# {name}", "",
+        "An image captioning model (Show, Attend and Tell) exported by `captioner export`: "
+        f"encoder `{enc.get('name', '?')}`, {dec.get('attention', 'soft')} attention, "
+        f"{len(config['vocab'])} words, images resized to {config['preprocessing']['image_size']} px.",
+        "", f"Data set: `{dataset}`.", "", "## Scores", "",
+    ]
+    lines += _table(metrics) if metrics else ["Not evaluated at export (`captioner export --metrics`)."]
+    lines += ["", "## Training", ""]
+    if run_config is not None:
+        quoted = {k: run_config[k] for k in ("data", "model") if k in run_config}
+        lines += ["Trained with `captioner fit --config config.yaml`, where the run's `config.yaml` "
+                  "had these `data` and `model` sections:", "", "```yaml",
+                  yaml.safe_dump(quoted, sort_keys=False).rstrip(), "```"]
+    else:
+        lines += ["The run's `config.yaml` was not found beside the checkpoint."]
+    lines += ["", "## Use", "", "```bash", "pip install 'captioner[hub]'",
+              "captioner caption --checkpoint hf://OWNER/NAME photo.jpg   # or this folder's path",
+              "```", "", "```python", "from captioner import CaptionPipeline", "",
+              'pipe = CaptionPipeline.from_pretrained("hf://OWNER/NAME")',
+              'print(pipe("photo.jpg").text)', "```", ""]
+    return "\n".join(lines)
