@@ -10,7 +10,7 @@ from pycocoevalcap.cider.cider_scorer import CiderScorer
 
 from captioner.metrics.cider import CiderD, bleu4_per_caption
 
-WORDS = "a an the man woman dog cat red blue small big on in of with is sitting running grass".split()
+WORDS = ["a", "an", "the", "man", "woman", "dog", "cat", "red", "blue", "small", "big", "on", "in", "of", "with", "is", "sitting", "running", "grass"]
 
 
 def reference_scores(refs: dict[int, list[str]], candidates: dict[int, str]) -> dict[int, float]:
