@@ -159,6 +159,9 @@ def test_scst_fit_through_the_cli_logs_its_reward(attention, baseline, shapes_di
     last = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["hyper_parameters"]["scst"]["baseline"] == baseline
     assert last["scst"]["documents"] == 64  # the training images' references gave the document frequencies
-    # the result is an ordinary checkpoint: `captioner caption` reads it
+    # the result is an ordinary checkpoint: `captioner caption` and `captioner evaluate` read it
     image = next((shapes_dir / "images").iterdir())
     assert main(["caption", "--checkpoint", str(root / "checkpoints" / "last.ckpt"), "--device", "cpu", str(image)]) == 0
+    assert main(["evaluate", "--checkpoint", str(root / "checkpoints" / "best.ckpt"), "--split", "val",
+                 "--device", "cpu", "--no-meteor", "--output", str(tmp_path / "metrics.json")]) == 0
+    assert (tmp_path / "metrics.json").is_file()
