@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from captioner.data.vocab import END_ID, SPECIALS, START_ID, Vocabulary
-from captioner.decoding import beam_search, greedy
+from captioner.decoding import beam_search, greedy, sample
 from captioner.inference import JPEG_DECODE, autocast
 from captioner.models import ATTENTIONS, AttentionDecoder, Captioner, DecoderConfig, EncoderConfig
 from captioner.models.quantize import QUANTIZE, quantize_decoder
@@ -191,6 +191,69 @@ def bench_decoder(
         result.update(greedy_ms_per_image=1000 * secs / batch, greedy_images_per_s=batch / secs)
     result["peak_rss_mb"] = peak_rss_mb()
     return result
+
+
+# -- scst: the reward against a whole self-critical step ---------------------------------------
+def bench_scst(
+    batch: int = 64,
+    samples: int = 5,
+    max_length: int = 16,
+    vocab: int = 10000,
+    grid: int = 14,
+    decoder_dim: int = 512,
+    references: int = 5,
+    reference_length: int = 11,
+    attention: str = "soft",
+    baseline: str = "mean",
+    repeats: int = 3,
+) -> dict:
+    """One SCST training step (sampling ``batch`` x ``samples`` captions, their CIDEr-D reward,
+    the teacher-forced re-scoring, backward and Adam's step) with random weights on random
+    features (ResNet-101's 2048 channels), against the reward alone (CPU). The references are
+    random words of the vocabulary; ``reward_cold_s`` includes caching their vectors, which
+    training does once per image."""
+    import random
+
+    from captioner.metrics.cider import CiderD
+    from captioner.system import CaptioningSystem, ScstConfig
+
+    torch.manual_seed(0)
+    words = random_vocab(vocab)
+    system = CaptioningSystem(
+        EncoderConfig(name="resnet101", grid=grid),
+        DecoderConfig(attention=attention, embed_dim=decoder_dim, attention_dim=decoder_dim, decoder_dim=decoder_dim),
+        vocab=words.to_list(),
+        scst=ScstConfig(enabled=True, n_samples=samples, baseline=baseline, max_length=max_length),
+    )
+    system.train()
+    rng = random.Random(0)
+    pool = words.to_list()[len(SPECIALS):]
+    refs = {i: [" ".join(rng.choices(pool[:1000], k=reference_length)) for _ in range(references)]
+            for i in range(batch)}
+    system._cider = CiderD(refs)
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(batch, grid * grid, 2048, generator=g)
+    captions, lengths = random_captions(batch, reference_length + 2, vocab, g)
+    data = {"features": features, "captions": captions, "lengths": lengths, "image_ids": torch.arange(batch)}
+    opt = torch.optim.Adam(system.model.decoder.parameters(), lr=5e-5)
+
+    def step() -> None:
+        loss = system.scst_loss(data)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    with torch.no_grad():
+        tokens = sample(system.model.decoder, features.repeat_interleave(samples, 0), max_length).tokens
+    ids = [i for i in range(batch) for _ in range(samples)]
+    start = time.perf_counter()
+    system.rewards(tokens, ids)
+    cold = time.perf_counter() - start
+    step_s = _time(step, repeats, torch.device("cpu"))
+    reward_s = _time(lambda: system.rewards(tokens, ids), repeats, torch.device("cpu"))
+    return {"scst_step_s": step_s, "reward_s": reward_s, "reward_cold_s": cold,
+            "reward_share_of_step": reward_s / step_s, "captions_per_step": batch * samples,
+            "mean_sample_words": float((tokens > END_ID).sum(1).float().mean()), "peak_rss_mb": peak_rss_mb()}
 
 
 # -- caption: encoder alone vs the whole path --------------------------------------------------
@@ -374,6 +437,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--jpeg-decode", default="auto", choices=JPEG_DECODE,
                    help="as `captioner caption --jpeg-decode` (auto: on the device when it is a GPU)")
 
+    r = sub.add_parser("scst", help="the CIDEr-D reward against a whole self-critical training step (CPU)")
+    common(r)
+    r.add_argument("--batch", type=int, default=64, help="images per step")
+    r.add_argument("--samples", type=int, default=5, help="sampled captions per image")
+    r.add_argument("--max-length", type=int, default=16, help="most words per sample")
+    r.add_argument("--vocab", type=int, default=10000)
+    r.add_argument("--grid", type=int, default=14)
+    r.add_argument("--decoder-dim", type=int, default=512)
+    r.add_argument("--attention", default="soft", choices=ATTENTIONS.names())
+    r.add_argument("--baseline", default="mean", choices=("mean", "greedy"))
+    r.add_argument("--repeats", type=int, default=3)
     m = sub.add_parser("memory", help="resident memory while captioning many images in a stream")
     common(m)
     m.add_argument("--images", type=int, default=1000)
@@ -397,6 +471,9 @@ def run(a: argparse.Namespace) -> dict:
         figures = bench_caption(a.encoder, a.image_size, a.beam_size, a.images, a.batch_size, a.max_length,
                                 a.vocab, a.decoder_dim, (int(w), int(h)), a.repeats, a.device, a.precision, a.num_workers,
                                 a.jpeg_decode, a.quantize, _graph(a.cuda_graph))
+    elif a.bench == "scst":
+        figures = bench_scst(a.batch, a.samples, a.max_length, a.vocab, a.grid, a.decoder_dim,
+                             attention=a.attention, baseline=a.baseline, repeats=a.repeats)
     else:
         marks = [c for c in (100, 500, 1000) if c < a.images] + [a.images]
         figures = bench_memory(a.images, marks, a.batch_size)

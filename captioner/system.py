@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -13,7 +14,7 @@ from torch import Tensor
 
 from captioner.data.grounding import cell_shares
 from captioner.data.transforms import Preprocessing
-from captioner.data.vocab import PAD_ID, Vocabulary
+from captioner.data.vocab import END_ID, PAD_ID, START_ID, Vocabulary
 from captioner.decoding import DecodingConfig, generate
 from captioner.models import Captioner, DecoderConfig, EncoderConfig
 from captioner.models.decoder import DecoderOutput
@@ -67,6 +68,82 @@ class LossConfig:
             raise ValueError(f"loss.baseline must be 'moving_average' or 'expectation', got {self.baseline!r}")
         if self.attention_supervision < 0:
             raise ValueError(f"loss.attention_supervision must be >= 0, got {self.attention_supervision}")
+
+
+@dataclass
+class ScstConfig:
+    """Self-critical sequence training (Rennie et al. 2017): fine-tune on sampled captions,
+    rewarded with their CIDEr-D against the image's references minus a baseline."""
+
+    enabled: bool = False
+    n_samples: int = 5  # sampled captions per image
+    # "mean": the mean reward of the image's other samples (Luo 2020); "greedy": the reward of
+    # the greedy caption (Rennie et al. 2017), decoded without dropout
+    baseline: str = "mean"
+    max_length: int = 16  # most words per sampled caption
+    temperature: float = 1.0  # sampling temperature (the policy whose log-probabilities are trained)
+    ce_weight: float = 0.0  # weight of the usual cross-entropy loss on the reference captions
+    entropy: float = 0.0  # bonus on the words' entropy at each sampled step
+    bleu4_weight: float = 0.0  # reward = CIDEr-D + bleu4_weight * BLEU-4
+
+    def __post_init__(self) -> None:
+        if self.baseline not in ("mean", "greedy"):
+            raise ValueError(f"model.scst.baseline must be 'mean' or 'greedy', got {self.baseline!r}")
+        if self.n_samples < 1:
+            raise ValueError(f"model.scst.n_samples must be >= 1, got {self.n_samples}")
+        if self.baseline == "mean" and self.n_samples < 2:
+            raise ValueError(f"model.scst.baseline 'mean' averages the other samples of each image: it needs "
+                             f"model.scst.n_samples >= 2, got {self.n_samples} (or use baseline 'greedy')")
+        if self.max_length < 1:
+            raise ValueError(f"model.scst.max_length must be >= 1, got {self.max_length}")
+        if self.temperature <= 0:
+            raise ValueError(f"model.scst.temperature must be > 0, got {self.temperature}")
+        for name in ("ce_weight", "entropy", "bleu4_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.scst.{name} must be >= 0, got {getattr(self, name)}")
+
+
+def scst_advantage(rewards: Tensor, baseline: str, greedy_rewards: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``rewards`` (B, S): S samples per image -> (baseline, advantage), both (B, S).
+    ``mean``: each sample's baseline is the mean reward of the image's other S - 1 samples;
+    ``greedy``: the reward of the image's greedy caption, ``greedy_rewards`` (B,)."""
+    if baseline == "mean":
+        s = rewards.size(1)
+        assert s >= 2, "the mean baseline needs at least two samples per image"
+        base = (rewards.sum(1, keepdim=True) - rewards) / (s - 1)
+    else:
+        assert greedy_rewards is not None, "the greedy baseline needs the greedy captions' rewards"
+        base = greedy_rewards.unsqueeze(1).expand_as(rewards)
+    return base, rewards - base
+
+
+def scst_policy_loss(
+    logits: Tensor, tokens: Tensor, mask: Tensor, advantage: Tensor, temperature: float = 1.0,
+    location_log_probs: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """REINFORCE with a baseline on sampled captions: -mean(advantage * log pi(caption)).
+
+    ``logits`` (B, T, V) of a teacher-forced pass over the samples, ``tokens`` (B, T) the sampled
+    words (and ``<end>``), ``mask`` (B, T) their real steps, ``advantage`` (B,) (no gradient).
+    The policy is the one ``decoding.sample`` drew from: softmax(logits / temperature) without
+    ``<pad>``, ``<start>``, nor ``<end>`` as the first word. ``location_log_probs`` (B, T): hard
+    attention's sampled locations, which share the caption's advantage.
+    Returns the loss, each caption's log-probability (B,) and the mean entropy per step."""
+    logits = logits.float() / temperature
+    banned = torch.zeros(logits.shape[1:], dtype=torch.bool, device=logits.device)  # (T, V)
+    banned[:, PAD_ID] = True
+    banned[:, START_ID] = True
+    banned[0, END_ID] = True
+    logp = torch.log_softmax(logits.masked_fill(banned, float("-inf")), -1)  # (B, T, V)
+    m = mask.float()
+    picked = logp.gather(2, tokens.unsqueeze(2)).squeeze(2)  # (B, T), -inf on <pad>
+    token_logp = torch.where(mask, picked, torch.zeros_like(picked))  # (B, T)
+    caption_logp = token_logp.sum(1)  # (B,)
+    log_pi = caption_logp if location_log_probs is None else caption_logp + (location_log_probs.float() * m).sum(1)
+    loss = -(advantage.detach() * log_pi).mean()
+    probs = logp.exp()
+    entropy = -(probs * logp.masked_fill(banned, 0.0)).sum(-1)  # (B, T)
+    return loss, caption_logp, (entropy * m).sum() / m.sum().clamp(min=1)
 
 
 @dataclass
@@ -139,6 +216,8 @@ class CaptioningSystem(L.LightningModule):
         decoding: DecodingConfig = DecodingConfig(),
         vocab: list[str] | None = None,
         compile: bool = False,
+        scst: ScstConfig = ScstConfig(),
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         if vocab is None:
@@ -149,12 +228,13 @@ class CaptioningSystem(L.LightningModule):
         self.optim = optim
         self.loss_config = loss
         self.decoding = decoding
+        self.scst = scst
         self.vocab = vocab if isinstance(vocab, Vocabulary) else Vocabulary(vocab)
         # Plain dicts only, so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters({
             "encoder": asdict(self.encoder_config), "decoder": asdict(self.decoder_config),
             "optim": asdict(self.optim), "loss": asdict(self.loss_config),
-            "decoding": asdict(self.decoding),
+            "decoding": asdict(self.decoding), "scst": asdict(self.scst),
         })
         self.model = Captioner(self.encoder_config, self.decoder_config, len(self.vocab))
         self.compile_decoder = compile
@@ -162,6 +242,42 @@ class CaptioningSystem(L.LightningModule):
         self.register_buffer("reward_baseline", torch.zeros(()))
         self.register_buffer("baseline_initialised", torch.zeros((), dtype=torch.bool))
         self._val_outputs: list[tuple[Tensor, Tensor]] = []
+        # SCST's reward: CIDEr-D with the training references' document frequencies, made at
+        # the start of fit (or restored from the checkpoint on resume).
+        self._cider = None
+        self._cider_state: dict | None = None
+        if init_from is not None:
+            self._init_from(init_from)
+
+    def _init_from(self, path: str) -> None:
+        """The weights of a finished run (a fine-tuning stage's start); its vocabulary must be
+        the data's. Optimiser, schedule and step start afresh."""
+        from captioner.inference import CheckpointError, read_checkpoint
+
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"model.init_from: {path}: checkpoint not found")
+        try:
+            ckpt = read_checkpoint(path)
+        except CheckpointError as err:
+            raise ValueError(f"model.init_from: {err}") from None
+        meta, state = ckpt.get("captioner"), ckpt.get("state_dict")
+        if not isinstance(meta, dict) or not isinstance(state, dict) or "vocab" not in meta:
+            raise ValueError(f"model.init_from: {path}: not a captioner checkpoint (no vocabulary or weights)")
+        theirs, ours = list(meta["vocab"]), self.vocab.to_list()
+        if theirs != ours:
+            differ = sum(a != b for a, b in zip(theirs, ours)) + abs(len(theirs) - len(ours))
+            raise ValueError(
+                f"model.init_from: {path}: its vocabulary ({len(theirs)} words) differs from the data's "
+                f"({len(ours)} words) in {differ} word(s): fine-tune on the data (and data.min_count, "
+                "data.vocab_path) the checkpoint was trained with")
+        weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        try:
+            self.model.load_state_dict(weights)
+        except RuntimeError as err:
+            first = " ".join(str(err).split())[:300]
+            raise ValueError(f"model.init_from: {path}: its model differs from model.encoder/model.decoder "
+                             f"of this config: {first}") from None
+        logger.info("model.init_from: weights of %s", path)
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -260,6 +376,88 @@ class CaptioningSystem(L.LightningModule):
             extra["baseline"] = self.reward_baseline.clone()
         return loss, extra
 
+    # -- self-critical sequence training ------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        if not self.scst.enabled or self._cider is not None:
+            return
+        from captioner.metrics.cider import CiderD
+
+        dm = self.trainer.datamodule
+        refs = dm.references("train") if dm is not None and hasattr(dm, "references") else None
+        if not refs:
+            raise ValueError("model.scst needs the training split's reference captions (from the data module)")
+        # The document frequencies come from the training references: computed once per run,
+        # saved in its checkpoints and restored from there on resume.
+        if self._cider_state is not None:
+            self._cider = CiderD(refs, **self._cider_state)
+        else:
+            self._cider = CiderD(refs)
+        logger.info("SCST: CIDEr-D document frequencies of %d training images", self._cider.documents)
+
+    def rewards(self, tokens: Tensor, image_ids: list) -> Tensor:
+        """CIDEr-D (plus ``bleu4_weight`` BLEU-4) of generated ``tokens`` (B, T) against the
+        references of ``image_ids`` (B,): (B,) float on the tokens' device."""
+        import numpy as np
+
+        from captioner.metrics.cider import bleu4_per_caption
+
+        words = [self.vocab.decode(row) for row in tokens.tolist()]
+        reward = self._cider.scores(words, image_ids)
+        if self.scst.bleu4_weight > 0:
+            refs = [self._cider.references[i] for i in image_ids]
+            reward = reward + self.scst.bleu4_weight * bleu4_per_caption(words, refs)
+        return torch.from_numpy(np.asarray(reward, dtype=np.float32)).to(tokens.device)
+
+    def scst_loss(self, batch: dict) -> dict[str, Tensor]:
+        """Self-critical loss on ``n_samples`` sampled captions per image: their log-probability
+        (re-scored with gradients by a teacher-forced pass) times reward minus baseline."""
+        from captioner.decoding import greedy, sample
+
+        cfg = self.scst
+        if self._cider is None:
+            raise RuntimeError("scst_loss runs inside fit (on_fit_start builds the reward)")
+        decoder = self.model.decoder
+        features = self.features(batch)  # (B, N, D)
+        b, s = features.size(0), cfg.n_samples
+        image_ids = batch["image_ids"].tolist()
+        rep = features.repeat_interleave(s, 0)  # (B*S, N, D): image i's samples together
+        gen = sample(decoder, rep.detach(), cfg.max_length, cfg.temperature)  # no grad, the training mode's policy
+        tokens = gen.tokens  # (B*S, T): words, <end> (when emitted), <pad>
+        reward = self.rewards(tokens, [i for i in image_ids for _ in range(s)]).view(b, s)
+        greedy_reward = None
+        if cfg.baseline == "greedy":
+            decoder.eval()  # the test-time caption (Rennie et al.): no dropout, expected context
+            try:
+                best = greedy(decoder, features.detach(), cfg.max_length)
+            finally:
+                decoder.train()
+            greedy_reward = self.rewards(best.tokens, image_ids)
+        baseline, advantage = scst_advantage(reward, cfg.baseline, greedy_reward)
+        # Teacher-forced re-scoring: <start> + the sampled tokens; lengths count <start>/<end>.
+        n_tok = (tokens != PAD_ID).sum(1)  # (B*S,) words + <end>
+        start = torch.full((tokens.size(0), 1), START_ID, dtype=torch.long, device=tokens.device)
+        captions = torch.cat([start, tokens], 1)
+        out = decoder(rep, captions, n_tok + 1)
+        locations = None
+        if out.sample_log_probs is not None:  # hard attention: its sampled locations share the advantage
+            locations = out.sample_log_probs * out.sampled.float()
+        loss, _, entropy = scst_policy_loss(out.logits, tokens, out.mask, advantage.flatten(),
+                                            cfg.temperature, locations)
+        logs = {"reward": reward.mean(), "baseline": baseline.mean(), "advantage": advantage.mean(),
+                "advantage_abs": advantage.abs().mean(), "sample_length": (n_tok - (tokens == END_ID).sum(1)).float().mean(),
+                "scst": loss.detach(), "entropy": entropy.detach()}
+        if greedy_reward is not None:
+            logs["greedy_reward"] = greedy_reward.mean()
+        if cfg.entropy > 0:
+            loss = loss - cfg.entropy * entropy
+        if cfg.ce_weight > 0:
+            ce = caption_loss(decoder(features, batch["captions"], batch["lengths"]), batch["captions"],
+                              self.loss_config)
+            loss = loss + cfg.ce_weight * ce.loss
+            logs["ce"] = ce.nll.sum() / ce.mask.sum().clamp(min=1)
+        logs["loss"] = loss
+        return logs
+
     def _anneal_semi_sampling(self) -> bool:
         """The attention's warm-up at this optimiser step (hard attention: the expectation's
         share falls from 1 to semi_sampling). True when there is a warm-up."""
@@ -269,7 +467,7 @@ class CaptioningSystem(L.LightningModule):
         if not batch:  # every image of the batch was unreadable and skipped
             return None
         annealing = self._anneal_semi_sampling()
-        logs = self.compute_loss(batch)
+        logs = self.scst_loss(batch) if self.scst.enabled else self.compute_loss(batch)
         if annealing:
             logs["semi_sampling"] = torch.tensor(self.model.decoder.attention.semi_sampling)
         bs = batch["captions"].size(0)
@@ -393,9 +591,12 @@ class CaptioningSystem(L.LightningModule):
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         checkpoint["rng_state"] = rng
+        if self._cider is not None:  # SCST's document frequencies: a resumed run keeps its reward
+            checkpoint["scst"] = self._cider.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._pending_rng = checkpoint.get("rng_state")
+        self._cider_state = checkpoint.get("scst")
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         # Restored here, not at load time: Lightning draws from the RNG while it sets up.

@@ -161,7 +161,7 @@ def check_config_kept(settings: dict, hp: dict, args: list[str]) -> None:
     the checkpoint, except the settings the run overrode on purpose."""
     overridden = {a[2:] for a in args if a.startswith("--model.")}
     model = settings["model"]
-    kept = [(s, k, v) for s in ("optim", "loss", "decoding") for k, v in model.get(s, {}).items()]
+    kept = [(s, k, v) for s in ("optim", "loss", "decoding", "scst") for k, v in model.get(s, {}).items()]
     kept += [("decoder", k, model["decoder"][k]) for k in ("attention", "num_heads", "semi_sampling")
              if k in model["decoder"]]
     kept += [("encoder", k, model["encoder"][k]) for k in ("name", "trainable_blocks") if k in model["encoder"]]
@@ -170,11 +170,24 @@ def check_config_kept(settings: dict, hp: dict, args: list[str]) -> None:
             assert hp[section][key] == value, f"model.{section}.{key}"
 
 
+def base_checkpoint(config: Path, shapes_dir: Path, tmp_path: Path) -> list[str]:
+    """A fine-tuning config (``<name>-scst.yaml``) starts from a checkpoint of ``<name>.yaml``:
+    made here at the same tiny size on the same data -> its ``--model.init_from``."""
+    if not config.stem.endswith("-scst"):
+        return []
+    base = config.with_name(config.stem.removesuffix("-scst") + ".yaml")
+    settings = yaml.safe_load(base.read_text())
+    args = tiny_fit_args(base, settings, settings["data"]["dataset"], shapes_dir, tmp_path / "base")
+    assert main([*args, "--trainer.max_epochs", "1"]) == 0
+    return ["--model.init_from", str(tmp_path / "base" / "run" / "checkpoints" / "last.ckpt")]
+
+
 def fit_and_check(config: Path, shapes_dir: Path, tmp_path: Path, capsys,
                   dataset: str | None = None, extra: tuple[str, ...] = ()) -> None:
     settings = yaml.safe_load(config.read_text())
     dataset = dataset or settings["data"]["dataset"]
-    args = [*tiny_fit_args(config, settings, dataset, shapes_dir, tmp_path), *extra]
+    init = base_checkpoint(config, shapes_dir, tmp_path)
+    args = [*tiny_fit_args(config, settings, dataset, shapes_dir, tmp_path), *init, *extra]
     assert main(args) == 0
 
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"

@@ -16,7 +16,7 @@ from captioner.data.datamodule import CaptionDataModule
 from captioner.data.sources import SOURCES
 from captioner.decoding import DecodingConfig
 from captioner.models import DecoderConfig, EncoderConfig
-from captioner.system import CaptioningSystem, LossConfig, OptimConfig
+from captioner.system import CaptioningSystem, LossConfig, OptimConfig, ScstConfig
 
 ROOT = Path(__file__).parent.parent
 TRAINING = ROOT / "docs" / "training.md"
@@ -35,7 +35,8 @@ def _settings() -> dict[str, object]:
     """Every setting of a run's config that captioner defines, with its default."""
     out: dict[str, object] = {}
     sections = {"model.encoder": EncoderConfig, "model.decoder": DecoderConfig,
-                "model.optim": OptimConfig, "model.loss": LossConfig, "model.decoding": DecodingConfig}
+                "model.optim": OptimConfig, "model.loss": LossConfig, "model.decoding": DecodingConfig,
+                "model.scst": ScstConfig}
     sections.update({f"data.{name}": SOURCES.get(name) for name in SOURCES.names()})
     for prefix, cls in sections.items():
         for f in dataclasses.fields(cls):
@@ -51,7 +52,7 @@ def _settings() -> dict[str, object]:
 
 
 def _documented() -> dict[str, str]:
-    rows = re.findall(r"^\| `([a-z_.]+)` \| (`[^`]*`)? *\|", TRAINING.read_text(encoding="utf-8"), re.M)
+    rows = re.findall(r"^\| `([a-z0-9_.]+)` \| (`[^`]*`)? *\|", TRAINING.read_text(encoding="utf-8"), re.M)
     return {key: default.strip("`") for key, default in rows}
 
 
