@@ -85,5 +85,5 @@ def test_convert_fit_caption(lang: str, tmp_path: Path, capsys) -> None:
 
 def test_caption_text_joins_with_the_checkpoints_tokenizer() -> None:
     alphas = torch.zeros(3, 1, 1)
-    assert Caption(["一", "只", "狗"], 0.0, alphas, (1, 1), "char").text == "一只狗"
+    assert Caption(["一", "只", "狗"], 0.0, alphas, (1, 1), tokenizer="char").text == "一只狗"
     assert Caption(["a", "red", "dog"], 0.0, alphas, (1, 1)).text == "a red dog"
