@@ -121,8 +121,16 @@ class RunConfig(SaveConfigCallback):
         config = self.config.clone()
         for key in NOT_SAVED:
             config.pop(key, None)
-        text = self.parser.dump(config, skip_none=False)
+        text = _dump_with_nulls(self.parser, config)
         atomic_write(Path(trainer.default_root_dir) / CONFIG_NAME, lambda f: f.write(text.encode()))
+
+
+def _dump_with_nulls(parser: LightningArgumentParser, config) -> str:
+    """The config as YAML, null settings included (jsonargparse 4.49 renamed skip_none)."""
+    try:
+        return parser.dump(config, skip_unset=False)
+    except (TypeError, ValueError):  # jsonargparse < 4.49
+        return parser.dump(config, skip_none=False)
 
 
 def _renamed(key: str) -> str | None:
@@ -261,5 +269,7 @@ class ConfigCLI(CaptionerCLI):
         pass
 
     def instantiate_classes(self) -> None:
-        self.config_init = self.parser.instantiate_classes(self.config)
+        # jsonargparse 4.49 renamed instantiate_classes to instantiate
+        instantiate = getattr(self.parser, "instantiate", None) or self.parser.instantiate_classes
+        self.config_init = instantiate(self.config)
         self.datamodule = self._get(self.config_init, "data")
