@@ -140,13 +140,12 @@ def export_model_folder(
     if path.is_dir() or hub_repo_id(path) is not None:
         raise CheckpointError(f"{checkpoint}: export takes a .ckpt written by `captioner fit`")
     loaded = load_checkpoint(path)  # checks it builds before anything is written
-    meta = read_checkpoint(path)["captioner"]
     config = {
         "format": FOLDER_FORMAT, "format_version": FOLDER_FORMAT_VERSION,
         "encoder": loaded.hparams["encoder"], "decoder": loaded.hparams["decoder"],
         "decoding": loaded.hparams.get("decoding", {}),
         "preprocessing": loaded.preprocessing.to_dict(),
-        "tokenizer": meta.get("tokenizer", "simple"),
+        "tokenizer": loaded.tokenizer,
         "vocab": loaded.vocab.to_list(),
     }
     run = None

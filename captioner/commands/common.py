@@ -12,6 +12,8 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
+# What `captioner fit` saves in its run folder: the resolved config.
+CONFIG_NAME = "config.yaml"
 
 
 class UsageError(Exception):
@@ -108,3 +110,12 @@ def load_pipeline(checkpoint: Path, device: str = "auto", quantize: str = "none"
         return CaptionPipeline(loaded, quantize=quantize, **decoding)
     except (ValueError, RuntimeError) as err:
         raise UsageError(f"--quantize {quantize}: {err}") from None
+
+
+def run_config(checkpoint: Path) -> Path | None:
+    """The ``config.yaml`` that ``fit`` saved in the checkpoint's run folder, if any
+    (``<root>/checkpoints/best.ckpt`` -> ``<root>/config.yaml``)."""
+    for folder in Path(checkpoint).resolve().parents[:2]:
+        if (folder / CONFIG_NAME).is_file():
+            return folder / CONFIG_NAME
+    return None

@@ -30,7 +30,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from captioner.callbacks import PreciseBatchNorm
 from captioner.checkpointing import AtomicCheckpointIO, PeriodicCheckpoint
-from captioner.commands.common import UsageError
+from captioner.commands.common import CONFIG_NAME, UsageError
 from captioner.data.atomic import atomic_write
 from captioner.data.datamodule import RENAMED_DATA_KEYS, CaptionDataModule
 from captioner.system import CaptioningSystem
@@ -43,7 +43,6 @@ warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` i
                         module=r"lightning\.pytorch\.utilities\._pytree")
 
 DEFAULT_ROOT = "runs/captioner"
-CONFIG_NAME = "config.yaml"
 # Per-invocation arguments of `fit`, not settings of the run: left out of the saved config.
 NOT_SAVED = ("ckpt_path", "weights_only")
 
@@ -68,13 +67,22 @@ class _Parser(LightningArgumentParser):
         raise ConfigError(f"{' '.join(str(message).split())} (--help lists the settings)")
 
 
-def _preprocessing_from_encoder(encoder) -> dict:
-    from captioner.models.encoder import EncoderConfig, encoder_preprocessing
+def encoder_config(section):
+    """``model.encoder`` of a parsed config (a jsonargparse Namespace before instantiation, or
+    already an EncoderConfig) -> EncoderConfig."""
+    from captioner.models.encoder import EncoderConfig
 
-    if not isinstance(encoder, EncoderConfig):  # a jsonargparse Namespace at parse time
-        fields = vars(getattr(encoder, "init_args", encoder))
-        encoder = EncoderConfig(**{k: v for k, v in fields.items() if not k.startswith("_")})
-    return encoder_preprocessing(encoder).to_dict()  # a dict, so the saved config can hold it
+    if isinstance(section, EncoderConfig):
+        return section
+    fields = vars(getattr(section, "init_args", section))
+    return EncoderConfig(**{k: v for k, v in fields.items() if not k.startswith("_")})
+
+
+def _preprocessing_from_encoder(encoder) -> dict:
+    from captioner.models.encoder import encoder_preprocessing
+
+    # a dict, so the saved config can hold it
+    return encoder_preprocessing(encoder_config(encoder)).to_dict()
 
 
 def _vocab_list(vocab) -> list[str]:

@@ -27,6 +27,7 @@ from captioner.commands.common import (
     add_quantize_argument,
     check_old_flags,
     load_pipeline,
+    run_config,
 )
 
 logger = logging.getLogger(__name__)
@@ -71,17 +72,6 @@ def add_options(p) -> None:
                    help="also compute SPICE (Java; downloads Stanford CoreNLP on first use)")
     p.add_argument("--no-meteor", dest="meteor", action="store_false",
                    help="skip METEOR (its Java process takes ~10 s to start)")
-
-
-def run_config(checkpoint: Path) -> Path | None:
-    """The ``config.yaml`` that ``fit`` saved in the checkpoint's run folder, if any
-    (``<root>/checkpoints/best.ckpt`` -> ``<root>/config.yaml``)."""
-    from captioner.commands.config import CONFIG_NAME
-
-    for folder in Path(checkpoint).resolve().parents[:2]:
-        if (folder / CONFIG_NAME).is_file():
-            return folder / CONFIG_NAME
-    return None
 
 
 def _with_config(args: list[str]) -> list[str]:

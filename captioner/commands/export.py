@@ -12,7 +12,7 @@ import json
 import logging
 from pathlib import Path
 
-from captioner.commands.common import UsageError
+from captioner.commands.common import UsageError, run_config
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,6 @@ def _metrics(path: Path | None) -> dict | None:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from captioner.commands.evaluate import run_config
     from captioner.hub import upload
     from captioner.inference import CheckpointError, export_model_folder
 

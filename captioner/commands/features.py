@@ -33,11 +33,12 @@ def add_options(p) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a different cache in --out")
 
 
-def encoder_config(section):
+def frozen_encoder(section):
     """``model.encoder`` of a parsed config -> EncoderConfig, refusing an encoder that trains."""
-    from captioner.models.encoder import EncoderConfig, encoder_trains
+    from captioner.commands.config import encoder_config
+    from captioner.models.encoder import encoder_trains
 
-    enc = section if isinstance(section, EncoderConfig) else EncoderConfig(**dict(vars(section)))
+    enc = encoder_config(section)
     try:
         trains = encoder_trains(enc)
     except ValueError as err:
@@ -60,7 +61,7 @@ def run(args: Sequence[str], prog: str = "captioner features extract") -> int:
     check_old_flags(args, OLD_FLAGS)
     cli = ConfigCLI(prog, list(args), add_options, description=__doc__)
     a, dm = cli.config, cli.datamodule
-    enc = encoder_config(a.model.encoder)
+    enc = frozen_encoder(a.model.encoder)
     dm.preprocessing = encoder_preprocessing(enc)
     dm.feature_cache = None
     try:
