@@ -209,7 +209,8 @@ def bench_scst(
 ) -> dict:
     """One SCST training step (sampling ``batch`` x ``samples`` captions, their CIDEr-D reward,
     the teacher-forced re-scoring, backward and Adam's step) with random weights on random
-    features (ResNet-101's 2048 channels), against the reward alone (CPU). The references are
+    features (ResNet-101's 2048 channels), against the reward alone and against one
+    cross-entropy step on the same batch (CPU). The references are
     random words of the vocabulary; ``reward_cold_s`` includes caching their vectors, which
     training does once per image."""
     import random
@@ -237,8 +238,8 @@ def bench_scst(
     data = {"features": features, "captions": captions, "lengths": lengths, "image_ids": torch.arange(batch)}
     opt = torch.optim.Adam(system.model.decoder.parameters(), lr=5e-5)
 
-    def step() -> None:
-        loss = system.scst_loss(data)["loss"]
+    def step(loss_fn=system.scst_loss) -> None:
+        loss = loss_fn(data)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -250,8 +251,11 @@ def bench_scst(
     system.rewards(tokens, ids)
     cold = time.perf_counter() - start
     step_s = _time(step, repeats, torch.device("cpu"))
+    # the cross-entropy step it replaces: one teacher-forced pass over the batch's references
+    ce_step_s = _time(lambda: step(system.compute_loss), repeats, torch.device("cpu"))
     reward_s = _time(lambda: system.rewards(tokens, ids), repeats, torch.device("cpu"))
-    return {"scst_step_s": step_s, "reward_s": reward_s, "reward_cold_s": cold,
+    return {"scst_step_s": step_s, "ce_step_s": ce_step_s, "scst_over_ce": step_s / ce_step_s,
+            "reward_s": reward_s, "reward_cold_s": cold,
             "reward_share_of_step": reward_s / step_s, "captions_per_step": batch * samples,
             "mean_sample_words": float((tokens > END_ID).sum(1).float().mean()), "peak_rss_mb": peak_rss_mb()}
 

@@ -437,7 +437,7 @@ class CaptioningSystem(L.LightningModule):
         n_tok = (tokens != PAD_ID).sum(1)  # (B*S,) words + <end>
         start = torch.full((tokens.size(0), 1), START_ID, dtype=torch.long, device=tokens.device)
         captions = torch.cat([start, tokens], 1)
-        out = decoder(rep, captions, n_tok + 1)
+        out = decoder(rep, captions, n_tok + 1, regularise=False)  # the words as sampled
         locations = None
         if out.sample_log_probs is not None:  # hard attention: its sampled locations share the advantage
             locations = out.sample_log_probs * out.sampled.float()

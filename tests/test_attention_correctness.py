@@ -12,6 +12,7 @@ from captioner.data.shapes import ShapesConfig, generate_shapes, load_grounding,
 from captioner.metrics.attention_correctness import (
     attention_correctness,
     evaluate_grounding,
+    format_grounding_table,
     pointing_hit,
     upsample_attention,
 )
@@ -276,3 +277,20 @@ def test_ceiling_is_the_best_one_cell_map_and_bounds_every_map(tmp_path):
         best = max(s["attention_correctness"] for s in scores)
         assert best == pytest.approx(scores[0]["attention_correctness_ceiling"])
         assert 0 < best < 1  # 8-px cells on 9-17 px objects: upsampling spills over the edge
+
+
+def test_pair_recall_splits_objects_by_held_out_colour_shape_pairs():
+    """An object counts as named when one mention gives its colour and shape together; a shape
+    named without its colour does not count. Seen and held-out pairs are reported apart."""
+    captions = [(8, "a big red square left of a small blue square"),
+                (8, "a small blue square left of a red square and a purple triangle and a green circle"),
+                (7, "a small square")]
+    samples = [{"image_id": i, "tokens": _words(c), "attention": np.ones((len(_words(c)), 4, 4))} for i, c in captions]
+    plain = evaluate_grounding(samples, GROUNDING, S)
+    assert "pair_recall_heldout" not in plain and plain["pair_recall_seen"] == pytest.approx(5 / 8)
+    held = evaluate_grounding(samples, {**GROUNDING, "heldout_pairs": [["blue", "square"]]}, S)
+    # blue squares: named twice in image 8, not in image 7 ("small square" has no colour)
+    assert held["heldout_objects"] == 3 and held["pair_recall_heldout"] == pytest.approx(2 / 3)
+    # red square x3 (named twice), green circle x2 (named once)
+    assert held["pair_recall_seen"] == pytest.approx(3 / 5)
+    assert "held-out pairs" in format_grounding_table(held)

@@ -48,3 +48,17 @@ def test_two_process_ddp_fit_and_validation_equal_single_process(shapes_dir, tin
     for name in ("val/CIDEr", "val/Bleu_4", "val/exact_match"):
         assert _metric(double.stdout, name) == pytest.approx(_metric(single.stdout, name), abs=1e-6)
     assert "sync_dist" not in double.stderr  # no warning about our own logging
+
+
+@pytest.mark.slow
+def test_two_process_scst_fit_scores_each_ranks_own_images(shapes_dir, tiny_checkpoint, tmp_path) -> None:
+    fit = _run(fit_args(shapes_dir, tmp_path, "--model.init_from", str(tiny_checkpoint), "--model.scst.enabled", "true",
+                        "--model.scst.n_samples", "2", "--model.scst.max_length", "8", "--model.optim.lr", "5e-5",
+                        "--trainer.max_steps", "2", "--trainer.logger", "true", "--trainer.log_every_n_steps", "1",
+                        *DDP), tmp_path)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 2
+    assert last["scst"]["documents"] == 64  # every rank built the reward from the whole training split
+    (metrics,) = tmp_path.glob("logs/version_*/metrics.csv")
+    assert "train/reward" in metrics.read_text().splitlines()[0]

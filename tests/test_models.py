@@ -441,3 +441,63 @@ def test_chunked_attention_scores_equal_one_pass(monkeypatch, grad: bool) -> Non
         (g1,) = torch.autograd.grad(whole.sum(), h)
         (g2,) = torch.autograd.grad(chunked.sum(), h)
         torch.testing.assert_close(g1, g2)
+
+
+def test_word_dropout_replaces_previous_words_in_training_only() -> None:
+    """Word dropout feeds <unk> for some previous words in training (never <start>, never padding);
+    eval, p = 0 and ``regularise=False`` (re-scoring sampled captions) see the words as given."""
+    from dataclasses import replace
+
+    from captioner.data.vocab import UNK_ID
+
+    torch.manual_seed(0)
+    plain = _tiny_decoder()
+    dec = AttentionDecoder(replace(plain.config, word_dropout=0.5, dropout=0.0), plain.vocab_size, plain.encoder_dim)
+    dec.load_state_dict(plain.state_dict())
+    seen = []
+    dec.embedding.register_forward_hook(lambda m, args, out: seen.append(args[0].clone()))
+    feats = torch.randn(4, 9, plain.encoder_dim)
+    captions, lengths = _captions(4, 7, plain.vocab_size)
+    captions = captions.masked_fill(captions == UNK_ID, 4)  # so that every <unk> seen was put there
+    order = torch.argsort(lengths, descending=True, stable=True)  # the order the decoder runs rows in
+    captions, lengths = captions[order], lengths[order]
+    dec.train()
+    out = dec(feats, captions, lengths)
+    inputs = seen[-1]
+    real = inputs != 0
+    dropped = (inputs == UNK_ID) & real
+    assert dropped.any() and not dropped[:, 0].any()
+    assert torch.equal(inputs[~dropped], captions[:, :-1][~dropped])
+    assert out.logits.shape[:2] == captions[:, 1:].shape
+    for training, kwargs in ((False, {}), (True, {"regularise": False})):
+        dec.train(training)(feats, captions, lengths, **kwargs)
+        assert torch.equal(seen[-1], captions[:, :-1])
+    with pytest.raises(ValueError, match="word_dropout"):
+        replace(plain.config, word_dropout=1.0).__post_init__()
+
+
+def test_language_dropout_predicts_some_steps_from_the_context_alone() -> None:
+    """A dropped step's logits are L_o tanh(L_z z_t) (no E y_{t-1}, no L_h h_t); the other steps,
+    eval and ``regularise=False`` use the whole deep output."""
+    from dataclasses import replace
+
+    plain = _tiny_decoder()
+    dec = AttentionDecoder(replace(plain.config, language_dropout=0.5), plain.vocab_size, plain.encoder_dim)
+    dec.load_state_dict(plain.state_dict())
+    context = []
+    dec.out_z.register_forward_hook(lambda m, args, out: context.append(out))
+    feats = torch.randn(3, 9, plain.encoder_dim)
+    captions, lengths = _captions(3, 6, plain.vocab_size)
+    dec.train()
+    torch.manual_seed(1)
+    a = dec(feats, captions, lengths).logits
+    alone = dec.out(torch.tanh(context[-1]))  # (B, T, V)
+    torch.manual_seed(1)
+    b = dec(feats, captions, lengths, regularise=False).logits
+    dropped = (a - b).abs().amax(-1) > 1e-6  # (B, T)
+    assert dropped.any() and not dropped.all()
+    torch.testing.assert_close(a[dropped], alone[dropped])
+    dec.eval()
+    torch.testing.assert_close(dec(feats, captions, lengths).logits, plain.eval()(feats, captions, lengths).logits)
+    with pytest.raises(ValueError, match="deep_output"):
+        replace(plain.config, language_dropout=0.2, deep_output=False).__post_init__()

@@ -135,7 +135,7 @@ def _metrics(root: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize("attention,baseline", [("soft", "mean"), ("hard", "greedy")])
+@pytest.mark.parametrize("attention,baseline", [("soft", "mean"), ("hard", "greedy"), ("multihead", "mean")])
 def test_scst_fit_through_the_cli_logs_its_reward(attention, baseline, shapes_dir, tiny_checkpoint, tmp_path) -> None:
     ckpt = tiny_checkpoint
     if attention != "soft":  # a cross-entropy checkpoint of that attention first (a few steps)
@@ -165,3 +165,37 @@ def test_scst_fit_through_the_cli_logs_its_reward(attention, baseline, shapes_di
     assert main(["evaluate", "--checkpoint", str(root / "checkpoints" / "best.ckpt"), "--split", "val",
                  "--device", "cpu", "--no-meteor", "--output", str(tmp_path / "metrics.json")]) == 0
     assert (tmp_path / "metrics.json").is_file()
+
+
+def test_an_interrupted_scst_run_resumes_with_its_reward_corpus(shapes_dir, tiny_checkpoint, tmp_path,
+                                                                  monkeypatch) -> None:
+    """`--ckpt_path last.ckpt` continues an SCST run: its step count, its weights (not init_from's
+    again) and the CIDEr-D document frequencies saved with it (not recomputed)."""
+    from captioner.metrics import cider
+
+    made: list[dict] = []
+    original = cider.CiderD.__init__
+
+    def spy(self, refs, **state):
+        made.append(state)
+        original(self, refs, **state)
+
+    monkeypatch.setattr(cider.CiderD, "__init__", spy)
+    root = tmp_path / "scst"
+    args = fit_args(shapes_dir, root, "--model.init_from", str(tiny_checkpoint), "--model.scst.enabled", "true",
+                    "--model.scst.n_samples", "2", "--model.scst.max_length", "8", "--model.optim.lr", "5e-5",
+                    "--trainer.limit_train_batches", "2")
+    assert main([*args, "--trainer.max_epochs", "1"]) == 0
+    last = root / "checkpoints" / "last.ckpt"
+    first = torch.load(last, map_location="cpu", weights_only=True)
+    assert first["global_step"] == 2 and made == [{}]
+    assert main([*args, "--trainer.max_epochs", "2", "--ckpt_path", str(last)]) == 0
+    second = torch.load(last, map_location="cpu", weights_only=True)
+    assert second["global_step"] == 4
+    # the saved corpus statistics were handed back, not recomputed from the data
+    assert made[1].keys() >= {"documents"} and made[1]["documents"] == first["scst"]["documents"]
+    assert second["scst"]["documents"] == first["scst"]["documents"]
+    # training went on from the resumed weights: they moved, and away from init_from's
+    init = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    moved = [k for k, v in second["state_dict"].items() if v.is_floating_point() and not torch.equal(v, first["state_dict"][k])]
+    assert moved and any(not torch.equal(second["state_dict"][k], init[k]) for k in moved)

@@ -229,6 +229,10 @@ def evaluate_grounding(
     word_masks: list[tuple[str, int]] = []
     classes: list[str] = []
     n_mentions = n_matched = n_objects = n_mentioned = n_relations = n_relations_hold = 0
+    # colour-shape pairs held out of training (compositional split): recall split by pair kind
+    heldout = {tuple(p) for p in grounding.get("heldout_pairs", [])}
+    pair_objects = {True: 0, False: 0}  # held out? -> objects
+    pair_named = {True: 0, False: 0}  # held out? -> objects a mention names by colour and shape
     for sample in samples:
         key = str(sample["image_id"])
         if key not in images:
@@ -245,6 +249,11 @@ def evaluate_grounding(
         n_matched += sum(k is not None for k in matched)
         n_objects += len(objects)
         n_mentioned += len({k for k in matched if k is not None})
+        named = {k for m, k in zip(mentions, matched) if k is not None and m.colour is not None}
+        for k, obj in enumerate(objects):
+            kind = (obj["colour"], obj["shape"]) in heldout
+            pair_objects[kind] += 1
+            pair_named[kind] += k in named
         for i, relation, j in relations:
             a, b = matched[i], matched[j]
             if a is None or b is None:
@@ -304,6 +313,12 @@ def evaluate_grounding(
         "relations": n_relations,
         "mentions": n_mentions,
         "objects": n_objects,
+        # the share of objects whose colour and shape one mention names together (the pair
+        # recall of Nikolaus et al. 2019), for pairs seen in training and, where the data set
+        # holds pairs out (``heldout_pairs``), for those
+        "pair_recall_seen": _ratio(pair_named[False], pair_objects[False]),
+        **({"pair_recall_heldout": _ratio(pair_named[True], pair_objects[True]),
+            "heldout_objects": pair_objects[True]} if heldout else {}),
     }
 
 
@@ -321,6 +336,11 @@ def format_grounding_table(grounding: Mapping[str, Any]) -> str:
           percent(grounding["object_f1"]), percent(grounding["relation_accuracy"]),
           str(grounding["relations"])]],
     )
+    if "pair_recall_heldout" in grounding:
+        objects += "\n\n" + markdown_table(
+            ["pair recall, seen pairs", "pair recall, held-out pairs", "held-out objects"],
+            [[percent(grounding["pair_recall_seen"]), percent(grounding["pair_recall_heldout"]),
+              str(grounding["heldout_objects"])]])
     ceiling = grounding.get("attention_correctness_ceiling")
     note = "" if ceiling is None else (
         f"\n(attention correctness of the best one-cell map on this grid, same words: {percent(ceiling)})")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from captioner.data.vocab import PAD_ID, UNK_ID
 from captioner.models.attention import SEMI_SAMPLING_UNITS, AttentionOutput, create_attention
 
 
@@ -34,6 +35,15 @@ class DecoderConfig:
     # this many optimiser steps, so that the maps are informative before samples are drawn
     semi_sampling_warmup_steps: int = 0
     hard_test_mode: str = "expectation"  # hard only: "expectation" or "argmax"
+    # Teacher forcing in training: each previous-word input (not <start>) becomes <unk> with this
+    # probability, so the next word must be read more from the image than from the word before
+    # (word dropout, Bowman et al. 2016)
+    word_dropout: float = 0.0
+    # Teacher forcing in training: the probability that a step's word is predicted from the
+    # attended context alone (the deep output without E y_{t-1} and L_h h_t), so that the image's
+    # path learns to name what is attended by itself, not only as a correction of the language
+    # model's guess. Needs deep_output.
+    language_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.gate not in ("scalar", "vector", "none"):
@@ -42,6 +52,11 @@ class DecoderConfig:
             raise ValueError(
                 f"semi_sampling_unit must be one of {', '.join(SEMI_SAMPLING_UNITS)}, got {self.semi_sampling_unit!r}"
             )
+        for name in ("word_dropout", "language_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.language_dropout > 0 and not self.deep_output:
+            raise ValueError("language_dropout needs deep_output (it drops terms of the deep output layer)")
 
 
 @dataclass
@@ -212,9 +227,13 @@ class AttentionDecoder(nn.Module):
             self.__dict__["_context_weight_cache"] = cached  # not a buffer: never saved
         return cached[1]
 
-    def _logits(self, emb: Tensor, h: Tensor, z: Tensor) -> Tensor:
+    def _logits(self, emb: Tensor, h: Tensor, z: Tensor, context_only: Tensor | None = None) -> Tensor:
+        """``context_only`` (B, T) bool, training: steps whose word is predicted from z alone."""
         if self.config.deep_output:
-            return self.out(self.dropout(torch.tanh(emb + self.out_h(h) + self.out_z(z))))
+            language = emb + self.out_h(h)  # (..., E)
+            if context_only is not None:
+                language = language.masked_fill(context_only.unsqueeze(-1), 0.0)
+            return self.out(self.dropout(torch.tanh(language + self.out_z(z))))
         return self.out(self.dropout(h))
 
     def step(
@@ -228,17 +247,24 @@ class AttentionDecoder(nn.Module):
 
     # -- teacher forcing -------------------------------------------------------------------------
     def forward(
-        self, features: Tensor, captions: Tensor, lengths: Tensor, sample_rows: Tensor | None = None
+        self, features: Tensor, captions: Tensor, lengths: Tensor, sample_rows: Tensor | None = None,
+        regularise: bool = True,
     ) -> DecoderOutput:
         """Teacher-forced pass. captions (B, L) hold ``<start> w.. <end> <pad>..``; lengths (B,)
         count tokens including ``<start>`` and ``<end>``. Predicts captions[:, 1:].
 
         Stochastic attention in training: ``sample_rows`` (B,) bool makes every step of row b use
         a sampled location (True) or the expectation (False); None lets the attention draw them
-        (``draw_sample_rows``: per caption, per batch or per step)."""
+        (``draw_sample_rows``: per caption, per batch or per step). ``regularise`` False turns
+        word and language dropout off in training too (re-scoring sampled captions)."""
         assert features.dim() == 3, f"features must be (B, N, D), got {tuple(features.shape)}"
         assert captions.dim() == 2 and captions.size(0) == features.size(0), "captions must be (B, L)"
         inputs = captions[:, :-1]  # (B, T)
+        p = self.config.word_dropout
+        if self.training and regularise and p > 0:
+            drop = torch.rand(inputs.shape, device=inputs.device) < p  # (B, T)
+            drop[:, 0] = False  # <start> stays: it says where the caption begins
+            inputs = inputs.masked_fill(drop & (inputs != PAD_ID), UNK_ID)
         steps = inputs.size(1)
         lengths = lengths.to(captions.device)
         mask = torch.arange(steps, device=captions.device).unsqueeze(0) < (lengths - 1).unsqueeze(1)
@@ -291,7 +317,10 @@ class AttentionDecoder(nn.Module):
             # where the gate gradients are zero too.
             record.z = z_all.detach()
             record.h = torch.cat([h0.unsqueeze(1), h_all[:, :-1]], 1).detach()
-        logits = self._logits(emb[restore], h_all[restore], z_all[restore])  # (B, T, V)
+        context_only = None
+        if self.training and regularise and self.config.language_dropout > 0:
+            context_only = torch.rand(mask.shape, device=mask.device) < self.config.language_dropout  # (B, T)
+        logits = self._logits(emb[restore], h_all[restore], z_all[restore], context_only)  # (B, T, V)
         out = DecoderOutput(logits, torch.stack(alphas, 1)[restore], mask)
         if logps:
             out.sample_log_probs = torch.stack(logps, 1)[restore]
