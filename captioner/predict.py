@@ -136,6 +136,8 @@ class ChunkWriter(BasePredictionWriter):
         self.store, self.chunk_size, self.total, self.fresh = store, chunk_size, total, fresh
         self.progress, self.errors = progress, errors
         self.pending: list[Result] = []
+        self.started: float | None = None
+        self.seconds: float | None = None  # rank 0, after predict: from every process up to all written
         self._bar = None
         self._base = 0
         self._polled = 0.0
@@ -144,6 +146,7 @@ class ChunkWriter(BasePredictionWriter):
         if trainer.is_global_zero:
             self.store.start(self.fresh)
         trainer.strategy.barrier("chunks ready")  # nobody writes before old chunks are gone
+        self.started = time.monotonic()  # every process is up: the job's images/s counts from here
         if trainer.is_global_zero and self.progress:
             from tqdm import tqdm
 
@@ -199,7 +202,6 @@ def predict(trainer: L.Trainer, module: ImagePredictor, writer: ChunkWriter) -> 
     every rank, and merge on rank 0: its merge's result there, None on the other ranks. With
     nothing left to do (every image in a chunk already), only the merge runs."""
     assert writer in trainer.callbacks, "the writer must be one of the trainer's callbacks"
-    started = time.monotonic()
     if module.todo:
         trainer.predict(module, return_predictions=False)
         trainer.strategy.barrier("chunks written")
@@ -207,12 +209,18 @@ def predict(trainer: L.Trainer, module: ImagePredictor, writer: ChunkWriter) -> 
         writer.store.start(writer.fresh)
     if not trainer.is_global_zero:
         return None
-    result = writer.store.merge()
-    seconds = time.monotonic() - started
-    if module.todo:
-        logger.info("%d images in %.1f s on %d process(es): %.1f images/s", len(module.todo), seconds,
-                    trainer.world_size, len(module.todo) / max(seconds, 1e-9))
-    return result
+    if writer.started is not None:
+        writer.seconds = time.monotonic() - writer.started
+    return writer.store.merge()
+
+
+def speed(writer: ChunkWriter, images: int, processes: int) -> str:
+    """``images`` in the time from every process up to every image written (merge not included),
+    as a log line says it; empty when nothing was run."""
+    if writer.seconds is None or not images:
+        return ""
+    return (f"{images} images in {writer.seconds:.1f} s on {processes} process(es): "
+            f"{images / max(writer.seconds, 1e-9):.1f} images/s")
 
 
 def block_seed(seed: int, block: int) -> int:

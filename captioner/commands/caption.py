@@ -76,7 +76,7 @@ def caption(a, cli) -> int:
     )
     from captioner.data.images import iter_image_paths
     from captioner.inference import resolve_device
-    from captioner.predict import CaptionPredictor, ChunkWriter, predict
+    from captioner.predict import CaptionPredictor, ChunkWriter, predict, speed
 
     if a.json and a.format not in (None, "jsonl"):
         raise UsageError(f"--json is --format jsonl; it cannot go with --format {a.format}")
@@ -141,7 +141,8 @@ def caption(a, cli) -> int:
     if failed is None:  # not the first process: it merges and reports
         return 0
     if a.output is not None:
-        logger.info("wrote %s", a.output)
+        took = speed(writer, len(todo), processes(trainer))
+        logger.info("wrote %s%s", a.output, f" ({took})" if took else "")
     if failed:
         logger.warning("%d of %d images could not be captioned", failed, len(paths))
     return 1 if failed else 0

@@ -74,7 +74,7 @@ def run(args: Sequence[str], prog: str = "captioner features extract") -> int:
     )
     from captioner.inference import resolve_device
     from captioner.models.encoder import create_encoder, encoder_preprocessing
-    from captioner.predict import ChunkWriter, FeaturePredictor, predict
+    from captioner.predict import ChunkWriter, FeaturePredictor, predict, speed
 
     check_old_flags(args, OLD_FLAGS)
     cli = ConfigCLI(prog, list(args), add_options, description=__doc__)
@@ -127,6 +127,8 @@ def run(args: Sequence[str], prog: str = "captioner features extract") -> int:
         raise UsageError(str(err)) from None
     if index is None:  # not the first process: it merges and reports
         return 0
+    if took := speed(writer, len(todo), trainer.num_devices * trainer.num_nodes):
+        logger.info("encoded %s", took)
     if chunks.failed:
         logger.error(unreadable(chunks.failed, records))
         return 1
