@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -145,8 +146,10 @@ def test_unreadable_images_are_named_and_only_they_are_left(shapes_dir, encoder,
     reference = tmp_path / "reference"
     extract_features({"train": records[:10] + [dataclasses.replace(records[10], path=bad)] + records[11:]},
                      encoder, reference, dm.preprocessing, ENCODER, batch_size=4, shard_size=8)
-    for name in ("shard-00000.npy", "shard-00001.npy"):
-        assert (out / name).read_bytes() == (reference / name).read_bytes()
+    assert (out / "shard-00000.npy").read_bytes() == (reference / "shard-00000.npy").read_bytes()
+    # image 10 was encoded alone the second time, not with its batch: the same up to float sums
+    np.testing.assert_allclose(np.load(out / "shard-00001.npy").astype(np.float32),
+                               np.load(reference / "shard-00001.npy").astype(np.float32), rtol=2e-3, atol=1e-3)
 
 
 def test_a_different_cache_in_the_folder_is_refused(cache, shapes_dir, encoder) -> None:
