@@ -83,6 +83,8 @@ def caption(a, cli) -> int:
     fmt = "jsonl" if a.json else (a.format or "text")
     if a.resume and a.output is None:
         raise UsageError("--resume continues an --output file: give --output")
+    if a.resume and fmt == "text":
+        raise UsageError("--resume needs --format jsonl, csv or tsv (text lines do not say which images failed)")
     try:
         resolve_device(a.device)  # --device cuda without one: one line, before any work
     except ValueError as err:

@@ -303,10 +303,17 @@ class ConfigCLI(CaptionerCLI):
             settings["accelerator"] = ACCELERATORS[device]
         from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+        # Lightning's device lines ("GPU available: ...") are for training runs; a command that
+        # captions says what it did itself, and stderr stays one line on a user's error
+        rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+        level = rank_zero.level
+        rank_zero.setLevel(logging.WARNING)
         try:
             return Trainer(**settings)
         except (MisconfigurationException, ValueError, TypeError, RuntimeError) as err:
             raise UsageError(f"trainer: {' '.join(str(err).split())}") from None
+        finally:
+            rank_zero.setLevel(level)
 
 
 class OptionsCLI(ConfigCLI):
