@@ -476,6 +476,45 @@ class CaptionPipeline:
                                                          num_workers, jpeg_decode):
             yield path, (caps[0] if caps is not None else None), error
 
+    def read_file(self, path: Path, on_device: bool = False) -> tuple[Tensor | bytes | None, str | None]:
+        """One file for :meth:`captions_for_files`: (the preprocessed image (3, S, S), None), with
+        ``on_device`` a JPEG's bytes instead (decoded with the batch on the model's device), or
+        (None, why it could not be read)."""
+        from captioner.data.jpeg import read_jpeg
+
+        if on_device:
+            data = read_jpeg(path)
+            if data is not None:
+                return data, None
+        return _read_pil(path, self.loaded.preprocessing)
+
+    def captions_for_files(
+        self, items: list[tuple[Path, Tensor | bytes | None, str | None]], options: CaptionOptions,
+        generator: torch.Generator | None = None,
+    ) -> list[tuple[Path, list[Caption] | None, str | None]]:
+        """What :meth:`read_file` gave for a batch of files, as (path, data, error) -> (path,
+        captions, None) or (path, None, error), in order; the readable ones captioned together."""
+        from captioner.data.jpeg import decode_jpegs
+
+        pre = self.loaded.preprocessing
+        items = list(items)
+        raw = [k for k, (_p, x, _e) in enumerate(items) if isinstance(x, bytes)]
+        if raw:  # JPEG bytes -> decoded and preprocessed on the device; PIL for what fails there
+            decoded = decode_jpegs([items[k][1] for k in raw], self.device)
+            ok = [(k, im) for k, im in zip(raw, decoded) if im is not None]
+            if ok:
+                batch = pre.from_uint8([im for _, im in ok])  # (b, 3, S, S) on the device
+                for j, (k, _im) in enumerate(ok):
+                    items[k] = (items[k][0], batch[j], None)
+            for k, im in zip(raw, decoded):
+                if im is None:  # the header looked fine, the data did not: PIL names the problem
+                    items[k] = (items[k][0], *_read_pil(items[k][0], pre))
+        good = [x for _p, x, e in items if e is None]
+        if len({x.device for x in good}) > 1:  # device-decoded JPEGs beside PIL-read images
+            good = [x.to(self.device) for x in good]
+        caps = iter(self.captions_for_tensors(torch.stack(good), options, generator)) if good else iter(())
+        return [(p, None, e) if e is not None else (p, next(caps), None) for p, _x, e in items]
+
     def captions_for_paths(
         self, paths: Iterable[Path], options: CaptionOptions | None = None, batch_size: int = 16,
         num_workers: int | None = None, jpeg_decode: str = "auto",
@@ -491,45 +530,13 @@ class CaptionPipeline:
         ``None``: :meth:`reader_threads` chooses. ``jpeg_decode``: see :meth:`jpeg_on_device`;
         on the device path the threads only read files, and each batch's JPEGs are decoded in
         one call there (other formats, and JPEGs it cannot take, still go through PIL)."""
-        from captioner.data.jpeg import decode_jpegs, read_jpeg
-
-        pre = self.loaded.preprocessing
         on_device = self.jpeg_on_device(jpeg_decode)
         options = options or CaptionOptions()
         options.check(self.beam_size)
         generator = self.generator(options)
 
         def read(p: Path) -> tuple[Path, Tensor | bytes | None, str | None]:
-            if on_device:
-                data = read_jpeg(p)
-                if data is not None:
-                    return p, data, None
-            return (p, *_read_pil(p, pre))
-
-        def pixels(items) -> list[tuple[Path, Tensor | None, str | None]]:
-            """bytes -> decoded and preprocessed on the device; PIL for what fails to decode."""
-            raw = [k for k, (_p, x, _e) in enumerate(items) if isinstance(x, bytes)]
-            if not raw:
-                return items
-            decoded = decode_jpegs([items[k][1] for k in raw], self.device)
-            ok = [(k, im) for k, im in zip(raw, decoded) if im is not None]
-            if ok:
-                batch = pre.from_uint8([im for _, im in ok])  # (b, 3, S, S) on the device
-                for j, (k, _im) in enumerate(ok):
-                    items[k] = (items[k][0], batch[j], None)
-            for k, im in zip(raw, decoded):
-                if im is None:  # the header looked fine, the data did not: PIL names the problem
-                    items[k] = (items[k][0], *_read_pil(items[k][0], pre))
-            return items
-
-        def flush(items):
-            items = pixels(items)
-            good = [x for _p, x, e in items if e is None]
-            if len({x.device for x in good}) > 1:  # device-decoded JPEGs beside PIL-read images
-                good = [x.to(self.device) for x in good]
-            caps = iter(self.captions_for_tensors(torch.stack(good), options, generator)) if good else iter(())
-            for p, _x, e in items:
-                yield (p, None, e) if e is not None else (p, next(caps), None)
+            return (p, *self.read_file(p, on_device))
 
         threads = self.reader_threads(num_workers)
         pool = ThreadPoolExecutor(threads, thread_name_prefix="captioner-read") if threads > 0 else None
@@ -539,10 +546,10 @@ class CaptionPipeline:
                 pending.append(item)
                 good += item[2] is None
                 if good >= batch_size:
-                    yield from flush(pending)
+                    yield from self.captions_for_files(pending, options, generator)
                     pending, good = [], 0
             if pending:
-                yield from flush(pending)
+                yield from self.captions_for_files(pending, options, generator)
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)

@@ -39,6 +39,17 @@ class KillAtStep(L.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class KillAtPredictBatch(L.Callback):
+    """SIGKILL the process of ``rank`` (any: None) once it has predicted ``batches`` batches."""
+
+    def __init__(self, batches: int, rank: int | None = None) -> None:
+        self.batches, self.rank = batches, rank
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx + 1 >= self.batches and self.rank in (None, trainer.global_rank):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 @contextlib.contextmanager
 def live_server(app):
     """``app`` under uvicorn on a free loopback port, in a background thread."""

@@ -169,7 +169,7 @@ LAYERS = [
     {"models"},
     {"decoding"},
     {"metrics", "viz"},
-    {"system", "inference", "model_folder", "hub", "callbacks", "checkpointing"},
+    {"system", "inference", "model_folder", "hub", "callbacks", "checkpointing", "predict"},
     {"evaluation", "serve", "benchmark"},
     {"commands"},
     {"cli"},

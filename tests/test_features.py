@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -101,26 +102,54 @@ def test_store_returns_the_encoder_output(cache, shapes_dir, encoder) -> None:
 
 def test_interrupted_extraction_is_refused_then_resumed(shapes_dir, encoder, tmp_path) -> None:
     dm = _datamodule(shapes_dir)
-    splits = {"train": dm.split_records("train")[:32]}  # 4 shards of 8, batches of 4
+    splits = {"train": dm.split_records("train")[:32]}  # 4 shards of 8, batches of 4, chunks of 4
     out = tmp_path / "cache"
-    broken = CountingEncoder(encoder, fail_after=1 + 2 + 1)  # probe + shard 0 + half of shard 1
+    kw = {"batch_size": 4, "shard_size": 8, "chunk_size": 4}
+    broken = CountingEncoder(encoder, fail_after=1 + 3)  # the probe, then 3 batches
     with pytest.raises(KeyboardInterrupt):
-        extract_features(splits, broken, out, dm.preprocessing, ENCODER, batch_size=4, shard_size=8)
+        extract_features(splits, broken, out, dm.preprocessing, ENCODER, **kw)
     index = json.loads((out / "index.json").read_text())
-    assert not index["complete"] and index["done"] == [0]
-    with pytest.raises(FeatureCacheError, match="incomplete .1 of 4 shards"):
+    assert not index["complete"] and index["done"] == []
+    assert len(list((out / "parts").glob("chunk-*.json"))) == 3  # 12 images kept
+    with pytest.raises(FeatureCacheError, match="incomplete .0 of 4 shards"):
         FeatureStore(out)
-    first = (out / "shard-00000.npy").stat().st_mtime_ns
 
     counting = CountingEncoder(encoder)
-    extract_features(splits, counting, out, dm.preprocessing, ENCODER, batch_size=4, shard_size=8)
-    assert counting.calls == 1 + 3 * 2  # the probe, then only shards 1-3
-    assert (out / "shard-00000.npy").stat().st_mtime_ns == first
+    extract_features(splits, counting, out, dm.preprocessing, ENCODER, **kw)
+    assert counting.calls == 1 + 5  # the probe, then only the 20 images left
     store = FeatureStore(out)
-    assert len(store) == 32
+    assert len(store) == 32 and not (out / "parts").exists()
+    first = (out / "shard-00000.npy").stat().st_mtime_ns
     counting.calls = 0  # a complete cache: nothing left to do
-    extract_features(splits, counting, out, dm.preprocessing, ENCODER, batch_size=4, shard_size=8)
-    assert counting.calls == 1
+    extract_features(splits, counting, out, dm.preprocessing, ENCODER, **kw)
+    assert counting.calls == 1 and (out / "shard-00000.npy").stat().st_mtime_ns == first
+
+
+def test_unreadable_images_are_named_and_only_they_are_left(shapes_dir, encoder, tmp_path) -> None:
+    import dataclasses
+    import shutil
+
+    dm = _datamodule(shapes_dir)
+    records = dm.split_records("train")[:16]
+    bad = tmp_path / "bad.png"
+    bad.write_text("not a picture")
+    splits = {"train": [*records[:10], dataclasses.replace(records[10], path=bad), *records[11:]]}
+    out = tmp_path / "cache"
+    kw = {"batch_size": 4, "shard_size": 8, "chunk_size": 4}
+    with pytest.raises(FeatureCacheError, match=r"1 image\(s\) could not be read .the first: .*bad.png: not an image"):
+        extract_features(splits, encoder, out, dm.preprocessing, ENCODER, **kw)
+    assert json.loads((out / "index.json").read_text())["done"] == [0]  # the shard without it
+    shutil.copy(records[10].path, bad)  # mended
+    counting = CountingEncoder(encoder)
+    extract_features(splits, counting, out, dm.preprocessing, ENCODER, **kw)
+    assert counting.calls == 1 + 1  # the probe, then the one image
+    reference = tmp_path / "reference"
+    extract_features({"train": records[:10] + [dataclasses.replace(records[10], path=bad)] + records[11:]},
+                     encoder, reference, dm.preprocessing, ENCODER, batch_size=4, shard_size=8)
+    assert (out / "shard-00000.npy").read_bytes() == (reference / "shard-00000.npy").read_bytes()
+    # image 10 was encoded alone the second time, not with its batch: the same up to float sums
+    np.testing.assert_allclose(np.load(out / "shard-00001.npy").astype(np.float32),
+                               np.load(reference / "shard-00001.npy").astype(np.float32), rtol=2e-3, atol=1e-3)
 
 
 def test_a_different_cache_in_the_folder_is_refused(cache, shapes_dir, encoder) -> None:

@@ -19,6 +19,7 @@ CONFIG_COMMANDS: dict[tuple[str, ...], str] = {
     ("test",): "train:run",
     ("evaluate",): "evaluate:run",
     ("features", "extract"): "features:run",
+    ("caption",): "caption:run",
 }
 
 

@@ -1,7 +1,11 @@
 """``captioner caption``: caption images and folders of images, one line per image on stdout.
 
-Streams through :meth:`CaptionPipeline.caption_paths`, so memory stays flat for any number of
-images; a file that cannot be read is reported by path and every other image is still captioned.
+Runs ``Trainer.predict`` (:mod:`captioner.predict`) batch by batch, so memory stays flat for any
+number of images; a file that cannot be read is reported by path and every other image is still
+captioned. On one process the rows go out as each batch is done; on many (``--trainer.devices N
+--trainer.strategy ddp``, torchrun, SLURM) each image is captioned once, by one process, and the
+rows are merged into ``--output`` in the input's order (:mod:`captioner.commands.caption_output`).
+The options are parsed by the parser of ``fit`` (``captioner.commands.config``).
 Exit status: 0 all captioned, 1 some files failed, 2 bad arguments or an unusable checkpoint.
 """
 
@@ -11,6 +15,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from captioner.commands.caption_output import FORMATS
@@ -53,49 +58,78 @@ def caption_options(a: argparse.Namespace, pipeline):
         raise UsageError(f"--{err.field.replace('_', '-')}: {err}") from None
 
 
-def cmd_caption(a: argparse.Namespace) -> int:
+def processes(trainer) -> int:
+    """How many processes the trainer runs (known before they are started)."""
+    return trainer.num_devices * trainer.num_nodes
+
+
+def caption(a, cli) -> int:
+    """``captioner caption`` once parsed: ``a`` its options, ``cli`` the parser (the trainer)."""
     from tqdm import tqdm
 
-    from captioner.commands.caption_output import PartFile, RowWriter
+    from captioner.commands.caption_output import (
+        ChunkRows,
+        PartFile,
+        RowWriter,
+        StreamRows,
+        finished_images,
+    )
     from captioner.data.images import iter_image_paths
+    from captioner.inference import resolve_device
+    from captioner.predict import CaptionPredictor, ChunkWriter, predict, speed
 
     if a.json and a.format not in (None, "jsonl"):
         raise UsageError(f"--json is --format jsonl; it cannot go with --format {a.format}")
     fmt = "jsonl" if a.json else (a.format or "text")
     if a.resume and a.output is None:
         raise UsageError("--resume continues an --output file: give --output")
+    if a.resume and fmt == "text":
+        raise UsageError("--resume needs --format jsonl, csv or tsv (text lines do not say which images failed)")
+    try:
+        resolve_device(a.device)  # --device cuda without one: one line, before any work
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     paths = list(iter_image_paths(a.paths))  # Paths only: cheap even for many thousands
     if not paths:
         raise UsageError("no image files found in " + ", ".join(str(p) for p in a.paths))
-    pipeline = load_pipeline(a.checkpoint, a.device, a.quantize, beam_size=a.beam_size,
-                             max_length=a.max_length)
+    # loaded on the CPU: Lightning moves it to each process's device
+    pipeline = load_pipeline(a.checkpoint, "cpu", a.quantize, beam_size=a.beam_size, max_length=a.max_length)
     options = caption_options(a, pipeline)
+    trainer = cli.prediction_trainer(a.device)
+    if a.quantize != "none" and trainer.strategy.root_device.type != "cpu":
+        raise UsageError(f"--quantize {a.quantize} decodes on the CPU: add --device cpu")
+    many = processes(trainer) > 1
+    if many and a.output is None:
+        raise UsageError("with more than one process (--trainer.devices, --trainer.num_nodes) the captions "
+                         "go to a file: give --output FILE")
 
-    out = PartFile(a.output, fmt, a.resume) if a.output is not None else None
-    writer = out.writer if out is not None else RowWriter(fmt, _stdout, header=True)
-    if out is not None and out.done:
-        paths = [p for p in paths if str(p) not in out.done]
-        logger.info("--resume: %d images already in %s, %d to caption", len(out.done), out.part, len(paths))
+    out = None
+    if many:
+        store = ChunkRows(a.output, fmt, paths, a.resume)
+        done = (finished_images(a.output, fmt) | store.done()) if a.resume else set()
+    else:
+        out = PartFile(a.output, fmt, a.resume) if a.output is not None else None
+        store = StreamRows(out.writer if out is not None else RowWriter(fmt, _stdout, header=True), paths)
+        done = out.done if out is not None else set()
+    todo = [i for i, p in enumerate(paths) if str(p) not in done]
+    if done:
+        logger.info("--resume: %d images already captioned, %d to caption", len(paths) - len(todo), len(todo))
+
+    def report(i: int, error: str) -> None:  # text rows say nothing of failures: stderr does
+        tqdm.write(f"{paths[i]}\tERROR: {error}", file=sys.stderr)
 
     show = a.progress if a.progress is not None else (
-        len(paths) >= PROGRESS_MIN_IMAGES and sys.stderr.isatty())
-    failed = 0
+        len(todo) >= PROGRESS_MIN_IMAGES and sys.stderr.isatty())
+    writer = ChunkWriter(store, a.chunk_size if many else 1, len(todo), fresh=not a.resume, progress=show,
+                         errors=report if fmt == "text" else None)
+    trainer.callbacks.insert(0, writer)  # before the user's: a chunk is written before they see the batch
+    on_gpu = trainer.strategy.root_device.type == "cuda"
+    readers = max(0, a.num_workers) if a.num_workers is not None else (4 if on_gpu else 0)
+    module = CaptionPredictor(pipeline, paths, options, todo, a.batch_size, num_workers=readers,
+                              jpeg_decode=a.jpeg_decode)
     finished = False
     try:
-        with tqdm(total=len(paths), unit="img", file=sys.stderr, disable=not show, leave=False) as bar:
-            for path, captions, error in pipeline.captions_for_paths(paths, options, batch_size=a.batch_size,
-                                                                     num_workers=a.num_workers,
-                                                                     jpeg_decode=a.jpeg_decode):
-                if error is not None:
-                    failed += 1
-                    if writer.keeps_errors:
-                        writer.error(path, error)
-                    else:
-                        # tqdm.write keeps the bar intact below the message
-                        tqdm.write(f"{path}\tERROR: {error}", file=sys.stderr)
-                else:
-                    writer.captions(path, captions)
-                bar.update(1)
+        failed = predict(trainer, module, writer)
         finished = True
     except BrokenPipeError:
         # `captioner caption DIR | head`: stop quietly; keep Python from complaining at exit
@@ -106,27 +140,38 @@ def cmd_caption(a: argparse.Namespace) -> int:
             out.finish()
         elif out is not None:
             out.close()  # stopped: FILE.part stays for --resume
-    if out is not None:
-        logger.info("wrote %s", a.output)
+    if failed is None:  # not the first process: it merges and reports
+        return 0
+    if a.output is not None:
+        took = speed(writer, len(todo), processes(trainer))
+        logger.info("wrote %s%s", a.output, f" ({took})" if took else "")
     if failed:
         logger.warning("%d of %d images could not be captioned", failed, len(paths))
     return 1 if failed else 0
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "caption",
-        help="caption images or folders of images (one line per image)",
-        description="Caption images. PATH may be image files or folders (searched recursively). "
-        "Prints `path<TAB>caption` per caption, or rows of --format jsonl|csv|tsv with each caption's "
-        "rank, score, mean_logprob and word_probs. "
-        "Exit status: 0 all captioned, 1 some files could not be read, 2 bad arguments/checkpoint.",
-    )
+def run(args: Sequence[str], prog: str = "captioner caption") -> int:
+    from captioner.commands.config import OptionsCLI
+
+    cli = OptionsCLI(prog, list(args), add_options, description=DESCRIPTION)
+    return caption(cli.config, cli)
+
+
+DESCRIPTION = (
+    "Caption images. PATH may be image files or folders (searched recursively). "
+    "Prints `path<TAB>caption` per caption, or rows of --format jsonl|csv|tsv with each caption's "
+    "rank, score, mean_logprob and word_probs. --trainer.devices N (with --output) captions on N "
+    "processes, each image once. "
+    "Exit status: 0 all captioned, 1 some files could not be read, 2 bad arguments/checkpoint.")
+
+
+def add_options(p) -> None:
+    """The options of ``caption`` beside the ``trainer`` section."""
     add_model_arguments(p)
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass")
     p.add_argument("--num-workers", type=int, default=None,
-                   help="threads that read and resize images while the model works (default: 0 on "
-                   "the CPU, where the model already uses every core; 4 on a GPU)")
+                   help="processes (per device) that read and resize images while the model works "
+                   "(default: 0 on the CPU, where the model already uses every core; 4 on a GPU)")
     p.add_argument("--jpeg-decode", choices=JPEG_DECODE, default="auto", metavar="WHERE",
                    help="auto, cpu or device: where JPEG files are decoded and resized: on the model's device with "
                    "torchvision (nvJPEG on a GPU), or with PIL on the CPU (auto: the device when it "
@@ -159,5 +204,13 @@ def register(subparsers) -> None:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help=f"progress bar on stderr (default: on for >= {PROGRESS_MIN_IMAGES} images "
                    "when stderr is a terminal)")
+    p.add_argument("--chunk-size", type=positive_int, default=256, metavar="N",
+                   help="with more than one process: each writes its captions every N images (what a "
+                   "killed run loses)")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders")
-    p.set_defaults(func=cmd_caption)
+
+
+def register(subparsers) -> None:
+    subparsers.add_parser("caption", add_help=False,
+                          help="caption images or folders of images (one line per image); "
+                          "--trainer.devices N for many processes")

@@ -7,6 +7,11 @@ soon as they are known, and renames it over ``OUT`` (after an fsync) when every 
 complete records (a torn last record, and with it the rows of that record's image, are cut off),
 skips the images they name and appends the rest. ``--resume`` on a finished ``OUT`` copies it to
 ``OUT.part`` first, so ``OUT`` stays as it was until the new one is complete.
+
+With more than one process (``--trainer.devices N``, torchrun, SLURM) each process writes its rows
+in chunks, ``OUT.parts/chunk-*.jsonl``, each file whole (:class:`ChunkRows`), and the first process
+merges them into ``OUT`` in the input's order at the end, through the same ``OUT.part``. A run
+that is stopped leaves the chunks; ``--resume`` keeps them too.
 """
 
 from __future__ import annotations
@@ -36,6 +41,14 @@ def caption_row(path: Path, rank: int, caption) -> dict:
             "word_probs": [round(p, DIGITS) for p in caption.word_probs]}
 
 
+def caption_rows(path: Path, captions: Sequence) -> list[dict]:
+    return [caption_row(path, r, c) for r, c in enumerate(captions, 1)]
+
+
+def error_row(path: Path, message: str) -> dict:
+    return {"image": str(path), "error": message}
+
+
 class RowWriter:
     """Rows of one format to a binary sink, one image's rows in one write (``sink(bytes)``)."""
 
@@ -52,10 +65,14 @@ class RowWriter:
         return self.fmt != "text"
 
     def captions(self, path: Path, captions: Sequence) -> None:
-        self._emit([caption_row(path, r, c) for r, c in enumerate(captions, 1)])
+        self._emit(caption_rows(path, captions))
 
     def error(self, path: Path, message: str) -> None:
-        self._emit([{"image": str(path), "error": message}])
+        self._emit([error_row(path, message)])
+
+    def rows(self, rows: list[dict]) -> None:
+        """One image's rows as :func:`caption_rows` or :func:`error_row` made them."""
+        self._emit(rows)
 
     def _emit(self, rows: list[dict], header: bool = False) -> None:
         if self.fmt == "jsonl":
@@ -120,6 +137,118 @@ class PartFile:
     def close(self) -> None:
         """Stopped before the end: OUT.part stays for a resume."""
         os.close(self.fd)
+
+
+def finished_images(path: Path, fmt: str) -> set[str]:
+    """The images ``--resume`` keeps from ``path`` (or its ``.part``), read only: what
+    :class:`PartFile` will keep when it opens them (UsageError as it gives)."""
+    if fmt == "text":
+        raise UsageError("--resume needs --format jsonl, csv or tsv (text lines do not say which images failed)")
+    part = path.with_name(path.name + ".part")
+    source = part if part.exists() else path
+    if not source.exists():
+        return set()
+    return read_done(source.read_bytes(), fmt, source)[0]
+
+
+class StreamRows:
+    """The store of a one-process run: each batch's rows go out at once, in the input's order, to
+    stdout or ``OUT.part`` (``writer``); nothing to merge."""
+
+    def __init__(self, writer: RowWriter, paths: Sequence[Path]) -> None:
+        self.writer, self.paths = writer, paths
+        self.count = self.failed = 0
+
+    def start(self, fresh: bool) -> None:
+        pass
+
+    def write(self, rank: int, results: list) -> None:
+        for i, captions, error in results:
+            if error is None:
+                self.writer.captions(self.paths[i], captions)
+            else:
+                self.failed += 1
+                if self.writer.keeps_errors:
+                    self.writer.error(self.paths[i], error)
+        self.count += len(results)
+
+    def written(self) -> int:
+        return self.count
+
+    def merge(self) -> int:
+        """The number of images that could not be read."""
+        return self.failed
+
+
+class ChunkRows:
+    """The store of a run on many processes: each process's rows in ``OUT.parts/``, a JSON line
+    ``{"image", "rows"}`` per image, in files ``chunk-<first position>-<images>.jsonl`` written
+    whole; :meth:`merge` (the first process, at the end) writes them to ``OUT`` in the order of
+    ``paths`` through :class:`PartFile`, after what ``--resume`` keeps of ``OUT``."""
+
+    def __init__(self, path: Path, fmt: str, paths: Sequence[Path], resume: bool) -> None:
+        if not path.parent.is_dir():
+            raise UsageError(f"--output: folder {path.parent} does not exist")
+        self.path, self.fmt, self.paths, self.resume = path, fmt, paths, resume
+        self.folder = path.with_name(path.name + ".parts")
+
+    def start(self, fresh: bool) -> None:
+        if fresh and self.folder.exists():
+            shutil.rmtree(self.folder)
+        self.folder.mkdir(exist_ok=True)
+
+    def _chunks(self) -> list[Path]:
+        return sorted(self.folder.glob("chunk-*.jsonl")) if self.folder.is_dir() else []
+
+    def done(self) -> set[str]:
+        """The images the chunks have rows for."""
+        return {json.loads(line)["image"] for chunk in self._chunks() for line in chunk.read_bytes().splitlines()}
+
+    def write(self, rank: int, results: list) -> None:
+        from captioner.data.atomic import atomic_write
+
+        lines = []
+        for i, captions, error in results:
+            path = self.paths[i]
+            rows = caption_rows(path, captions) if error is None else [error_row(path, error)]
+            lines.append(json.dumps({"image": str(path), "rows": rows}) + "\n")
+        data = "".join(lines).encode()
+        first = min(i for i, _, _ in results)
+        atomic_write(self.folder / f"chunk-{first:09d}-{len(results):06d}.jsonl", lambda f: f.write(data))
+
+    def written(self) -> int:
+        return sum(int(p.stem.rsplit("-", 1)[1]) for p in self._chunks())
+
+    def merge(self) -> int:
+        """The chunks -> ``OUT`` (and the chunks removed); the number of images that could not be
+        read. An image with no rows anywhere (a process that died) -> RuntimeError, chunks kept."""
+        rows: dict[str, list[dict]] = {}
+        for chunk in self._chunks():
+            for line in chunk.read_bytes().splitlines():
+                item = json.loads(line)
+                rows[item["image"]] = item["rows"]
+        out = PartFile(self.path, self.fmt, self.resume)
+        failed = 0
+        try:
+            missing = [str(p) for p in self.paths if str(p) not in rows and str(p) not in out.done]
+            if missing:
+                raise RuntimeError(f"{len(missing)} images have no captions in {self.folder} (the first: "
+                                   f"{missing[0]}); run the same command with --resume to finish them")
+            for p in self.paths:
+                mine = rows.get(str(p)) if str(p) not in out.done else None
+                if mine is None:
+                    continue
+                if "error" in mine[0]:
+                    failed += 1
+                    if not out.writer.keeps_errors:
+                        continue
+                out.writer.rows(mine)  # an image given twice: its rows twice, as on one process
+        except BaseException:
+            out.close()
+            raise
+        out.finish()
+        shutil.rmtree(self.folder, ignore_errors=True)
+        return failed
 
 
 def read_done(data: bytes, fmt: str, name: Path) -> tuple[set[str], int]:

@@ -43,6 +43,12 @@ warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` i
                         module=r"lightning\.pytorch\.utilities\._pytree")
 
 DEFAULT_ROOT = "runs/captioner"
+# The trainer of the commands that predict (caption, features extract): one device unless asked
+# (Lightning's "auto" would take every GPU), nothing logged or saved, their own progress bar.
+PREDICT_DEFAULTS = {"devices": 1, "logger": False, "enable_checkpointing": False,
+                    "enable_progress_bar": False, "enable_model_summary": False}
+# --device of the commands that predict -> the trainer's accelerator
+ACCELERATORS = {"auto": "auto", "cpu": "cpu", "cuda": "gpu"}
 # Per-invocation arguments of `fit`, not settings of the run: left out of the saved config.
 NOT_SAVED = ("ckpt_path", "weights_only")
 
@@ -261,8 +267,7 @@ class ConfigCLI(CaptionerCLI):
         super().__init__(args, run=False, prog=prog, description=description)
 
     def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(Trainer, "trainer")
-        parser.set_defaults({f"trainer.{k}": v for k, v in self.trainer_defaults.items()})
+        self._add_trainer(parser)
         # The model comes from a checkpoint (evaluate) or is a frozen encoder (features): its
         # section is parsed and checked, never built.
         parser.add_class_arguments(CaptioningSystem, "model", fail_untyped=False,
@@ -273,6 +278,10 @@ class ConfigCLI(CaptionerCLI):
         add_run_arguments(parser, link_vocab=False)
         self._add_options(parser)
 
+    def _add_trainer(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(Trainer, "trainer")
+        parser.set_defaults({f"trainer.{k}": v for k, v in {**self.trainer_defaults, **PREDICT_DEFAULTS}.items()})
+
     def _set_seed(self) -> None:
         pass
 
@@ -280,4 +289,40 @@ class ConfigCLI(CaptionerCLI):
         # jsonargparse 4.49 renamed instantiate_classes to instantiate
         instantiate = getattr(self.parser, "instantiate", None) or self.parser.instantiate_classes
         self.config_init = instantiate(self.config)
-        self.datamodule = self._get(self.config_init, "data")
+        self.datamodule = self._get(self.config_init, "data", default=None)
+
+    def prediction_trainer(self, device: str = "auto") -> Trainer:
+        """The ``trainer`` section as a Trainer for ``Trainer.predict`` (its callbacks included).
+        ``device``: a command's ``--device`` (auto, cpu, cuda), the accelerator unless
+        ``--trainer.accelerator`` says otherwise (both given and different: UsageError)."""
+        settings = dict(self._get(self.config_init, "trainer", default={}))
+        asked = settings.get("accelerator") or "auto"
+        if device != "auto" and asked != "auto" and asked != ACCELERATORS[device]:
+            raise UsageError(f"--device {device} and --trainer.accelerator {asked} disagree: give one of them")
+        if asked == "auto":
+            settings["accelerator"] = ACCELERATORS[device]
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        # Lightning's device lines ("GPU available: ...") are for training runs; a command that
+        # captions says what it did itself, and stderr stays one line on a user's error
+        rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+        level = rank_zero.level
+        rank_zero.setLevel(logging.WARNING)
+        try:
+            return Trainer(**settings)
+        except (MisconfigurationException, ValueError, TypeError, RuntimeError) as err:
+            raise UsageError(f"trainer: {' '.join(str(err).split())}") from None
+        finally:
+            rank_zero.setLevel(level)
+
+
+class OptionsCLI(ConfigCLI):
+    """A command's own options beside the ``trainer`` section only, parsed by the same parser as
+    ``fit`` (``--config`` files, ``--trainer.*`` flags): the commands whose model comes from a
+    checkpoint and whose data are image files (``caption``). ``.datamodule`` is None."""
+
+    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        self._add_trainer(parser)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        self._add_options(parser)

@@ -1,7 +1,9 @@
 """``captioner features extract``: run a frozen encoder once over a data set and cache its features.
 
 Training then reads the cache (``data.feature_cache: DIR``) instead of decoding and encoding every
-image every epoch. The config is parsed exactly as ``captioner fit`` parses it: its ``data`` section gives the
+image every epoch. Runs through ``Trainer.predict`` (``captioner.predict``): ``--trainer.devices N
+--trainer.strategy ddp``, torchrun or SLURM share the images out, each once; a run that is
+stopped is resumed by running it again. The config is parsed exactly as ``captioner fit`` parses it: its ``data`` section gives the
 data set and ``model.encoder`` the encoder; ``--data.*`` / ``--model.encoder.*`` override them.
 """
 
@@ -24,13 +26,19 @@ OLD_FLAGS = {"--num-workers": "--data.num_workers"}
 
 def add_options(p) -> None:
     """The options of ``features extract`` beside the config's sections."""
+    from captioner.data.features import DEFAULT_CHUNK_SIZE
+
     p.add_argument("--out", type=Path, required=True, help="the cache folder")
     p.add_argument("--splits", nargs="+", choices=SPLITS, default=None,
                    help="which splits (default: all of train, val, test present)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass")
     p.add_argument("--shard-size", type=positive_int, default=1024, help="images per shard file")
+    p.add_argument("--chunk-size", type=positive_int, default=DEFAULT_CHUNK_SIZE, metavar="N",
+                   help="each process keeps its features every N images while it runs (what a killed "
+                   "run loses)")
     add_device_argument(p)
-    p.add_argument("--overwrite", action="store_true", help="replace a different cache in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a different cache in --out (the same one is resumed)")
 
 
 def frozen_encoder(section):
@@ -53,10 +61,20 @@ def frozen_encoder(section):
 
 
 def run(args: Sequence[str], prog: str = "captioner features extract") -> int:
+    import torch
+
     from captioner.commands.config import ConfigCLI
-    from captioner.data.features import FeatureCacheError, extract_features
+    from captioner.data.features import (
+        CachePlan,
+        FeatureCacheError,
+        FeatureChunks,
+        probe,
+        unique_records,
+        unreadable,
+    )
     from captioner.inference import resolve_device
     from captioner.models.encoder import create_encoder, encoder_preprocessing
+    from captioner.predict import ChunkWriter, FeaturePredictor, predict, speed
 
     check_old_flags(args, OLD_FLAGS)
     cli = ConfigCLI(prog, list(args), add_options, description=__doc__)
@@ -65,7 +83,7 @@ def run(args: Sequence[str], prog: str = "captioner features extract") -> int:
     dm.preprocessing = encoder_preprocessing(enc)
     dm.feature_cache = None
     try:
-        device = resolve_device(a.device)
+        resolve_device(a.device)  # --device cuda without one: one line, before any work
         dm.source.prepare()  # generates shapes when absent, as `captioner fit` does
         present = list(dm.records)
     except (OSError, ValueError) as err:
@@ -74,19 +92,46 @@ def run(args: Sequence[str], prog: str = "captioner features extract") -> int:
     missing = [s for s in splits if s not in present]
     if missing:
         raise UsageError(f"split(s) {', '.join(missing)} not in the data set (has: {', '.join(present)})")
-    records = {s: dm.split_records(s) for s in splits}
+    trainer = cli.prediction_trainer(a.device)
     try:
-        encoder = create_encoder(enc)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # an encoder without pretrained weights: the same on every process
+            encoder = create_encoder(enc).eval()
     except RuntimeError as err:  # pretrained weights unavailable
         raise UsageError(str(err)) from None
+    by_split = {s: dm.split_records(s) for s in splits}
     try:
-        index = extract_features(
-            records, encoder, a.out, dm.preprocessing, dataclasses.asdict(enc),
-            batch_size=a.batch_size, shard_size=a.shard_size, device=device,
-            num_workers=dm.num_workers, overwrite=a.overwrite,
-        )
+        records = unique_records(by_split)
+        # the grid and feature size come from the encoder itself (on the CPU: one image)
+        grid, n, d = probe(encoder, records, dm.preprocessing, torch.device("cpu"))
+        plan = CachePlan(a.out, by_split, records, grid, n, d, dm.preprocessing, dataclasses.asdict(enc),
+                         a.shard_size)
+        fresh = bool(plan.differs())  # and --overwrite: check refuses it otherwise
+        chunks = FeatureChunks(plan)
+        todo = plan.todo(plan.check(a.overwrite), None if fresh else chunks)
     except FeatureCacheError as err:
         raise UsageError(str(err)) from None
+    if len(todo) < len(records):
+        logger.info("resuming %s: %d of %d images already extracted", a.out, len(records) - len(todo), len(records))
+
+    def report(i: int, error: str) -> None:
+        logger.warning("%s: %s", records[i].path, error)
+
+    show = len(todo) >= 20 and sys.stderr.isatty()
+    writer = ChunkWriter(chunks, a.chunk_size, len(todo), fresh=fresh, progress=show, errors=report)
+    trainer.callbacks.insert(0, writer)  # before the user's: a chunk is written before they see the batch
+    module = FeaturePredictor(encoder, records, dm.preprocessing, todo, a.batch_size, dm.num_workers)
+    try:
+        index = predict(trainer, module, writer)
+    except FeatureCacheError as err:
+        raise UsageError(str(err)) from None
+    if index is None:  # not the first process: it merges and reports
+        return 0
+    if took := speed(writer, len(todo), trainer.num_devices * trainer.num_nodes):
+        logger.info("encoded %s", took)
+    if chunks.failed:
+        logger.error(unreadable(chunks.failed, records))
+        return 1
     summary = {k: index[k] for k in ("counts", "grid", "dim", "bytes_per_image")}
     summary["bytes"] = index["bytes_per_image"] * index["counts"]["images"]
     summary["out"] = str(a.out)
