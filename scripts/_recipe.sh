@@ -1,8 +1,8 @@
 # The stages of a whole training recipe, shared by scripts/train_flickr8k.sh and
 # scripts/train_coco.sh (sourced; it defines functions and runs nothing itself).
 #
-# A data-set script sets DATASET, CE_CONFIG, SCST_CONFIG, SPLIT_FILE and IMAGE_ROOT (relative to
-# the data folder), defines `download` (the data set's archives and layout) and `usage`, then calls
+# A data-set script sets DATASET, CE_CONFIG, SCST_CONFIG, SPLIT_FILE and IMAGE_ROOT (the images,
+# relative to the data folder; empty: the folder itself), defines `download` (the data set's archives and layout) and `usage`, then calls
 #   recipe_main "$@"
 # which runs: download, data check, features, cross-entropy fit, SCST fit, evaluation of both on
 # the test split, export. Each stage is skipped when its output is there; an output appears only
@@ -32,7 +32,7 @@ stage() {
             return 0
         fi
     done
-    skip "$name" "$* exists"
+    skip "$name" "already there: $*"
     return 1
 }
 
@@ -87,17 +87,30 @@ fetch() {
     echo "$DATA/$name"
 }
 
-unzip_to() {  # ARCHIVE DEST [MEMBER]: exit status 1 is unzip's "warnings only"
-    command -v unzip >/dev/null || die "unzip not found: install it (apt-get install unzip, brew install unzip)"
-    local status=0
-    unzip -q -o "$1" ${3:+"$3"} -d "$2" || status=$?
-    [ "$status" -le 1 ] || die "unzip $1 failed (exit $status)"
+# unzip_to ARCHIVE DEST [PATTERN]: unzip ARCHIVE (its members matching PATTERN) into DEST; with
+# Python's zipfile where there is no unzip.
+unzip_to() {
+    if command -v unzip >/dev/null; then
+        local status=0
+        unzip -q -o "$1" ${3:+"$3"} -d "$2" || status=$?
+        [ "$status" -le 1 ] || die "unzip $1 failed (exit $status)"  # 1: warnings only
+        return
+    fi
+    command -v python3 >/dev/null || die "neither unzip nor python3 found: install unzip"
+    python3 - "$1" "$2" "${3:-*}" <<'PY' || die "unzipping $1 failed"
+import fnmatch
+import sys
+import zipfile
+
+archive, dest, pattern = sys.argv[1:]
+with zipfile.ZipFile(archive) as z:
+    z.extractall(dest, [m for m in z.namelist() if fnmatch.fnmatch(m, pattern)])
+PY
 }
 
 # extract_dir ARCHIVE FOLDER: the archive's top-level FOLDER as $DATA/FOLDER, moved there whole.
 extract_dir() {
     local archive="$1" folder="$2" tmp="$DATA/.$2.unzip"
-    [ -d "$DATA/$folder" ] && return
     echo "   unzipping $(basename "$archive") -> $DATA/$folder" >&2
     rm -rf "$tmp"
     mkdir -p "$tmp"
@@ -110,7 +123,6 @@ extract_dir() {
 # extract_file ARCHIVE NAME: the archive's file NAME (in any folder of it) as $DATA/NAME.
 extract_file() {
     local archive="$1" name="$2" tmp="$DATA/.$2.unzip"
-    [ -f "$DATA/$name" ] && return
     rm -rf "$tmp"
     mkdir -p "$tmp"
     unzip_to "$archive" "$tmp" "*$name"
@@ -173,7 +185,7 @@ recipe_main() {
     fi
     mkdir -p "$DATA" "$WORK"
     SPLIT="$DATA/$SPLIT_FILE"
-    IMAGES="$DATA/$IMAGE_ROOT"
+    IMAGES="$DATA${IMAGE_ROOT:+/$IMAGE_ROOT}"
     local features="$WORK/features" ce="$WORK/ce" scst="$WORK/scst" model="$WORK/captioner-$DATASET"
     local karpathy=(--data.karpathy.split_file "$SPLIT" --data.karpathy.image_root "$IMAGES")
     DATA_ARGS=("${karpathy[@]}")
@@ -183,6 +195,7 @@ recipe_main() {
     download
 
     if stage "data check" "$WORK/data-check.txt"; then
+        echo "   captioner data check --karpathy-json $SPLIT --image-root $IMAGES"
         if ! captioner data check --karpathy-json "$SPLIT" --image-root "$IMAGES" | tee "$WORK/data-check.txt.tmp"; then
             die "the data check found problems (above); mend them and run again"
         fi
@@ -196,8 +209,10 @@ recipe_main() {
     else
         begin features
         # resumable: the finished shards of an interrupted extraction are kept
-        captioner features extract --config "$CE_CONFIG" --out "$features" "${karpathy[@]}" \
-            ${SETTINGS[@]+"${SETTINGS[@]}"}
+        local cmd=(captioner features extract --config "$CE_CONFIG" --out "$features" "${karpathy[@]}"
+                   ${SETTINGS[@]+"${SETTINGS[@]}"})
+        echo "   ${cmd[*]}"
+        "${cmd[@]}"
     fi
 
     if stage "cross-entropy training" "$ce/$DONE_FILE"; then
@@ -214,9 +229,10 @@ recipe_main() {
     if stage export "$model"; then
         ckpt="$(best_checkpoint "$scst")"
         # written in a hidden temporary folder and renamed: a killed export leaves no $model
+        echo "   captioner export --checkpoint $ckpt --out $model --metrics $WORK/eval-scst/metrics.json"
         captioner export --checkpoint "$ckpt" --out "$model" --metrics "$WORK/eval-scst/metrics.json"
     fi
 
     echo "done: test-split scores in $WORK/eval-ce/summary.md (cross-entropy) and"
-    echo "      $WORK/eval-scst/summary.md (SCST); the model: captioner caption --checkpoint $model IMAGES"
+    echo "      $WORK/eval-scst/summary.md (SCST); caption with: captioner caption --checkpoint $model photos/"
 }

@@ -30,16 +30,20 @@ DATASET=coco
 CE_CONFIG="$RECIPE_ROOT/configs/coco.yaml"
 SCST_CONFIG="$RECIPE_ROOT/configs/coco-scst.yaml"
 SPLIT_FILE=dataset_coco.json
-IMAGE_ROOT=.  # the split file's filepath (train2014, val2014) is below it
+IMAGE_ROOT=""  # the data folder itself: the split file's filepath (train2014, val2014) is below it
 
 download() {
     stage download "$SPLIT" "$DATA/train2014" "$DATA/val2014" || return 0
-    local archive captions
-    captions="$(fetch caption_datasets.zip https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip)"
-    extract_file "$captions" "$SPLIT_FILE"
+    local archive folder
+    if [ ! -f "$SPLIT" ]; then
+        archive="$(fetch caption_datasets.zip https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip)"
+        extract_file "$archive" "$SPLIT_FILE"
+    fi
     for folder in val2014 train2014; do
-        archive="$(fetch "$folder.zip" "http://images.cocodataset.org/zips/$folder.zip")"
-        extract_dir "$archive" "$folder"
+        if [ ! -d "$DATA/$folder" ]; then
+            archive="$(fetch "$folder.zip" "http://images.cocodataset.org/zips/$folder.zip")"
+            extract_dir "$archive" "$folder"
+        fi
     done
 }
 

@@ -33,11 +33,15 @@ IMAGE_ROOT=Flicker8k_Dataset  # sic: the archive's folder is spelt so
 
 download() {
     stage download "$SPLIT" "$IMAGES" || return 0
-    local images captions
-    images="$(fetch Flickr8k_Dataset.zip https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/Flickr8k_Dataset.zip)"
-    captions="$(fetch caption_datasets.zip https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip)"
-    extract_file "$captions" "$SPLIT_FILE"
-    extract_dir "$images" "$IMAGE_ROOT"
+    local archive
+    if [ ! -f "$SPLIT" ]; then
+        archive="$(fetch caption_datasets.zip https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip)"
+        extract_file "$archive" "$SPLIT_FILE"
+    fi
+    if [ ! -d "$IMAGES" ]; then
+        archive="$(fetch Flickr8k_Dataset.zip https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/Flickr8k_Dataset.zip)"
+        extract_dir "$archive" "$IMAGE_ROOT"
+    fi
 }
 
 recipe_main "$@"
