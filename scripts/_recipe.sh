@@ -1,8 +1,9 @@
 # The stages of a whole training recipe, shared by scripts/train_flickr8k.sh and
 # scripts/train_coco.sh (sourced; it defines functions and runs nothing itself).
 #
-# A data-set script sets DATASET, CE_CONFIG, SCST_CONFIG, SPLIT_FILE and IMAGE_ROOT (the images,
-# relative to the data folder; empty: the folder itself), defines `download` (the data set's archives and layout) and `usage`, then calls
+# A data-set script sets DATASET, CE_CONFIG, SCST_CONFIG, SPLIT_FILE and IMAGE_ROOT (the images'
+# folder in the data folder; empty: the data folder itself), defines `download` (the data set's
+# archives and layout) and `usage`, then calls
 #   recipe_main "$@"
 # which runs: download, data check, features, cross-entropy fit, SCST fit, evaluation of both on
 # the test split, export. Each stage is skipped when its output is there; an output appears only
