@@ -31,6 +31,7 @@ from captioner.model_folder import (
     check_shapes,
     model_card,
     read_model_folder,
+    with_aliases,
     write_model_folder,
 )
 from captioner.models import Captioner, DecoderConfig, EncoderConfig
@@ -114,7 +115,9 @@ def _load_folder(folder: Path, device: str | torch.device) -> LoadedModel:
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{folder / CONFIG_FILE}: settings this version of captioner cannot "
                               f"build a model from: {err}") from None
-    check_shapes(state, model.state_dict(), str(folder / WEIGHTS_FILE), len(vocab))
+    expected = model.state_dict()
+    state = with_aliases(state, expected)
+    check_shapes(state, expected, str(folder / WEIGHTS_FILE), len(vocab))
     model.load_state_dict(state)
     model.eval().to(device)
     hp = {k: config[k] for k in ("encoder", "decoder", "decoding")}

@@ -11,7 +11,10 @@ knows the files; :func:`captioner.inference.load_checkpoint` builds the model fr
      "preprocessing": {"image_size": ..., "mean": [...], "std": [...]},
      "tokenizer": "simple", "vocab": ["<pad>", "<start>", "<end>", "<unk>", ...]}
 
-``model.safetensors`` holds the ``Captioner`` module's state dict (no ``model.`` prefix).
+``model.safetensors`` holds the ``Captioner`` module's state dict (no ``model.`` prefix), each
+tensor once: a torchvision encoder's frozen blocks are registered twice (``encoder.blocks.*`` and
+``encoder.frozen.*`` name the same tensors), and safetensors refuses shared memory, so only the
+first name is stored and loading fills in the others (:func:`with_aliases`).
 """
 
 from __future__ import annotations
@@ -76,6 +79,44 @@ def read_model_folder(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str
     return config, state
 
 
+def _memory(t: torch.Tensor) -> tuple | None:
+    """What identifies a tensor's memory (None for an empty one, which has no address)."""
+    if t.numel() == 0:
+        return None
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+
+def _aliases(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """{name: the first name of the same tensor} for each later name of a tensor in ``state``."""
+    first: dict[tuple, str] = {}
+    out = {}
+    for key, t in state.items():
+        mem = _memory(t)
+        if mem is None:
+            continue
+        if mem in first:
+            out[key] = first[mem]
+        else:
+            first[mem] = key
+    return out
+
+
+def without_aliases(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with each tensor under its first name only (what ``model.safetensors`` holds)."""
+    aliases = _aliases(state)
+    return {k: v for k, v in state.items() if k not in aliases}
+
+
+def with_aliases(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` read from a file, plus the names that share a stored tensor in ``expected`` (the
+    model's own state dict)."""
+    out = dict(state)
+    for alias, name in _aliases(expected).items():
+        if alias not in out and name in out:
+            out[alias] = out[name]
+    return out
+
+
 def check_shapes(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
                  where: str, vocab_size: int) -> None:
     """CheckpointError with one line when ``state`` does not fit the model built from the config."""
@@ -105,7 +146,7 @@ def write_model_folder(out: str | os.PathLike, config: dict[str, Any],
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in without_aliases(state).items()}
         save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         (tmp / CARD_FILE).write_text(card, encoding="utf-8")
         # config.json last: a folder without it is not a model folder

@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 DEST="${1:-data/coco}"
 mkdir -p "$DEST"
 cd "$DEST"
-fetch() { [ -f "$2" ] || curl -fL --retry 3 -o "$2.part" "$1" && mv "$2.part" "$2"; }
+# resumed after an interruption (-C -); renamed only when complete, so a rerun skips it
+fetch() { [ -f "$2" ] || { curl -fL --retry 3 -C - -o "$2.part" "$1" && mv "$2.part" "$2"; }; }
 fetch http://images.cocodataset.org/zips/train2014.zip train2014.zip
 fetch http://images.cocodataset.org/zips/val2014.zip val2014.zip
 fetch http://images.cocodataset.org/annotations/annotations_trainval2014.zip annotations_trainval2014.zip

@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 DEST="${1:-data/flickr8k}"
 mkdir -p "$DEST"
 cd "$DEST"
-fetch() { [ -f "$2" ] || curl -fL --retry 3 -o "$2.part" "$1" && mv "$2.part" "$2"; }
+# resumed after an interruption (-C -); renamed only when complete, so a rerun skips it
+fetch() { [ -f "$2" ] || { curl -fL --retry 3 -C - -o "$2.part" "$1" && mv "$2.part" "$2"; }; }
 fetch https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/Flickr8k_Dataset.zip Flickr8k_Dataset.zip
 fetch https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip caption_datasets.zip
 [ -d Flicker8k_Dataset ] || unzip -q Flickr8k_Dataset.zip

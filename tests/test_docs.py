@@ -80,7 +80,9 @@ def test_readme_is_a_short_page_with_links_that_exist() -> None:
 
 
 def readme_commands() -> list[str]:
-    """The `captioner ...` lines of the README's fenced blocks, continuation lines joined."""
+    """The `captioner ...` lines of the README's fenced blocks, continuation lines joined.
+    Other lines are not run here: `scripts/train_flickr8k.sh` and `scripts/train_coco.sh`
+    download tens of GB; tests/test_recipes.py runs them on tiny archives of the same layout."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     out = []
     for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", text, re.S):

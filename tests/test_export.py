@@ -118,6 +118,32 @@ def test_a_killed_export_leaves_no_folder(run, monkeypatch):
     assert not [p for p in run.parent.iterdir() if p.name.startswith(".killed")]
 
 
+def test_a_torchvision_encoders_shared_blocks_are_stored_once_and_loaded_back(tmp_path):
+    """A frozen torchvision encoder names its blocks twice (encoder.blocks.*, encoder.frozen.*);
+    safetensors refuses shared tensors, so the folder holds each once and loading restores both."""
+    from safetensors.torch import load_file
+
+    from captioner.inference import _load_folder
+    from captioner.model_folder import write_model_folder
+    from captioner.models import Captioner, DecoderConfig, EncoderConfig
+
+    enc = EncoderConfig(name="resnet50", grid=2, image_size=32)
+    dec = DecoderConfig(embed_dim=8, attention_dim=8, decoder_dim=8)
+    vocab = ["<pad>", "<start>", "<end>", "<unk>", "a", "dog"]
+    model = Captioner(enc, dec, len(vocab))
+    with torch.no_grad():
+        model.encoder.blocks[4][0].bn1.running_mean.uniform_()  # not a fresh model's value
+    config = {"format": "captioner-model", "format_version": 1, "encoder": enc.__dict__,
+              "decoder": dec.__dict__, "decoding": {}, "tokenizer": "simple", "vocab": vocab,
+              "preprocessing": model.encoder.preprocessing.to_dict()}
+    out = write_model_folder(tmp_path / "m", config, model.state_dict(), "card")
+    stored = load_file(out / WEIGHTS_FILE)
+    assert not any(k.startswith("encoder.frozen.") for k in stored) and len(stored) < len(model.state_dict())
+    loaded = _load_folder(out, "cpu").model.state_dict()
+    assert loaded.keys() == model.state_dict().keys()
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+
+
 def _damage(folder: Path, kind: str) -> str:
     """Break a copy of a model folder; return what the error must name."""
     weights, config = folder / WEIGHTS_FILE, folder / CONFIG_FILE

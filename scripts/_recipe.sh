@@ -1,0 +1,239 @@
+# The stages of a whole training recipe, shared by scripts/train_flickr8k.sh and
+# scripts/train_coco.sh (sourced; it defines functions and runs nothing itself).
+#
+# A data-set script sets DATASET, CE_CONFIG, SCST_CONFIG, SPLIT_FILE and IMAGE_ROOT (the images'
+# folder in the data folder; empty: the data folder itself), defines `download` (the data set's
+# archives and layout) and `usage`, then calls
+#   recipe_main "$@"
+# which runs: download, data check, features, cross-entropy fit, SCST fit, evaluation of both on
+# the test split, export. Each stage is skipped when its output is there; an output appears only
+# when its stage has finished (written under a temporary name and renamed, or marked done at the
+# end), so a killed run is simply run again. Details: docs/training.md, "Whole recipes".
+set -euo pipefail
+
+RECIPE_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+STAGE_NO=0
+STAGES=8
+DONE_FILE="recipe.done"  # a fit run's marker: written after `captioner fit` exits 0
+
+die() { echo "error: $*" >&2; exit 2; }
+
+abspath() { case "$1" in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
+
+begin() { STAGE_NO=$((STAGE_NO + 1)); echo "== $STAGE_NO/$STAGES $1"; }
+skip() { STAGE_NO=$((STAGE_NO + 1)); echo "== $STAGE_NO/$STAGES $1: skipped ($2)"; }
+
+# stage NAME PATH...: skip stage NAME when every PATH exists; else begin it and return true.
+stage() {
+    local name="$1" path
+    shift
+    for path in "$@"; do
+        if [ ! -e "$path" ]; then
+            begin "$name"
+            return 0
+        fi
+    done
+    skip "$name" "already there: $*"
+    return 1
+}
+
+recipe_parse() {
+    SOURCE=""
+    DATA="data/$DATASET"
+    WORK="runs/$DATASET-recipe"
+    FEATURES=1
+    EVAL_FLAGS=()
+    SETTINGS=()
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            --source|--data|--work)
+                [ $# -ge 2 ] || die "$1 needs a value"
+                case "$1" in
+                    --source) SOURCE="$2" ;;
+                    --data) DATA="$2" ;;
+                    --work) WORK="$2" ;;
+                esac
+                shift 2 ;;
+            --no-features) FEATURES=0; shift ;;
+            --no-meteor) EVAL_FLAGS+=(--no-meteor); shift ;;
+            -h|--help) usage; exit 0 ;;
+            --) shift; SETTINGS=("$@"); break ;;
+            *) usage >&2; die "unknown option: $1 (config settings go after --)" ;;
+        esac
+    done
+    if [ -n "$SOURCE" ]; then
+        [ -d "$SOURCE" ] || die "--source $SOURCE: not a folder"
+        SOURCE="$(abspath "$SOURCE")"
+    fi
+    DATA="$(abspath "$DATA")"
+    WORK="$(abspath "$WORK")"
+}
+
+# fetch NAME URL: the path of archive NAME: from --source when it is there, else downloaded into
+# the data folder (resumed after an interruption: curl -C - on NAME.part, renamed when complete).
+fetch() {
+    local name="$1" url="$2"
+    if [ -n "$SOURCE" ] && [ -f "$SOURCE/$name" ]; then
+        echo "   $name: from $SOURCE" >&2
+        echo "$SOURCE/$name"
+        return
+    fi
+    if [ ! -f "$DATA/$name" ]; then
+        [ -z "$SOURCE" ] || echo "   $name: not in $SOURCE, downloading" >&2
+        command -v curl >/dev/null || die "curl not found: install it, or put $name in a folder and give --source DIR"
+        echo "   $name: $url" >&2
+        curl -fL --retry 5 --retry-delay 10 -C - -o "$DATA/$name.part" "$url" >&2
+        mv "$DATA/$name.part" "$DATA/$name"
+    fi
+    echo "$DATA/$name"
+}
+
+# unzip_to ARCHIVE DEST [PATTERN]: unzip ARCHIVE (its members matching PATTERN) into DEST; with
+# Python's zipfile where there is no unzip.
+unzip_to() {
+    if command -v unzip >/dev/null; then
+        local status=0
+        unzip -q -o "$1" ${3:+"$3"} -d "$2" || status=$?
+        [ "$status" -le 1 ] || die "unzip $1 failed (exit $status)"  # 1: warnings only
+        return
+    fi
+    command -v python3 >/dev/null || die "neither unzip nor python3 found: install unzip"
+    python3 - "$1" "$2" "${3:-*}" <<'PY' || die "unzipping $1 failed"
+import fnmatch
+import sys
+import zipfile
+
+archive, dest, pattern = sys.argv[1:]
+with zipfile.ZipFile(archive) as z:
+    z.extractall(dest, [m for m in z.namelist() if fnmatch.fnmatch(m, pattern)])
+PY
+}
+
+# extract_dir ARCHIVE FOLDER: the archive's top-level FOLDER as $DATA/FOLDER, moved there whole.
+extract_dir() {
+    local archive="$1" folder="$2" tmp="$DATA/.$2.unzip"
+    echo "   unzipping $(basename "$archive") -> $DATA/$folder" >&2
+    rm -rf "$tmp"
+    mkdir -p "$tmp"
+    unzip_to "$archive" "$tmp"
+    [ -d "$tmp/$folder" ] || die "$archive: no $folder/ in it (found: $(ls "$tmp" | tr '\n' ' '))"
+    mv "$tmp/$folder" "$DATA/$folder"
+    rm -rf "$tmp"
+}
+
+# extract_file ARCHIVE NAME: the archive's file NAME (in any folder of it) as $DATA/NAME.
+extract_file() {
+    local archive="$1" name="$2" tmp="$DATA/.$2.unzip"
+    rm -rf "$tmp"
+    mkdir -p "$tmp"
+    unzip_to "$archive" "$tmp" "*$name"
+    local found
+    found="$(find "$tmp" -name "$name" -type f | head -n 1)"
+    [ -n "$found" ] || die "$archive: no $name in it"
+    mv "$found" "$DATA/$name"
+    rm -rf "$tmp"
+}
+
+# best_checkpoint RUN: best.ckpt (best validation CIDEr-D), or last.ckpt when the run never validated.
+best_checkpoint() {
+    if [ -f "$1/checkpoints/best.ckpt" ]; then
+        echo "$1/checkpoints/best.ckpt"
+    elif [ -f "$1/checkpoints/last.ckpt" ]; then
+        echo "   $1 has no best.ckpt (it never validated): using last.ckpt" >&2
+        echo "$1/checkpoints/last.ckpt"
+    else
+        die "$1/checkpoints holds no checkpoint"
+    fi
+}
+
+# fit RUN CONFIG [ARG...]: `captioner fit` into RUN, resumed from its last.ckpt after a kill;
+# RUN/recipe.done (the command) marks it finished.
+fit() {
+    local run="$1" config="$2"
+    shift 2
+    local cmd=(captioner fit --config "$config" "${DATA_ARGS[@]}" --trainer.default_root_dir "$run" "$@"
+               ${SETTINGS[@]+"${SETTINGS[@]}"})
+    if [ -f "$run/checkpoints/last.ckpt" ]; then
+        echo "   resuming from $run/checkpoints/last.ckpt"
+        cmd+=(--ckpt_path "$run/checkpoints/last.ckpt")
+    fi
+    echo "   ${cmd[*]}"
+    "${cmd[@]}"
+    printf '%s\n' "${cmd[*]}" > "$run/$DONE_FILE"
+}
+
+# evaluate_stage NAME RUN OUT: the run's model on the test split -> OUT (metrics.json, results.json,
+# summary.md, curves, attention figures), written in OUT.tmp and renamed when complete.
+evaluate_stage() {
+    local name="$1" run="$2" out="$3"
+    stage "$name" "$out" || return 0
+    local ckpt
+    ckpt="$(best_checkpoint "$run")"
+    rm -rf "$out.tmp"
+    local cmd=(captioner evaluate --checkpoint "$ckpt" --split test --report "$out.tmp"
+               --results "$out.tmp/results.json" ${EVAL_FLAGS[@]+"${EVAL_FLAGS[@]}"})
+    echo "   ${cmd[*]}"
+    "${cmd[@]}"
+    mv "$out.tmp" "$out"
+}
+
+recipe_main() {
+    recipe_parse "$@"
+    if ! command -v captioner >/dev/null; then
+        # shellcheck source=scripts/_venv.sh
+        source "$RECIPE_ROOT/scripts/_venv.sh"
+        ensure_venv hub
+    fi
+    mkdir -p "$DATA" "$WORK"
+    SPLIT="$DATA/$SPLIT_FILE"
+    IMAGES="$DATA${IMAGE_ROOT:+/$IMAGE_ROOT}"
+    local features="$WORK/features" ce="$WORK/ce" scst="$WORK/scst" model="$WORK/captioner-$DATASET"
+    local karpathy=(--data.karpathy.split_file "$SPLIT" --data.karpathy.image_root "$IMAGES")
+    DATA_ARGS=("${karpathy[@]}")
+    [ "$FEATURES" = 0 ] || DATA_ARGS+=(--data.feature_cache "$features")
+    echo "recipe $DATASET: data in $DATA, runs in $WORK"
+
+    download
+
+    if stage "data check" "$WORK/data-check.txt"; then
+        echo "   captioner data check --karpathy-json $SPLIT --image-root $IMAGES"
+        if ! captioner data check --karpathy-json "$SPLIT" --image-root "$IMAGES" | tee "$WORK/data-check.txt.tmp"; then
+            die "the data check found problems (above); mend them and run again"
+        fi
+        mv "$WORK/data-check.txt.tmp" "$WORK/data-check.txt"
+    fi
+
+    if [ "$FEATURES" = 0 ]; then
+        skip features "--no-features: training reads the images"
+    elif grep -Eqs '"complete": *true' "$features/index.json"; then
+        skip features "$features is complete"
+    else
+        begin features
+        # resumable: the finished shards of an interrupted extraction are kept
+        local cmd=(captioner features extract --config "$CE_CONFIG" --out "$features" "${karpathy[@]}"
+                   ${SETTINGS[@]+"${SETTINGS[@]}"})
+        echo "   ${cmd[*]}"
+        "${cmd[@]}"
+    fi
+
+    if stage "cross-entropy training" "$ce/$DONE_FILE"; then
+        fit "$ce" "$CE_CONFIG"
+    fi
+    local ckpt
+    if stage "SCST fine-tuning" "$scst/$DONE_FILE"; then
+        ckpt="$(best_checkpoint "$ce")"
+        fit "$scst" "$SCST_CONFIG" --model.init_from "$ckpt"
+    fi
+    evaluate_stage "evaluate the cross-entropy model" "$ce" "$WORK/eval-ce"
+    evaluate_stage "evaluate the SCST model" "$scst" "$WORK/eval-scst"
+
+    if stage export "$model"; then
+        ckpt="$(best_checkpoint "$scst")"
+        # written in a hidden temporary folder and renamed: a killed export leaves no $model
+        echo "   captioner export --checkpoint $ckpt --out $model --metrics $WORK/eval-scst/metrics.json"
+        captioner export --checkpoint "$ckpt" --out "$model" --metrics "$WORK/eval-scst/metrics.json"
+    fi
+
+    echo "done: test-split scores in $WORK/eval-ce/summary.md (cross-entropy) and"
+    echo "      $WORK/eval-scst/summary.md (SCST); caption with: captioner caption --checkpoint $model photos/"
+}
