@@ -351,9 +351,9 @@ class TimmEncoder(Encoder):
 
     @classmethod
     def default_preprocessing(cls, config: EncoderConfig) -> Preprocessing:
+        name = cls._model_name(config)  # first: it says which extra is missing
         import timm.data
 
-        name = cls._model_name(config)
         pcfg = timm.models.get_pretrained_cfg(name)
         data = timm.data.resolve_data_config(pretrained_cfg=pcfg.to_dict() if pcfg else {})
         return _family_preprocessing(config, data["input_size"][-1], data["mean"], data["std"], data["interpolation"])
@@ -446,9 +446,9 @@ class OpenClipEncoder(Encoder):
 
     @classmethod
     def default_preprocessing(cls, config: EncoderConfig) -> Preprocessing:
+        model, tag = cls._model_tag(config)  # first: it says which extra is missing
         import open_clip
 
-        model, tag = cls._model_tag(config)
         mcfg = open_clip.get_model_config(model) or {}
         pre = {"mean": open_clip.OPENAI_DATASET_MEAN, "std": open_clip.OPENAI_DATASET_STD,
                "interpolation": "bicubic", **mcfg.get("preprocess_cfg", {}),
