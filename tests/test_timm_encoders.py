@@ -202,9 +202,10 @@ def test_fit_a_few_steps_then_caption(name: str, size: int, grid: int, shapes_di
 
 def _one_line_error(capsys, args: list[str]) -> str:
     assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("captioner: error:") and "\n" not in err and "Traceback" not in err, err
-    return err
+    err = capsys.readouterr().err.strip()  # info lines (the data read) may come first
+    errors = [line for line in err.splitlines() if line.startswith("captioner: error:")]
+    assert len(errors) == 1 and err.endswith(errors[0]) and "Traceback" not in err, err
+    return errors[0]
 
 
 @pytest.mark.parametrize(("encoder", "needles"), [
