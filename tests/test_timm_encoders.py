@@ -193,11 +193,19 @@ def test_fit_a_few_steps_then_caption(name: str, size: int, grid: int, shapes_di
     stored = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert stored["captioner"]["preprocessing"] == encoder_preprocessing(
         EncoderConfig(name=name, image_size=size)).to_dict()
+    # a run on pretrained weights loads from its own state: no download, no weights file needed
+    stored["hyper_parameters"]["encoder"].update(pretrained=True, weights_path="/nonexistent/weights.pth")
+    torch.save(stored, ckpt)
     capsys.readouterr()
     image = next((shapes_dir / "images").iterdir())
     assert main(["caption", "--checkpoint", str(ckpt), "--device", "cpu", "--quantize", "int8", str(image)]) == 0
     path, caption = capsys.readouterr().out.strip().split("\t")
     assert path == str(image) and caption
+    # the attend figure's raw maps are on the encoder's grid
+    out = tmp_path / "attend.png"
+    assert main(["attend", "--checkpoint", str(ckpt), str(image), "-o", str(out), "--json", "--device", "cpu"]) == 0
+    maps = json.loads(out.with_suffix(".json").read_text())
+    assert out.is_file() and maps["grid"] == [grid, grid]
 
 
 def _one_line_error(capsys, args: list[str]) -> str:
