@@ -91,7 +91,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         raise CheckpointError(f"{path}: not a captioner checkpoint (no vocabulary/hyperparameters)")
     try:
         vocab = Vocabulary(meta["vocab"])
-        model = Captioner(EncoderConfig(**hp["encoder"]), DecoderConfig(**hp["decoder"]), len(vocab))
+        model = Captioner(_encoder_to_load(hp["encoder"]), DecoderConfig(**hp["decoder"]), len(vocab))
         state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
         model.load_state_dict(state)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
@@ -105,11 +105,17 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
                        tokenizer)
 
 
+def _encoder_to_load(settings: dict) -> EncoderConfig:
+    """The encoder of a saved model, built without its pretrained weights: the saved state replaces
+    them, so loading never downloads (an offline machine can caption with a timm/CLIP checkpoint)."""
+    return EncoderConfig(**{**settings, "pretrained": False, "weights_path": None})
+
+
 def _load_folder(folder: Path, device: str | torch.device) -> LoadedModel:
     config, state = read_model_folder(folder)
     try:
         vocab = Vocabulary(config["vocab"])
-        model = Captioner(EncoderConfig(**config["encoder"]), DecoderConfig(**config["decoder"]), len(vocab))
+        model = Captioner(_encoder_to_load(config["encoder"]), DecoderConfig(**config["decoder"]), len(vocab))
         preprocessing = Preprocessing.from_dict(config["preprocessing"])
         DecodingConfig.from_dict(config["decoding"])
     except (KeyError, TypeError, ValueError) as err:

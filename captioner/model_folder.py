@@ -8,7 +8,7 @@ knows the files; :func:`captioner.inference.load_checkpoint` builds the model fr
 
     {"format": "captioner-model", "format_version": 1,
      "encoder": {...}, "decoder": {...}, "decoding": {...},   # the dataclasses' settings
-     "preprocessing": {"image_size": ..., "mean": [...], "std": [...]},
+     "preprocessing": {"image_size": ..., "mean": [...], "std": [...], "interpolation": "bicubic"},
      "tokenizer": "simple", "vocab": ["<pad>", "<start>", "<end>", "<unk>", ...]}
 
 ``model.safetensors`` holds the ``Captioner`` module's state dict (no ``model.`` prefix), each

@@ -3,10 +3,14 @@
 Registered: ``resnet50``, ``resnet101``, ``resnet152``, ``vgg16``, ``vgg19`` (torchvision; features
 before the last pooling, adaptive-pooled to ``grid`` x ``grid``) and ``shapes_cnn`` (a small CNN
 trained from scratch, with a 2-D positional signal so that spatial words can be learned).
+Families, by name prefix: ``timm/<model>`` (any timm model; extra ``captioner[timm]``) and
+``open_clip/<model>:<tag>`` (a CLIP image tower; extra ``captioner[clip]``).
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib
 import logging
 import math
 from dataclasses import dataclass
@@ -30,7 +34,9 @@ class EncoderConfig:
 
     ``trainable_blocks``: how many of the last blocks are fine-tuned (0 = frozen, -1 = all);
     ignored by ``shapes_cnn``, which always trains. ``weights_path``: a local ``.pth`` state dict
-    of the torchvision ImageNet weights, for machines that cannot download them.
+    of the torchvision ImageNet weights (or the timm / open_clip checkpoint file), for machines
+    that cannot download them. ``stage``: which feature stage of a ``timm/`` model gives the
+    regions (an index into its ``feature_info``; -1 = the last map).
     """
 
     name: str = "shapes_cnn"
@@ -44,6 +50,7 @@ class EncoderConfig:
     # also appends it to every region feature as is, so each attention context carries the
     # attended position linearly (what spatial words are decided from).
     position: str = "mix"
+    stage: int = -1
 
 
 class Encoder(nn.Module):
@@ -254,3 +261,262 @@ class ShapesCNN(Encoder):
         if self.append_position:
             x = torch.cat([x, pos], 1)  # (B, C + P, h, w)
         return _to_regions(x)
+
+
+# -- model families by name prefix: timm/<model>, open_clip/<model>:<tag> ------------------------------
+def _import_extra(module: str, extra: str, name: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ValueError(f"model.encoder.name {name!r} needs the {module} package: "
+                         f"pip install 'captioner[{extra}]'") from err
+
+
+def _unknown(name: str, known: list[str]) -> ValueError:
+    close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
+    hint = f"; close matches: {', '.join(close)}" if close else ""
+    return ValueError(f"model.encoder.name: unknown model {name!r}{hint}")
+
+
+def _family_preprocessing(config: EncoderConfig, size: int, mean, std, interpolation: str) -> Preprocessing:
+    # No crop (timm's crop_pct): attention should see the whole image, as for every encoder here.
+    interp = interpolation if interpolation in ("bicubic", "bilinear") else "bicubic"
+    return Preprocessing(config.image_size or int(size), [float(m) for m in mean], [float(v) for v in std], interp)
+
+
+def _freeze_all_but_last(units: list[nn.Module], params: list[nn.Parameter], k: int) -> None:
+    """``k`` = trainable_blocks: 0 freezes every parameter, -1 none, else all but the last k units."""
+    if k < 0:
+        return
+    for p in params:
+        p.requires_grad_(False)
+    for unit in units[len(units) - min(k, len(units)):]:
+        for p in unit.parameters():
+            p.requires_grad_(True)
+
+
+def _keep_frozen_norms(module: nn.Module) -> None:
+    # frozen BatchNorm layers keep their running statistics in training
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+            m.eval()
+
+
+def _check_image_size(name: str, size: int, patch: int) -> None:
+    if size % patch:
+        raise ValueError(f"model.encoder.image_size {size}: {name} cuts images into {patch} px patches; "
+                         f"use a multiple of {patch} (e.g. {max(patch, size // patch * patch)})")
+
+
+def _probe_dim(encoder: Encoder, name: str, size: int) -> int:
+    """Run one blank image through a family encoder: its region width D, or a clear error for an
+    image size the model cannot take (e.g. a fixed-size ViT)."""
+    was = encoder.training
+    encoder.eval()
+    try:
+        with torch.no_grad():
+            regions, _ = encoder(torch.zeros(1, 3, size, size))  # (1, N, D)
+    except (AssertionError, RuntimeError, ValueError) as err:
+        raise ValueError(f"model.encoder.image_size {size}: {name} cannot take {size} px images: "
+                         f"{' '.join(str(err).split())}") from err
+    finally:
+        encoder.train(was)
+    return int(regions.size(-1))
+
+
+def _pool_regions(x: Tensor, grid: int) -> tuple[Tensor, tuple[int, int]]:
+    """A map (B, D, h, w) -> regions (B, N, D) on grid x grid (pooled only if h, w differ)."""
+    if x.shape[-2:] != (grid, grid):
+        x = nn.functional.adaptive_avg_pool2d(x, grid)
+    return _to_regions(x)
+
+
+@ENCODERS.register_family("timm", "timm/<model>[.<tag>], any timm model, e.g. timm/convnext_tiny.fb_in22k_ft_in1k "
+                          "(pip install 'captioner[timm]')")
+class TimmEncoder(Encoder):
+    """A timm model: a CNN's last feature map (or ``stage``), or a ViT's patch tokens without its
+    prefix tokens (class, register, distillation), pooled to ``grid`` x ``grid`` where they differ.
+
+    ViTs are built with timm's ``dynamic_img_size`` at ``image_size``, so any multiple of the patch
+    size works (position embeddings resampled). Preprocessing comes from the model's pretrained config."""
+
+    @staticmethod
+    def _model_name(config: EncoderConfig) -> str:
+        timm = _import_extra("timm", "timm", config.name)
+        name = config.name.removeprefix("timm/")
+        arch, _ = timm.models.split_model_name_tag(name)
+        if not timm.is_model(arch):
+            raise _unknown(name, timm.list_models())
+        return name
+
+    @classmethod
+    def default_preprocessing(cls, config: EncoderConfig) -> Preprocessing:
+        name = cls._model_name(config)  # first: it says which extra is missing
+        import timm.data
+
+        pcfg = timm.models.get_pretrained_cfg(name)
+        data = timm.data.resolve_data_config(pretrained_cfg=pcfg.to_dict() if pcfg else {})
+        return _family_preprocessing(config, data["input_size"][-1], data["mean"], data["std"], data["interpolation"])
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        import timm
+
+        name = self._model_name(config)
+        self.preprocessing = encoder_preprocessing(config)
+        size = self.preprocessing.image_size
+        kwargs: dict = {"num_classes": 0}
+        if config.weights_path:
+            kwargs["pretrained_cfg_overlay"] = {"file": config.weights_path}
+        pretrained = bool(config.pretrained or config.weights_path)
+        try:
+            try:  # token models (ViT and kin) take any multiple of the patch size
+                net = timm.create_model(name, pretrained=pretrained, dynamic_img_size=True, img_size=size, **kwargs)
+            except TypeError as err:  # a CNN's constructor has no such arguments
+                if "img_size" not in str(err):
+                    raise
+                net = timm.create_model(name, pretrained=pretrained, **kwargs)
+        except Exception as err:
+            if not pretrained or isinstance(err, TypeError):
+                raise
+            where = (f"from {config.weights_path}" if config.weights_path
+                     else "(no download here?); set `model.encoder.weights_path` to a local copy of the checkpoint")
+            raise WeightsUnavailable(f"could not load the timm weights of {name} {where}: "
+                                     f"{' '.join(str(err).split())}") from err
+        self.prefix_tokens = int(getattr(net, "num_prefix_tokens", 0))
+        patch = getattr(getattr(net, "patch_embed", None), "patch_size", None)
+        if patch is not None:
+            _check_image_size(config.name, size, int(patch[0]))
+        info = list(net.feature_info)
+        self.stage = config.stage if config.stage >= 0 else len(info) + config.stage
+        if not 0 <= self.stage < len(info):
+            raise ValueError(f"model.encoder.stage {config.stage}: {config.name} has {len(info)} stages")
+        self.last = self.stage == len(info) - 1
+        if not self.last:  # stop at the chosen stage: later stages are never run
+            if not hasattr(net, "forward_intermediates"):
+                raise ValueError(f"model.encoder.stage {config.stage}: {config.name} has no forward_intermediates")
+            net.prune_intermediate_layers([self.stage], prune_head=True)
+        self.net = net
+        self.grid = config.grid
+        self.out_dim = _probe_dim(self, config.name, size)
+        units = [net.get_submodule(i["module"]) for i in info[: self.stage + 1]]
+        _freeze_all_but_last(units, list(net.parameters()), config.trainable_blocks)
+        if self.last and config.trainable_blocks > 0:  # the final norm belongs to the last block's output
+            for p in getattr(net, "norm", nn.Identity()).parameters():
+                p.requires_grad_(True)
+
+    def train(self, mode: bool = True) -> TimmEncoder:
+        super().train(mode)
+        _keep_frozen_norms(self.net)
+        return self
+
+    def forward(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        if not self.last:
+            x = self.net.forward_intermediates(images, indices=[self.stage], norm=False,
+                                               intermediates_only=True)[0]  # (B, D, h, w)
+            return _pool_regions(x, self.grid)
+        x = self.net.forward_features(images)
+        if x.dim() == 3:  # tokens (B, P + h*w, D): drop the prefix, lay the patches on their grid
+            h, w = self.net.patch_embed.dynamic_feat_size(images.shape[-2:])
+            x = x[:, self.prefix_tokens:]
+            assert x.size(1) == h * w, f"{x.size(1)} patch tokens for a {h}x{w} grid"
+            x = x.transpose(1, 2).reshape(x.size(0), -1, h, w)  # (B, D, h, w)
+        return _pool_regions(x, self.grid)  # (B, N, D)
+
+
+@ENCODERS.register_family("open_clip", "open_clip/<model>[:<pretrained tag>], a CLIP image tower, e.g. "
+                          "open_clip/ViT-B-16:openai (pip install 'captioner[clip]')")
+class OpenClipEncoder(Encoder):
+    """A CLIP image tower's spatial tokens: a ViT's patch tokens (after ``ln_post``, before the
+    projection; the class token dropped) or a ModifiedResNet's map before its attention pooling.
+    ``pretrained: true`` loads the tag's weights; without a tag or with ``pretrained: false`` the
+    tower is random."""
+
+    @staticmethod
+    def _model_tag(config: EncoderConfig) -> tuple[str, str | None]:
+        open_clip = _import_extra("open_clip", "clip", config.name)
+        model, _, tag = config.name.removeprefix("open_clip/").partition(":")
+        if model not in open_clip.list_models():
+            known = [f"{m}:{t}" for m, t in open_clip.list_pretrained()] + open_clip.list_models()
+            raise _unknown(config.name.removeprefix("open_clip/"), known)
+        if tag and tag not in open_clip.list_pretrained_tags_by_model(model):
+            tags = ", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none"
+            raise ValueError(f"model.encoder.name: {model} has no pretrained tag {tag!r} (tags: {tags})")
+        return model, tag or None
+
+    @classmethod
+    def default_preprocessing(cls, config: EncoderConfig) -> Preprocessing:
+        model, tag = cls._model_tag(config)  # first: it says which extra is missing
+        import open_clip
+
+        mcfg = open_clip.get_model_config(model) or {}
+        pre = {"mean": open_clip.OPENAI_DATASET_MEAN, "std": open_clip.OPENAI_DATASET_STD,
+               "interpolation": "bicubic", **mcfg.get("preprocess_cfg", {}),
+               **(open_clip.get_pretrained_cfg(model, tag) if tag else {})}
+        size = mcfg.get("vision_cfg", {}).get("image_size", 224)
+        size = size if isinstance(size, int) else size[-1]
+        return _family_preprocessing(config, size, pre["mean"], pre["std"], pre["interpolation"])
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        import open_clip
+        from open_clip.model import ModifiedResNet
+        from open_clip.transformer import VisionTransformer
+
+        model, tag = self._model_tag(config)
+        self.preprocessing = encoder_preprocessing(config)
+        size = self.preprocessing.image_size
+        weights = config.weights_path or (tag if config.pretrained else None)
+        if config.pretrained and not weights:
+            raise ValueError(f"model.encoder.pretrained: name a tag, e.g. open_clip/{model}:"
+                             f"{(open_clip.list_pretrained_tags_by_model(model) or ['<tag>'])[0]}")
+        try:  # force_image_size resamples the position embedding of a loaded checkpoint
+            clip = open_clip.create_model(model, pretrained=weights, force_image_size=size)
+        except Exception as err:
+            if not weights:
+                raise
+            where = (f"from {config.weights_path}" if config.weights_path
+                     else "(no download here?); set `model.encoder.weights_path` to a local copy of the checkpoint")
+            raise WeightsUnavailable(f"could not load the open_clip weights {model}:{tag} {where}: "
+                                     f"{' '.join(str(err).split())}") from err
+        visual = clip.visual
+        if isinstance(visual, VisionTransformer):
+            _check_image_size(config.name, size, int(visual.patch_size[0]))
+            units = list(visual.transformer.resblocks)
+            self.is_vit = True
+        elif isinstance(visual, ModifiedResNet):
+            units = [visual.layer1, visual.layer2, visual.layer3, visual.layer4]
+            visual.attnpool = nn.Identity()  # its pooled vector is not used: the map is
+            self.is_vit = False
+        else:
+            raise ValueError(f"model.encoder.name {config.name!r}: its image tower is a {type(visual).__name__}; "
+                             "open_clip/ takes ViT and ModifiedResNet towers (use timm/ for the others)")
+        self.visual = visual  # the text tower is dropped
+        self.grid = config.grid
+        self.out_dim = _probe_dim(self, config.name, size)
+        _freeze_all_but_last(units, list(visual.parameters()), config.trainable_blocks)
+        if self.is_vit and config.trainable_blocks > 0:
+            visual.ln_post.requires_grad_(True)
+
+    def train(self, mode: bool = True) -> OpenClipEncoder:
+        super().train(mode)
+        _keep_frozen_norms(self.visual)
+        return self
+
+    def forward(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        v = self.visual
+        if not self.is_vit:
+            x = v.layer4(v.layer3(v.layer2(v.layer1(v.stem(images)))))  # (B, D, h, w)
+            return _pool_regions(x, self.grid)
+        # The tower's own embedding, without patch dropout (it would remove grid cells).
+        x = v.conv1(images)  # (B, D, h, w)
+        b, d, h, w = x.shape
+        x = x.flatten(2).transpose(1, 2)  # (B, h*w, D)
+        cls = v.class_embedding.to(x.dtype).expand(b, 1, d)
+        x = v.ln_pre(torch.cat([cls, x], 1) + v.positional_embedding.to(x.dtype))  # (B, 1 + h*w, D)
+        if not getattr(v.transformer, "batch_first", False):  # older open_clip: sequence first
+            x = v.transformer(x.transpose(0, 1)).transpose(0, 1)
+        else:
+            x = v.transformer(x)
+        x = v.ln_post(x[:, 1:])  # (B, h*w, D): the class token dropped
+        return _pool_regions(x.transpose(1, 2).reshape(b, d, h, w), self.grid)
