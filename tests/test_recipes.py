@@ -103,14 +103,15 @@ def coco_source(folder: Path) -> tuple[Path, dict]:
     return folder, dataset
 
 
-def run_recipe(script: str, *args: str, tmp: Path, without: str | None = None) -> subprocess.CompletedProcess:
-    """``bash scripts/SCRIPT ARGS`` in ``tmp``, with `captioner` on the PATH running this checkout's
-    code; ``without``: a program left off the PATH."""
-    shim = tmp / "bin"
-    if not shim.is_dir():
-        shim.mkdir()
-        (shim / "captioner").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m captioner.cli "$@"\n')
-        (shim / "captioner").chmod(0o755)
+def run_recipe(script: str, *args: str, tmp: Path, without: str | None = None,
+               captioner: str | None = None) -> subprocess.CompletedProcess:
+    """``bash scripts/SCRIPT ARGS`` in ``tmp``, with `captioner` on the PATH: this checkout's, or
+    the program text ``captioner``; ``without``: a program left off the PATH."""
+    shim = tmp / ("bin" if captioner is None else "fake-bin")
+    shim.mkdir(exist_ok=True)
+    (shim / "captioner").write_text(
+        captioner or f'#!/bin/sh\nexec "{sys.executable}" -m captioner.cli "$@"\n')
+    (shim / "captioner").chmod(0o755)
     path = [str(shim), *os.environ["PATH"].split(os.pathsep)]
     if without is not None:
         path[1:] = [str(_programs_except(without, tmp / f"no-{without}", path[1:]))]
@@ -202,26 +203,78 @@ def test_flickr8k_recipe_end_to_end_then_every_stage_skipped(tmp_path) -> None:
     assert (model / "config.json").is_file()
 
 
-def test_coco_recipe_lays_out_coco_and_trains_from_the_images(tmp_path) -> None:
-    """COCO's layout (train2014/, val2014/ under the data folder, the split file's filepath),
-    --no-features (training reads the images), and Python's zipfile where unzip is missing."""
+# `captioner` for the COCO test: `data check` runs for real (it reads the layout the download
+# made); fit, evaluate and export only make their outputs. Each call's arguments go to LOG.
+RECORDING_CAPTIONER = """#!{python}
+import json
+import sys
+from pathlib import Path
+
+args = sys.argv[1:]
+with open({log!r}, "a") as f:
+    f.write(json.dumps(args) + "\\n")
+
+
+def value(flag):
+    return Path(args[args.index(flag) + 1])
+
+
+if args[0] == "data":
+    from captioner.cli import main
+
+    sys.exit(main(args))
+if args[0] == "fit":
+    folder = value("--trainer.default_root_dir") / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "best.ckpt").touch()
+elif args[0] == "evaluate":
+    value("--report").mkdir(parents=True)
+    (value("--report") / "metrics.json").write_text("{{}}")
+elif args[0] == "export":
+    value("--out").mkdir()
+else:
+    sys.exit("unexpected: " + " ".join(args))
+"""
+
+
+def test_coco_recipe_lays_out_coco_and_runs_each_stage_with_its_config(tmp_path) -> None:
+    """COCO's layout (train2014/, val2014/ in the data folder, the split file's filepath), unzipped
+    with Python's zipfile where there is no unzip, and the commands of the stages (a whole run is
+    the Flickr8k test's; this one records them), with --no-features."""
     source, dataset = coco_source(tmp_path / "archives")
-    data, work = tmp_path / "data", tmp_path / "work"
-    args = ["--source", str(source), "--data", "data", "--work", "work", "--no-features", "--no-meteor",
-            "--", *SETTINGS]
-    lines = stage_lines(_ok(run_recipe("train_coco.sh", *args, tmp=tmp_path, without="unzip")))
+    data, work, log = tmp_path / "data", tmp_path / "work", tmp_path / "calls.jsonl"
+    fake = RECORDING_CAPTIONER.format(python=sys.executable, log=str(log))
+    args = ["--source", str(source), "--data", "data", "--work", "work", "--no-features",
+            "--", "--data.num_workers", "0"]
+    proc = run_recipe("train_coco.sh", *args, tmp=tmp_path, without="unzip", captioner=fake)
+    lines = stage_lines(_ok(proc))
     assert [line.split(" ", 2)[2].split(":")[0] for line in lines] == STAGES, lines
     assert "features: skipped (--no-features" in lines[2]
-    assert {p.name for p in data.iterdir()} >= {"train2014", "val2014", "dataset_coco.json"}
-    assert len(list((data / "val2014").iterdir())) == 4
-    assert not (work / "features").exists()
-    config = yaml.safe_load((work / "ce" / "config.yaml").read_text())
-    assert config["data"]["feature_cache"] is None
-    metrics = json.loads((work / "eval-scst" / "metrics.json").read_text())
-    assert metrics["num_images"] == 2
-    results = json.loads((work / "eval-scst" / "results.json").read_text())
-    assert sorted(r["image_id"] for r in results) == [108, 109]  # the split file's cocoid
-    assert (work / "captioner-coco" / "model.safetensors").is_file()
+
+    assert sorted(p.name for p in data.iterdir()) == ["dataset_coco.json", "train2014", "val2014"]
+    assert len(list((data / "train2014").iterdir())) == 6 and len(list((data / "val2014").iterdir())) == 4
+    assert json.loads((data / "dataset_coco.json").read_text()) == dataset
+    assert "no problems found" in (work / "data-check.txt").read_text()  # every image found
+
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [c[0] for c in calls] == ["data", "fit", "fit", "evaluate", "evaluate", "export"]
+    karpathy = ["--data.karpathy.split_file", str(data / "dataset_coco.json"),
+                "--data.karpathy.image_root", str(data)]  # filepath/filename below the data folder
+    assert calls[0] == ["data", "check", "--karpathy-json", karpathy[1], "--image-root", str(data)]
+    ce_best = str(work / "ce" / "checkpoints" / "best.ckpt")
+    assert calls[1] == ["fit", "--config", str(ROOT / "configs" / "coco.yaml"), *karpathy,
+                        "--trainer.default_root_dir", str(work / "ce"), "--data.num_workers", "0"]
+    assert calls[2] == ["fit", "--config", str(ROOT / "configs" / "coco-scst.yaml"), *karpathy,
+                        "--trainer.default_root_dir", str(work / "scst"), "--model.init_from", ce_best,
+                        "--data.num_workers", "0"]
+    assert calls[3][:5] == ["evaluate", "--checkpoint", ce_best, "--split", "test"]
+    assert calls[5] == ["export", "--checkpoint", str(work / "scst" / "checkpoints" / "best.ckpt"),
+                        "--out", str(work / "captioner-coco"),
+                        "--metrics", str(work / "eval-scst" / "metrics.json")]
+
+    proc = run_recipe("train_coco.sh", *args, tmp=tmp_path, without="unzip", captioner=fake)
+    assert all(": skipped (" in line for line in stage_lines(_ok(proc)))
+    assert len(log.read_text().splitlines()) == len(calls)  # nothing ran again
 
 
 @pytest.mark.parametrize("script", ["train_flickr8k.sh", "train_coco.sh"])
