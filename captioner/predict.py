@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from captioner.data.features import encode, read_image
-from captioner.data.records import ImageRecord
+from captioner.data.records import ImageRecord, blocks
 from captioner.data.transforms import Preprocessing
 from captioner.inference import CaptionOptions, CaptionPipeline
 
@@ -40,20 +40,6 @@ logger = logging.getLogger(__name__)
 # An image's result: (input position, what the predictor made of it, or None, and the reason
 # it could not be read, or None).
 Result = tuple[int, Any, str | None]
-
-
-def blocks(todo: Iterable[int], size: int) -> list[list[int]]:
-    """Input positions -> blocks of the positions that share ``position // size``, in order.
-    Positions already done leave holes; a block is never filled up from the next one, so that
-    a batch holds the same images in every run."""
-    out: list[list[int]] = []
-    last = None
-    for i in sorted(todo):
-        if i // size != last:
-            out.append([])
-            last = i // size
-        out[-1].append(i)
-    return out
 
 
 def rank_blocks(todo: Iterable[int], size: int, rank: int, world: int) -> list[list[int]]:

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from captioner.data.atomic import atomic_write, atomic_write_json
 from captioner.data.images import ImageLoadError, load_image
-from captioner.data.records import ImageRecord
+from captioner.data.records import ImageRecord, blocks
 from captioner.data.transforms import Preprocessing
 
 logger = logging.getLogger(__name__)
@@ -354,11 +354,8 @@ def extract_features(
     if len(todo) < len(records):
         logger.info("resuming %s: %d of %d images already extracted", plan.out, len(records) - len(todo),
                     len(records))
-    left = set(todo)
     # batches of consecutive rows, as the distributed extraction makes them
-    batches = [[i for i in range(b, min(b + batch_size, len(records))) if i in left]
-               for b in range(0, len(records), batch_size)]
-    loader = DataLoader(_Images(records, preprocessing), batch_sampler=[b for b in batches if b],
+    loader = DataLoader(_Images(records, preprocessing), batch_sampler=blocks(todo, batch_size),
                         num_workers=num_workers, collate_fn=_as_list)
     pending: list = []
     for items in loader:
