@@ -141,12 +141,15 @@ class CachePlan:
     def index_path(self) -> Path:
         return self.out / INDEX_FILE
 
-    def differs(self) -> list[str]:
-        """The settings in which the cache already in ``out`` differs from this plan (none: no
-        cache there, or the same)."""
-        if not self.index_path.exists():
+    def _old_index(self) -> dict | None:
+        return json.loads(self.index_path.read_text()) if self.index_path.exists() else None
+
+    def differs(self, old: dict | None = None) -> list[str]:
+        """The settings in which the cache already in ``out`` (its index ``old``, read when not
+        given) differs from this plan (none: no cache there, or the same)."""
+        old = self._old_index() if old is None else old
+        if old is None:
             return []
-        old = json.loads(self.index_path.read_text())
         diff = sorted(k for k, v in self.settings.items() if old.get(k) != v)
         return diff or (["shards"] if old.get("shards") != self.shards else [])
 
@@ -154,14 +157,14 @@ class CachePlan:
         """The shards of an earlier run of the same plan that are written and whole (read only:
         every rank of a distributed extraction may call it). A folder that holds a different
         cache -> FeatureCacheError, unless ``overwrite``: then none (it will be replaced)."""
-        diff = self.differs()
+        old = self._old_index()  # read once: it holds every image's row (megabytes for COCO)
+        diff = self.differs(old)
         if diff and not overwrite:
             raise FeatureCacheError(
                 f"{self.out} holds a different feature cache (differs in: {', '.join(diff)}); "
                 "choose another folder or pass overwrite (--overwrite) to replace it")
-        if diff or not self.index_path.exists():
+        if diff or old is None:
             return set()
-        old = json.loads(self.index_path.read_text())
         return {i for i in old.get("done", []) if self.shard_ok(i)}
 
     def shard_ok(self, i: int) -> bool:
