@@ -91,7 +91,8 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         raise CheckpointError(f"{path}: not a captioner checkpoint (no vocabulary/hyperparameters)")
     try:
         vocab = Vocabulary(meta["vocab"])
-        model = Captioner(_encoder_to_load(hp["encoder"]), DecoderConfig(**hp["decoder"]), len(vocab))
+        model = Captioner(_encoder_to_load(hp["encoder"]), DecoderConfig(**hp["decoder"]), len(vocab),
+                          vocab.to_list())
         state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
         model.load_state_dict(state)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
@@ -115,7 +116,8 @@ def _load_folder(folder: Path, device: str | torch.device) -> LoadedModel:
     config, state = read_model_folder(folder)
     try:
         vocab = Vocabulary(config["vocab"])
-        model = Captioner(_encoder_to_load(config["encoder"]), DecoderConfig(**config["decoder"]), len(vocab))
+        model = Captioner(_encoder_to_load(config["encoder"]), DecoderConfig(**config["decoder"]), len(vocab),
+                          vocab.to_list())
         preprocessing = Preprocessing.from_dict(config["preprocessing"])
         DecodingConfig.from_dict(config["decoding"])
     except (KeyError, TypeError, ValueError) as err:

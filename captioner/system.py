@@ -236,7 +236,7 @@ class CaptioningSystem(L.LightningModule):
             "optim": asdict(self.optim), "loss": asdict(self.loss_config),
             "decoding": asdict(self.decoding), "scst": asdict(self.scst),
         })
-        self.model = Captioner(self.encoder_config, self.decoder_config, len(self.vocab))
+        self.model = Captioner(self.encoder_config, self.decoder_config, len(self.vocab), self.vocab.to_list())
         self.compile_decoder = compile
         # Hard attention's moving-average baseline is state: saved, restored on resume.
         self.register_buffer("reward_baseline", torch.zeros(()))

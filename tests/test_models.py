@@ -501,3 +501,55 @@ def test_language_dropout_predicts_some_steps_from_the_context_alone() -> None:
     torch.testing.assert_close(dec(feats, captions, lengths).logits, plain.eval()(feats, captions, lengths).logits)
     with pytest.raises(ValueError, match="deep_output"):
         replace(plain.config, language_dropout=0.2, deep_output=False).__post_init__()
+
+
+def _grounded_decoder(attention: str = "soft") -> tuple[AttentionDecoder, list[list[int]]]:
+    words = ["<pad>", "<start>", "<end>", "<unk>", "a", "red", "blue", "green", "circle", "square", "left", "of"]
+    groups = [["red", "blue", "green"], ["circle", "square"]]
+    cfg = DecoderConfig(attention=attention, **SMALL_DEC, grounded_words=groups)
+    return AttentionDecoder(cfg, len(words), 10, words), [[5, 6, 7], [8, 9]]
+
+
+@pytest.mark.parametrize("attention", ["soft", "hard"])
+def test_grounded_words_are_chosen_from_the_context_alone(attention: str) -> None:
+    """Within a group the choice depends on the attended context only: the same context after other
+    words and another state gives the same odds; the group's total and the other words follow the
+    language model; the scores are normalised log-probabilities; the head gets gradients."""
+    torch.manual_seed(0)
+    dec, ids = _grounded_decoder(attention)
+    dec.eval()
+    feats = torch.randn(2, 9, 10)
+    state, cache = dec.init_state(feats), dec.precompute(feats)
+    context = torch.randn(2, 10)
+    emb = dec.embedding(torch.tensor([4, 5]))
+    a = dec._logits(emb, state[0], dec.gated(context, state[0]), context)  # (2, V)
+    b = dec._logits(dec.embedding(torch.tensor([9, 10])), torch.randn_like(state[0]), torch.randn(2, 10), context)
+    torch.testing.assert_close(a.exp().sum(-1), torch.ones(2))
+    for g in ids:
+        torch.testing.assert_close(a[:, g] - a[:, g].logsumexp(-1, keepdim=True),
+                                   b[:, g] - b[:, g].logsumexp(-1, keepdim=True))
+        assert not torch.allclose(a[:, g].logsumexp(-1), b[:, g].logsumexp(-1))
+    # the language model's share of a group is what the plain output layer gives the group
+    plain = torch.log_softmax(dec.out(torch.tanh(emb + dec.out_h(state[0]) + dec.out_z(dec.gated(context, state[0])))), -1)
+    torch.testing.assert_close(a[:, ids[0]].logsumexp(-1), plain[:, ids[0]].logsumexp(-1))
+    torch.testing.assert_close(a[:, [0, 1, 2, 3, 4, 10, 11]], plain[:, [0, 1, 2, 3, 4, 10, 11]])
+    # step() and teacher forcing agree, and the grounded head is trained
+    captions, lengths = _captions(2, 6, dec.vocab_size)
+    logp, _, _ = dec.step(captions[:, 0], dec.init_state(feats), cache)
+    torch.testing.assert_close(logp, dec(feats, captions, lengths).logits[:, 0], atol=1e-5, rtol=1e-5)
+    dec.train()
+    out = dec(feats, captions, lengths)
+    F.cross_entropy(out.logits[out.mask], captions[:, 1:][out.mask]).backward()
+    assert dec.grounded.head.weight.grad.abs().sum() > 0
+
+
+def test_grounded_words_config_errors_name_the_word() -> None:
+    with pytest.raises(ValueError, match="at least 2 words"):
+        DecoderConfig(grounded_words=[["red"]])
+    with pytest.raises(ValueError, match="'red' is in group 0 and in group 1"):
+        DecoderConfig(grounded_words=[["red", "blue"], ["red", "circle"]])
+    cfg = DecoderConfig(**SMALL_DEC, grounded_words=[["red", "mauve"]])
+    with pytest.raises(ValueError, match="not in the vocabulary: 'mauve'"):
+        AttentionDecoder(cfg, 5, 10, ["<pad>", "<start>", "<end>", "<unk>", "red"])
+    with pytest.raises(ValueError, match="needs the vocabulary"):
+        AttentionDecoder(cfg, 5, 10)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import Tensor, nn
 
 from captioner.models.decoder import AttentionDecoder, DecoderConfig, DecoderOutput
@@ -9,10 +11,13 @@ from captioner.models.encoder import EncoderConfig, create_encoder
 
 
 class Captioner(nn.Module):
-    def __init__(self, encoder: EncoderConfig, decoder: DecoderConfig, vocab_size: int) -> None:
+    def __init__(
+        self, encoder: EncoderConfig, decoder: DecoderConfig, vocab_size: int, words: Sequence[str] | None = None
+    ) -> None:
+        """``words``: the vocabulary, needed by ``decoder.grounded_words`` only."""
         super().__init__()
         self.encoder = create_encoder(encoder)
-        self.decoder = AttentionDecoder(decoder, vocab_size, self.encoder.out_dim)
+        self.decoder = AttentionDecoder(decoder, vocab_size, self.encoder.out_dim, words)
 
     @property
     def preprocessing(self):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,12 @@ class DecoderConfig:
     # path learns to name what is attended by itself, not only as a correction of the language
     # model's guess. Needs deep_output.
     language_dropout: float = 0.0
+    # Grounded word groups (factorised outputs): each list names words - e.g. colours, object
+    # nouns - that the language model may only choose *as a group*; which word of the group is
+    # said is read from the attended context alone, p(w) = p_lm(group | history) * p(w | group,
+    # context), so that no word of a group is ever chosen because of the words before it. This
+    # is what lets a model name attribute-object pairs it never saw together (docs/training.md).
+    grounded_words: list[list[str]] | None = None
 
     def __post_init__(self) -> None:
         if self.gate not in ("scalar", "vector", "none"):
@@ -57,6 +64,14 @@ class DecoderConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.language_dropout > 0 and not self.deep_output:
             raise ValueError("language_dropout needs deep_output (it drops terms of the deep output layer)")
+        seen: dict[str, int] = {}
+        for i, group in enumerate(self.grounded_words or []):
+            if isinstance(group, str) or len(group) < 2:
+                raise ValueError(f"grounded_words[{i}] must be a list of at least 2 words, got {group!r}")
+            for word in group:
+                if word in seen:
+                    raise ValueError(f"grounded_words: {word!r} is in group {seen[word]} and in group {i}")
+                seen[word] = i
 
 
 @dataclass
@@ -123,6 +138,50 @@ class _LSTMWeightGrads(torch.autograd.Function):
         return grad, grad_ih, grad_hh, None
 
 
+class GroundedWords(nn.Module):
+    """Factorised outputs for groups of words (``DecoderConfig.grounded_words``).
+
+    The language model's distribution over the vocabulary keeps its mass on each group as a
+    whole; within a group the word is chosen by a linear head on the attended context alone:
+        log p(w) = log sum_{v in g} p_lm(v) + log softmax_g(W_g c_t)[w]     for w in group g
+    Words outside every group keep p_lm. The head never sees the state or the previous words,
+    so it cannot learn that one word of a group follows another (Lu et al. 2018, "Neural Baby
+    Talk", fill visual-word slots from the image in the same spirit).
+    """
+
+    def __init__(self, groups: Sequence[Sequence[int]], encoder_dim: int) -> None:
+        super().__init__()
+        self.sizes = [len(g) for g in groups]
+        # not saved: rebuilt from the config and the vocabulary
+        self.register_buffer("ids", torch.tensor([i for g in groups for i in g]), persistent=False)
+        self.head = nn.Linear(encoder_dim, len(self.ids))
+
+    def forward(self, logits: Tensor, context: Tensor) -> Tensor:
+        """logits (..., V) of the language model, context (..., D) -> log-probabilities (..., V)."""
+        logp = torch.log_softmax(logits.float(), -1)  # (..., V)
+        lm = logp.index_select(-1, self.ids).split(self.sizes, -1)
+        grounded = self.head(context).float().split(self.sizes, -1)  # per group (..., |g|)
+        parts = [torch.logsumexp(a, -1, keepdim=True) + torch.log_softmax(b, -1) for a, b in zip(lm, grounded)]
+        return logp.index_copy(-1, self.ids, torch.cat(parts, -1))
+
+
+def _grounded_groups(
+    groups: list[list[str]] | None, words: Sequence[str] | None, vocab_size: int, encoder_dim: int
+) -> GroundedWords | None:
+    if not groups:
+        return None
+    if words is None:
+        raise ValueError("model.decoder.grounded_words needs the vocabulary's words")
+    if len(words) != vocab_size:
+        raise ValueError(f"{len(words)} words for a vocabulary of {vocab_size}")
+    index = {w: i for i, w in enumerate(words)}
+    missing = [w for g in groups for w in g if w not in index]
+    if missing:
+        raise ValueError(f"model.decoder.grounded_words: not in the vocabulary: {', '.join(map(repr, missing))} "
+                         "(a word rarer than data.min_count is not in it)")
+    return GroundedWords([[index[w] for w in g] for g in groups], encoder_dim)
+
+
 def lstm_update(gates: Tensor, c: Tensor) -> State:
     """nn.LSTMCell's update from its pre-activations (B, 4H) in its gate order i, f, g, o."""
     i, f, g, o = gates.chunk(4, dim=1)
@@ -142,7 +201,9 @@ class AttentionDecoder(nn.Module):
     matmul, over the vocabulary - runs once over all steps after the loop.
     """
 
-    def __init__(self, config: DecoderConfig, vocab_size: int, encoder_dim: int) -> None:
+    def __init__(
+        self, config: DecoderConfig, vocab_size: int, encoder_dim: int, words: Sequence[str] | None = None
+    ) -> None:
         super().__init__()
         self.config = config
         self.vocab_size = vocab_size
@@ -163,6 +224,7 @@ class AttentionDecoder(nn.Module):
             self.out = nn.Linear(c.embed_dim, vocab_size)  # L_o
         else:
             self.out = nn.Linear(c.decoder_dim, vocab_size)
+        self.grounded = _grounded_groups(c.grounded_words, words, vocab_size, encoder_dim)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -227,14 +289,22 @@ class AttentionDecoder(nn.Module):
             self.__dict__["_context_weight_cache"] = cached  # not a buffer: never saved
         return cached[1]
 
-    def _logits(self, emb: Tensor, h: Tensor, z: Tensor, context_only: Tensor | None = None) -> Tensor:
-        """``context_only`` (B, T) bool, training: steps whose word is predicted from z alone."""
+    def _logits(
+        self, emb: Tensor, h: Tensor, z: Tensor, context: Tensor, context_only: Tensor | None = None
+    ) -> Tensor:
+        """Scores of the next word (..., V): logits, or log-probabilities with grounded words.
+        ``context`` is the attended context before the gate; ``context_only`` (B, T) bool,
+        training: steps whose word is predicted from z alone."""
         if self.config.deep_output:
             language = emb + self.out_h(h)  # (..., E)
             if context_only is not None:
                 language = language.masked_fill(context_only.unsqueeze(-1), 0.0)
-            return self.out(self.dropout(torch.tanh(language + self.out_z(z))))
-        return self.out(self.dropout(h))
+            logits = self.out(self.dropout(torch.tanh(language + self.out_z(z))))
+        else:
+            logits = self.out(self.dropout(h))
+        if self.grounded is not None:
+            return self.grounded(logits, self.dropout(context))
+        return logits
 
     def step(
         self, tokens: Tensor, state: State, cache: tuple[Tensor, ...]
@@ -242,7 +312,7 @@ class AttentionDecoder(nn.Module):
         """One decoding step: previous tokens (B,) -> log-probabilities (B, V), state, alpha (B, N)."""
         emb = self.embedding(tokens)  # (B, E)
         state, z, att = self._cell(self._embed_input_proj(emb), state, cache)
-        logits = self._logits(emb, state[0], z)
+        logits = self._logits(emb, state[0], z, att.context)
         return torch.log_softmax(logits.float(), dim=-1), state, att.alpha
 
     # -- teacher forcing -------------------------------------------------------------------------
@@ -294,7 +364,7 @@ class AttentionDecoder(nn.Module):
         state = self.init_state(features)
         h0 = state[0]
         batch, rows, cache = features.size(0), features.size(0), full_cache
-        hs, zs, alphas, logps, sampled, ents = [], [], [], [], [], []
+        hs, zs, contexts, alphas, logps, sampled, ents = [], [], [], [], [], [], []
         # unbind: one backward node gathers the T step gradients, instead of T (B, T, 4H) buffers
         for t, x_t in enumerate(x_emb.unbind(1)):
             while rows > 1 and active[rows - 1] <= t:
@@ -306,6 +376,8 @@ class AttentionDecoder(nn.Module):
             state, z, att = self._cell(x_t[:rows], state, cache, record is not None, rows_mask)
             hs.append(_pad_rows(state[0], batch))
             zs.append(_pad_rows(z, batch))
+            if self.grounded is not None:
+                contexts.append(_pad_rows(att.context, batch))
             alphas.append(_pad_rows(att.alpha, batch))
             if att.sample_log_prob is not None:
                 logps.append(_pad_rows(att.sample_log_prob, batch))
@@ -320,7 +392,9 @@ class AttentionDecoder(nn.Module):
         context_only = None
         if self.training and regularise and self.config.language_dropout > 0:
             context_only = torch.rand(mask.shape, device=mask.device) < self.config.language_dropout  # (B, T)
-        logits = self._logits(emb[restore], h_all[restore], z_all[restore], context_only)  # (B, T, V)
+        # the gate's input (ungated context) only matters to grounded words; z stands in otherwise
+        c_all = torch.stack(contexts, 1)[restore] if contexts else z_all[restore]  # (B, T, D)
+        logits = self._logits(emb[restore], h_all[restore], z_all[restore], c_all, context_only)  # (B, T, V)
         out = DecoderOutput(logits, torch.stack(alphas, 1)[restore], mask)
         if logps:
             out.sample_log_probs = torch.stack(logps, 1)[restore]
