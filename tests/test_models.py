@@ -553,3 +553,27 @@ def test_grounded_words_config_errors_name_the_word() -> None:
         AttentionDecoder(cfg, 5, 10, ["<pad>", "<start>", "<end>", "<unk>", "red"])
     with pytest.raises(ValueError, match="needs the vocabulary"):
         AttentionDecoder(cfg, 5, 10)
+
+
+def test_split_stem_shape_features_ignore_colour_and_colour_features_ignore_shape() -> None:
+    """``stem: split``: the spatial features are the same whichever colour channel an object is
+    drawn in (channels permuted); the colour features only see which pixels a cell holds, not
+    where (pixels shuffled within each cell); every parameter gets gradients."""
+    torch.manual_seed(0)
+    cfg = EncoderConfig(name="shapes_cnn", grid=4, channels=16, position="append", stem="split")
+    enc = create_encoder(cfg).eval()
+    c = cfg.channels
+    assert enc.out_dim == c + 16 + 32
+    images = torch.randn(2, 3, 32, 32)
+    feats, grid = enc(images)
+    assert grid == (4, 4) and feats.shape == (2, 16, enc.out_dim)
+    permuted, _ = enc(images[:, [2, 0, 1]])
+    torch.testing.assert_close(permuted[..., :c], feats[..., :c])
+    assert not torch.allclose(permuted[..., c:c + 16], feats[..., c:c + 16])
+    cells = images.unfold(2, 8, 8).unfold(3, 8, 8).reshape(2, 3, 4, 4, 64)  # (B, 3, gh, gw, 64 pixels)
+    shuffled = cells[..., torch.randperm(64)].reshape(2, 3, 4, 4, 8, 8).permute(0, 1, 2, 4, 3, 5).reshape(2, 3, 32, 32)
+    torch.testing.assert_close(enc(shuffled)[0][..., c:c + 16], feats[..., c:c + 16])
+    enc.train()(images)[0].square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in enc.parameters())
+    with pytest.raises(ValueError, match="stem"):
+        create_encoder(EncoderConfig(name="shapes_cnn", grid=4, channels=16, stem="gray"))

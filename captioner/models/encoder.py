@@ -51,6 +51,11 @@ class EncoderConfig:
     # attended position linearly (what spatial words are decided from).
     position: str = "mix"
     stage: int = -1
+    # shapes_cnn: "rgb" convolves the colour image; "split" computes the spatial features from
+    # each colour channel alone with shared filters and keeps the strongest response (so they
+    # do not depend on an object's colour), and the colour from a per-pixel path max-pooled to
+    # the grid, appended beside them (docs/training.md, model.encoder.stem).
+    stem: str = "rgb"
 
 
 class Encoder(nn.Module):
@@ -240,24 +245,40 @@ class ShapesCNN(Encoder):
         # two, and the last layer dilated so the receptive field stays ~35 px, enough for a big
         # shape. Other ratios: three, then adaptive pooling (cells no longer aligned).
         fine = size == 4 * self.grid
-        self.body = nn.Sequential(_conv(3, c // 4, 2), _conv(c // 4, c // 2, 2),
+        if config.stem not in ("rgb", "split"):
+            raise ValueError(f"encoder.stem must be 'rgb' or 'split', got {config.stem!r}")
+        self.split = config.stem == "split"
+        self.body = nn.Sequential(_conv(1 if self.split else 3, c // 4, 2), _conv(c // 4, c // 2, 2),
                                   _conv(c // 2, c, 1 if fine else 2), _conv(c, c, dilation=2 if fine else 1))
+        self.colour_channels = 16 * self.split
+        if self.split:  # per pixel, no spatial extent: it can say which colours a cell holds, not their shape
+            self.colour = nn.Sequential(nn.Conv2d(3, 16, 1), nn.ReLU(inplace=True), nn.Conv2d(16, 16, 1),
+                                        nn.ReLU(inplace=True))
         self.pos_channels = 32
         self.mix = nn.Sequential(nn.Conv2d(c + self.pos_channels, c, 1), nn.ReLU(inplace=True))
         if config.position not in ("mix", "append"):
             raise ValueError(f"encoder.position must be 'mix' or 'append', got {config.position!r}")
         self.append_position = config.position == "append"
-        self.out_dim = c + self.pos_channels * self.append_position
+        self.out_dim = c + self.colour_channels + self.pos_channels * self.append_position
         # The features are always pooled to grid x grid, so the code is fixed: made once, moved
         # with the module, not saved in checkpoints.
         self.register_buffer("pos", positional_grid(self.pos_channels, self.grid, self.grid), persistent=False)
 
     def forward(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        x = self.body(images)  # (B, C, S/8, S/8) or (B, C, S/4, S/4)
+        if self.split:
+            b, k, s1, s2 = images.shape
+            x = self.body[0](images.reshape(b * k, 1, s1, s2))  # each channel alone, shared filters
+            x = x.unflatten(0, (b, k)).amax(1)  # (B, C/4, S/2, S/2)
+            x = self.body[1:](x)
+        else:
+            x = self.body(images)  # (B, C, S/8, S/8) or (B, C, S/4, S/4)
         if x.shape[-1] != self.grid or x.shape[-2] != self.grid:
             x = nn.functional.adaptive_avg_pool2d(x, self.grid)
         pos = self.pos.to(x.dtype).unsqueeze(0).expand(x.size(0), -1, -1, -1)  # (B, P, h, w)
         x = self.mix(torch.cat([x, pos], 1))
+        if self.split:
+            colour = nn.functional.adaptive_max_pool2d(self.colour(images), self.grid)  # (B, 16, h, w)
+            x = torch.cat([x, colour], 1)
         if self.append_position:
             x = torch.cat([x, pos], 1)  # (B, C + P, h, w)
         return _to_regions(x)
