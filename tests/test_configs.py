@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,13 +18,13 @@ def test_configs_exist() -> None:
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
-def test_config_parses_and_resolves(config: Path, tmp_path) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "captioner.cli", "fit", "--config", str(config), "--print_config"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    resolved = yaml.safe_load(out.stdout)
+def test_config_parses_and_resolves(config: Path, tmp_path, monkeypatch, capsys) -> None:
+    from captioner.cli import main
+
+    monkeypatch.chdir(tmp_path)  # in-process: one import of captioner for all configs
+    code = main(["fit", "--config", str(config), "--print_config"])
+    out = capsys.readouterr()
+    assert code == 0, out.err[-2000:]
+    resolved = yaml.safe_load(out.out)
     assert resolved["model"]["decoder"]["attention"] in ATTENTIONS
     assert resolved["best_checkpoint"]["monitor"] == "val/CIDEr"
-

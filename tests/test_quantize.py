@@ -21,11 +21,13 @@ from captioner.models.quantize import (
 pytestmark = pytest.mark.skipif(int8_available() is not None, reason=str(int8_available()))
 
 
-def _decoder(attention: str = "soft", deep_output: bool = True, vocab: int = 30) -> AttentionDecoder:
+def _decoder(attention: str = "soft", deep_output: bool = True, vocab: int = 30, grounded: bool = False
+             ) -> AttentionDecoder:
     torch.manual_seed(0)
+    words = [f"w{i}" for i in range(vocab)]
     cfg = DecoderConfig(attention=attention, embed_dim=16, attention_dim=16, decoder_dim=24, num_heads=4,
-                        deep_output=deep_output)
-    return AttentionDecoder(cfg, vocab_size=vocab, encoder_dim=32).eval()
+                        deep_output=deep_output, grounded_words=[words[7:10], words[20:22]] if grounded else None)
+    return AttentionDecoder(cfg, vocab_size=vocab, encoder_dim=32, words=words).eval()
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -41,11 +43,12 @@ def test_int8_linear_is_within_quantisation_error_of_the_float_product(bias: boo
     assert 0 < err < 0.03, err
 
 
-@pytest.mark.parametrize(("attention", "deep_output"), [*((name, True) for name in ATTENTIONS.names()),
-                                                         ("soft", False)])
+@pytest.mark.parametrize(("attention", "deep_output", "grounded"),
+                         [*((name, True, False) for name in ATTENTIONS.names()), ("soft", False, False),
+                          ("soft", True, True)])
 @torch.inference_mode()
-def test_int8_step_is_close_to_the_float_step(attention: str, deep_output: bool) -> None:
-    dec = _decoder(attention, deep_output)
+def test_int8_step_is_close_to_the_float_step(attention: str, deep_output: bool, grounded: bool) -> None:
+    dec = _decoder(attention, deep_output, grounded=grounded)
     q = Int8Decoder(dec)
     features = torch.randn(3, 9, 32).relu()  # (B, N, D), ReLU features as a CNN gives
     cache, state = q.precompute(features), q.init_state(features)

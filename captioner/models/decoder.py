@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -10,6 +11,8 @@ from torch import Tensor, nn
 
 from captioner.data.vocab import PAD_ID, UNK_ID
 from captioner.models.attention import SEMI_SAMPLING_UNITS, AttentionOutput, create_attention
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -176,10 +179,12 @@ def _grounded_groups(
         raise ValueError(f"{len(words)} words for a vocabulary of {vocab_size}")
     index = {w: i for i, w in enumerate(words)}
     missing = [w for g in groups for w in g if w not in index]
-    if missing:
-        raise ValueError(f"model.decoder.grounded_words: not in the vocabulary: {', '.join(map(repr, missing))} "
-                         "(a word rarer than data.min_count is not in it)")
-    return GroundedWords([[index[w] for w in g] for g in groups], encoder_dim)
+    if missing:  # the model cannot say them anyway; the rest of each group still works
+        logger.warning("model.decoder.grounded_words: not in the vocabulary, left out: %s (a word rarer than "
+                       "data.min_count is not in it)", ", ".join(map(repr, missing)))
+    kept = [[index[w] for w in g if w in index] for g in groups]
+    kept = [g for g in kept if len(g) > 1]  # a group of one word is no choice
+    return GroundedWords(kept, encoder_dim) if kept else None
 
 
 def lstm_update(gates: Tensor, c: Tensor) -> State:

@@ -104,6 +104,8 @@ class Int8Decoder:
             logits = self.out(torch.tanh(emb + self.out_h(h) + self.out_z(z)))
         else:
             logits = self.out(h)
+        if d.grounded is not None:  # a small head (the group words x D): kept in fp32
+            logits = d.grounded(logits, att.context)
         return torch.log_softmax(logits, dim=-1), (h, c), att.alpha  # (B, V)
 
 
