@@ -587,5 +587,7 @@ def test_split_stem_shape_features_ignore_colour_and_colour_features_ignore_shap
     torch.testing.assert_close(enc(shuffled)[0][..., c:c + 16], feats[..., c:c + 16])
     enc.train()(images)[0].square().sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in enc.parameters())
-    with pytest.raises(ValueError, match="stem"):
+    with pytest.raises(ValueError, match="stem: shapes_cnn has 'rgb', 'split', not 'gray'"):
         create_encoder(EncoderConfig(name="shapes_cnn", grid=4, channels=16, stem="gray"))
+    with pytest.raises(ValueError, match="stem: resnet50 has 'rgb', not 'split'"):
+        create_encoder(EncoderConfig(name="resnet50", stem="split"))

@@ -66,6 +66,7 @@ class Encoder(nn.Module):
     cannot be cached)."""
 
     always_trains: ClassVar[bool] = False
+    stems: ClassVar[tuple[str, ...]] = ("rgb",)  # the EncoderConfig.stem values it implements
     out_dim: int
     preprocessing: Preprocessing
 
@@ -78,7 +79,11 @@ class Encoder(nn.Module):
 
 
 def create_encoder(config: EncoderConfig) -> Encoder:
-    return ENCODERS.get(config.name)(config)
+    cls = ENCODERS.get(config.name)
+    stems = getattr(cls, "stems", Encoder.stems)
+    if config.stem not in stems:
+        raise ValueError(f"model.encoder.stem: {config.name} has {', '.join(map(repr, stems))}, not {config.stem!r}")
+    return cls(config)
 
 
 def encoder_preprocessing(config: EncoderConfig) -> Preprocessing:
@@ -229,6 +234,7 @@ class ShapesCNN(Encoder):
     """
 
     always_trains = True
+    stems = ("rgb", "split")
 
     @classmethod
     def default_preprocessing(cls, config: EncoderConfig) -> Preprocessing:
@@ -245,8 +251,6 @@ class ShapesCNN(Encoder):
         # two, and the last layer dilated so the receptive field stays ~35 px, enough for a big
         # shape. Other ratios: three, then adaptive pooling (cells no longer aligned).
         fine = size == 4 * self.grid
-        if config.stem not in ("rgb", "split"):
-            raise ValueError(f"encoder.stem must be 'rgb' or 'split', got {config.stem!r}")
         self.split = config.stem == "split"
         self.body = nn.Sequential(_conv(1 if self.split else 3, c // 4, 2), _conv(c // 4, c // 2, 2),
                                   _conv(c // 2, c, 1 if fine else 2), _conv(c, c, dilation=2 if fine else 1))
