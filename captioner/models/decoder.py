@@ -79,7 +79,7 @@ class DecoderConfig:
 
 @dataclass
 class DecoderOutput:
-    logits: Tensor  # (B, T, V) predictions of captions[:, 1:]
+    logits: Tensor  # (B, T, V) predictions of captions[:, 1:] (log-probabilities with grounded words)
     alphas: Tensor  # (B, T, N)
     mask: Tensor  # (B, T) True on real (unpadded) steps
     # Stochastic (hard) attention in training only: per-step log p(s_t), sample flags, entropies.
