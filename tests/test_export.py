@@ -293,3 +293,31 @@ def test_push_to_hub_uploads_the_folder(run, monkeypatch, tmp_path, capsys):
     assert calls[1][1]["folder_path"] == str(out) and calls[1][1]["repo_id"] == "me/shapes-model"
     assert calls[1][1]["repo_type"] == "model"
     assert "hf://me/shapes-model" in capsys.readouterr().out
+
+
+def test_a_model_with_grounded_words_and_a_split_stem_loads_back_and_decodes_the_same(tmp_path):
+    """The grounded head is saved, its word ids are rebuilt from the folder's vocabulary (they are
+    no weights), and the split stem's colour path comes back: same log-probabilities after loading."""
+    from captioner.inference import _load_folder
+    from captioner.model_folder import write_model_folder
+    from captioner.models import Captioner, DecoderConfig, EncoderConfig
+
+    torch.manual_seed(0)
+    enc = EncoderConfig(name="shapes_cnn", grid=4, channels=16, image_size=32, position="append", stem="split")
+    dec = DecoderConfig(embed_dim=8, attention_dim=8, decoder_dim=8, grounded_words=[["red", "blue"], ["dog", "cat"]])
+    vocab = ["<pad>", "<start>", "<end>", "<unk>", "a", "red", "dog", "blue", "cat"]
+    model = Captioner(enc, dec, len(vocab), vocab).eval()
+    config = {"format": "captioner-model", "format_version": 1, "encoder": enc.__dict__,
+              "decoder": dec.__dict__, "decoding": {}, "tokenizer": "simple", "vocab": vocab,
+              "preprocessing": model.encoder.preprocessing.to_dict()}
+    out = write_model_folder(tmp_path / "m", config, model.state_dict(), "card")
+    loaded = _load_folder(out, "cpu").model
+    assert loaded.decoder.grounded.ids.tolist() == [5, 7, 6, 8]
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        results = []
+        for m in (model, loaded):
+            feats, _ = m.encode(images)
+            logp, _, _ = m.decoder.step(torch.tensor([1, 4]), m.decoder.init_state(feats), m.decoder.precompute(feats))
+            results.append(logp)
+    torch.testing.assert_close(results[1], results[0])
