@@ -118,6 +118,13 @@ def test_a_killed_export_leaves_no_folder(run, monkeypatch):
     assert not [p for p in run.parent.iterdir() if p.name.startswith(".killed")]
 
 
+def _folder_config(model, enc, dec, vocab: list[str]) -> dict:
+    """config.json of a model folder for a model built in the test."""
+    return {"format": "captioner-model", "format_version": 1, "encoder": enc.__dict__, "decoder": dec.__dict__,
+            "decoding": {}, "tokenizer": "simple", "vocab": vocab,
+            "preprocessing": model.encoder.preprocessing.to_dict()}
+
+
 def test_a_torchvision_encoders_shared_blocks_are_stored_once_and_loaded_back(tmp_path):
     """A frozen torchvision encoder names its blocks twice (encoder.blocks.*, encoder.frozen.*);
     safetensors refuses shared tensors, so the folder holds each once and loading restores both."""
@@ -133,10 +140,7 @@ def test_a_torchvision_encoders_shared_blocks_are_stored_once_and_loaded_back(tm
     model = Captioner(enc, dec, len(vocab))
     with torch.no_grad():
         model.encoder.blocks[4][0].bn1.running_mean.uniform_()  # not a fresh model's value
-    config = {"format": "captioner-model", "format_version": 1, "encoder": enc.__dict__,
-              "decoder": dec.__dict__, "decoding": {}, "tokenizer": "simple", "vocab": vocab,
-              "preprocessing": model.encoder.preprocessing.to_dict()}
-    out = write_model_folder(tmp_path / "m", config, model.state_dict(), "card")
+    out = write_model_folder(tmp_path / "m", _folder_config(model, enc, dec, vocab), model.state_dict(), "card")
     stored = load_file(out / WEIGHTS_FILE)
     assert not any(k.startswith("encoder.frozen.") for k in stored) and len(stored) < len(model.state_dict())
     loaded = _load_folder(out, "cpu").model.state_dict()
@@ -307,10 +311,7 @@ def test_a_model_with_grounded_words_and_a_split_stem_loads_back_and_decodes_the
     dec = DecoderConfig(embed_dim=8, attention_dim=8, decoder_dim=8, grounded_words=[["red", "blue"], ["dog", "cat"]])
     vocab = ["<pad>", "<start>", "<end>", "<unk>", "a", "red", "dog", "blue", "cat"]
     model = Captioner(enc, dec, len(vocab), vocab).eval()
-    config = {"format": "captioner-model", "format_version": 1, "encoder": enc.__dict__,
-              "decoder": dec.__dict__, "decoding": {}, "tokenizer": "simple", "vocab": vocab,
-              "preprocessing": model.encoder.preprocessing.to_dict()}
-    out = write_model_folder(tmp_path / "m", config, model.state_dict(), "card")
+    out = write_model_folder(tmp_path / "m", _folder_config(model, enc, dec, vocab), model.state_dict(), "card")
     loaded = _load_folder(out, "cpu").model
     assert loaded.decoder.grounded.ids.tolist() == [5, 7, 6, 8]
     images = torch.randn(2, 3, 32, 32)
