@@ -3,7 +3,7 @@
 #
 # A data-set script sets DATASET, CE_CONFIG, SCST_CONFIG, SPLIT_FILE and IMAGE_ROOT (the images'
 # folder in the data folder; empty: the data folder itself), defines `download` (the data set's
-# archives and layout) and `usage`, then calls
+# archives and layout) and `usage` (its own options, then `usage_common_options`), then calls
 #   recipe_main "$@"
 # which runs: download, data check, features, cross-entropy fit, SCST fit, evaluation of both on
 # the test split, export. Each stage is skipped when its output is there; an output appears only
@@ -17,6 +17,17 @@ STAGES=8
 DONE_FILE="recipe.done"  # a fit run's marker: written after `captioner fit` exits 0
 
 die() { echo "error: $*" >&2; exit 2; }
+
+# The options every recipe takes after its data set's own (--source, --data, --no-features);
+# $1: a sensible --data.num_workers for the example.
+usage_common_options() {
+    cat <<USAGE
+  --no-meteor     evaluate without METEOR (Java)
+  -- SETTING...   config settings (--section.key value) for the feature extraction and both
+                  fits (evaluation reads each run's config.yaml),
+                  e.g. -- --trainer.precision bf16-mixed --data.num_workers $1
+USAGE
+}
 
 abspath() { case "$1" in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
 

@@ -19,11 +19,8 @@ usage: scripts/train_coco.sh [--source DIR] [--data DIR] [--work DIR] [--no-feat
   --data DIR      the data folder (default data/coco): train2014/, val2014/, dataset_coco.json
   --work DIR      where the runs go (default runs/coco-recipe)
   --no-features   train from the images instead of a feature cache (99 GB)
-  --no-meteor     evaluate without METEOR (Java)
-  -- SETTING...   config settings (--section.key value) for the feature extraction and both
-                  fits (evaluation reads each run's config.yaml),
-                  e.g. -- --trainer.precision bf16-mixed --data.num_workers 16
 USAGE
+    usage_common_options 16
 }
 
 DATASET=coco

@@ -18,11 +18,8 @@ usage: scripts/train_flickr8k.sh [--source DIR] [--data DIR] [--work DIR] [--no-
   --data DIR      the data folder (default data/flickr8k): Flicker8k_Dataset/, dataset_flickr8k.json
   --work DIR      where the runs go (default runs/flickr8k-recipe)
   --no-features   train from the images instead of a feature cache
-  --no-meteor     evaluate without METEOR (Java)
-  -- SETTING...   config settings (--section.key value) for the feature extraction and both
-                  fits (evaluation reads each run's config.yaml),
-                  e.g. -- --trainer.precision bf16-mixed --data.num_workers 8
 USAGE
+    usage_common_options 8
 }
 
 DATASET=flickr8k
