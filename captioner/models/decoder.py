@@ -397,9 +397,10 @@ class AttentionDecoder(nn.Module):
         context_only = None
         if self.training and regularise and self.config.language_dropout > 0:
             context_only = torch.rand(mask.shape, device=mask.device) < self.config.language_dropout  # (B, T)
+        z_out = z_all[restore]  # (B, T, D)
         # the gate's input (ungated context) only matters to grounded words; z stands in otherwise
-        c_all = torch.stack(contexts, 1)[restore] if contexts else z_all[restore]  # (B, T, D)
-        logits = self._logits(emb[restore], h_all[restore], z_all[restore], c_all, context_only)  # (B, T, V)
+        c_out = torch.stack(contexts, 1)[restore] if contexts else z_out  # (B, T, D)
+        logits = self._logits(emb[restore], h_all[restore], z_out, c_out, context_only)  # (B, T, V)
         out = DecoderOutput(logits, torch.stack(alphas, 1)[restore], mask)
         if logps:
             out.sample_log_probs = torch.stack(logps, 1)[restore]
