@@ -231,6 +231,7 @@ def test_cli_extract_then_fit_from_the_cache(shapes_dir, tmp_path, capsys, monke
 @pytest.mark.parametrize(("encoder", "message"), [
     ({"trainable_blocks": 1}, "trainable_blocks is 1"),
     ({"name": "shapes_cnn"}, "shapes_cnn always trains"),
+    ({"stem": "split"}, "stem split trains a colour path"),
 ])
 def test_cli_refuses_an_encoder_that_trains(shapes_dir, tmp_path, capsys, encoder, message) -> None:
     cfg = _write_config(tmp_path / "cfg.yaml", shapes_dir, **encoder)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from dataclasses import replace
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from captioner.models import (
     EncoderConfig,
 )
 from captioner.models.attention import Attention, SoftAttention
-from captioner.models.encoder import create_encoder, encoder_preprocessing
+from captioner.models.encoder import ChannelSplit, create_encoder, encoder_preprocessing
 
 SMALL_DEC = {"embed_dim": 16, "attention_dim": 16, "decoder_dim": 24, "num_heads": 4, "dropout": 0.0}
 
@@ -587,7 +588,38 @@ def test_split_stem_shape_features_ignore_colour_and_colour_features_ignore_shap
     torch.testing.assert_close(enc(shuffled)[0][..., c:c + 16], feats[..., c:c + 16])
     enc.train()(images)[0].square().sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in enc.parameters())
-    with pytest.raises(ValueError, match="stem: shapes_cnn has 'rgb', 'split', not 'gray'"):
+    with pytest.raises(ValueError, match="stem must be one of 'rgb', 'split', not 'gray'"):
         create_encoder(EncoderConfig(name="shapes_cnn", grid=4, channels=16, stem="gray"))
-    with pytest.raises(ValueError, match="stem: resnet50 has 'rgb', not 'split'"):
-        create_encoder(EncoderConfig(name="resnet50", stem="split"))
+
+
+def assert_split_stem_splits(name: str, size: int, grid: int) -> None:
+    """``stem: split`` on an encoder that does not build it itself: its first convolution, summed
+    over the colour inputs, runs on each channel alone (a grey image gives what the ``rgb``
+    encoder with the same weights gives), the features before the colour path stay the same when
+    the channels are permuted, 16 colour channels follow, and trainability is kept."""
+    cfg = EncoderConfig(name=name, grid=grid, image_size=size)
+    torch.manual_seed(0)
+    rgb = create_encoder(cfg).eval()
+    torch.manual_seed(0)
+    split = create_encoder(replace(cfg, stem="split")).eval()
+    d = rgb.out_dim
+    assert split.out_dim == d + 16 and split.preprocessing == rgb.preprocessing
+    with torch.no_grad():
+        grey = torch.randn(2, 1, size, size).expand(-1, 3, -1, -1)
+        expected = rgb(grey)[0]
+        # a deep random network: float error grows with the features' scale
+        close = {"atol": 1e-4 * expected.abs().max().item(), "rtol": 1e-4}
+        torch.testing.assert_close(split(grey)[0][..., :d], expected, **close)
+        images = torch.randn(2, 3, size, size)
+        feats, hw = split(images)
+        assert hw == (grid, grid) and feats.shape == (2, grid * grid, d + 16)
+        permuted = split(images[:, [2, 0, 1]])[0]
+    torch.testing.assert_close(permuted[..., :d], feats[..., :d], **close)
+    assert not torch.allclose(permuted[..., d:], feats[..., d:])
+    (conv,) = [m[0] for m in split.modules() if isinstance(m, ChannelSplit)]
+    assert conv.in_channels == 1 and conv.weight.shape[1] == 1 and not conv.weight.requires_grad  # frozen as before
+    assert all(p.requires_grad for p in split.colour.parameters())
+
+
+def test_split_stem_on_a_torchvision_encoder() -> None:
+    assert_split_stem_splits("resnet50", 64, 2)

@@ -28,6 +28,7 @@ from captioner.models.encoder import (
 )
 from captioner.viz.attention_maps import attention_json, upsample_map
 from tests.conftest import fit_args
+from tests.test_models import assert_split_stem_splits
 
 timm = pytest.importorskip("timm")
 open_clip = pytest.importorskip("open_clip")
@@ -146,6 +147,16 @@ def test_trainable_blocks_fine_tunes_the_last_ones(name: str, size: int, units) 
         EncoderConfig(name=name, image_size=size, grid=2, trainable_blocks=-1)).parameters())
 
 
+@pytest.mark.parametrize(("name", "size", "grid"), [
+    ("timm/convnext_atto", 64, 2),  # a CNN stem with a bias
+    ("timm/vit_tiny_patch16_224", 32, 2),  # the patch embedding
+    ("open_clip/tiny-clip-vit", 32, 4),
+    ("open_clip/tiny-clip-rn", 64, 2),
+])
+def test_split_stem_on_every_family(name: str, size: int, grid: int) -> None:
+    assert_split_stem_splits(name, size, grid)
+
+
 def test_families_are_listed(capsys) -> None:
     assert "timm/anything" in ENCODERS and "open_clip/x" in ENCODERS and "timm/" not in ENCODERS
     assert main(["encoders"]) == 0
@@ -180,14 +191,16 @@ def test_feature_cache_then_fit_from_it(shapes_dir, tmp_path, capsys) -> None:
     assert (root / "checkpoints" / "last.ckpt").is_file()
 
 
-@pytest.mark.parametrize(("name", "size", "grid"), [
-    ("timm/vit_tiny_patch16_224", 32, 2),
-    ("open_clip/tiny-clip-rn", 64, 2),
+@pytest.mark.parametrize(("name", "size", "grid", "stem"), [
+    ("timm/vit_tiny_patch16_224", 32, 2, "rgb"),
+    ("open_clip/tiny-clip-rn", 64, 2, "split"),  # the split conv and colour path come back too
 ])
-def test_fit_a_few_steps_then_caption(name: str, size: int, grid: int, shapes_dir, tmp_path, capsys) -> None:
+def test_fit_a_few_steps_then_caption(name: str, size: int, grid: int, stem: str, shapes_dir, tmp_path,
+                                      capsys) -> None:
     root = tmp_path / "run"
     assert main(fit_args(shapes_dir, root, "--model.encoder.name", name, "--model.encoder.image_size", str(size),
                          "--model.encoder.grid", str(grid), "--model.encoder.trainable_blocks", "1",
+                         "--model.encoder.stem", stem,
                          "--trainer.max_steps", "3", "--trainer.limit_val_batches", "1")) == 0
     ckpt = root / "checkpoints" / "last.ckpt"
     stored = torch.load(ckpt, map_location="cpu", weights_only=True)

@@ -44,16 +44,14 @@ def add_options(p) -> None:
 def frozen_encoder(section):
     """``model.encoder`` of a parsed config -> EncoderConfig, refusing an encoder that trains."""
     from captioner.commands.config import encoder_config
-    from captioner.models.encoder import encoder_trains
+    from captioner.models.encoder import why_encoder_trains
 
     enc = encoder_config(section)
     try:
-        trains = encoder_trains(enc)
+        why = why_encoder_trains(enc)
     except ValueError as err:
         raise UsageError(f"model.encoder.name: {err}") from None
-    if trains:
-        why = (f"model.encoder.trainable_blocks is {enc.trainable_blocks}" if enc.trainable_blocks
-               else f"{enc.name} always trains")
+    if why:
         raise UsageError(
             f"features can only be cached for a frozen encoder ({why}): cached features would not "
             "follow the encoder as it trains. Use a torchvision encoder with trainable_blocks: 0")

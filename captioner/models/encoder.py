@@ -4,15 +4,18 @@ Registered: ``resnet50``, ``resnet101``, ``resnet152``, ``vgg16``, ``vgg19`` (to
 before the last pooling, adaptive-pooled to ``grid`` x ``grid``) and ``shapes_cnn`` (a small CNN
 trained from scratch, with a 2-D positional signal so that spatial words can be learned).
 Families, by name prefix: ``timm/<model>`` (any timm model; extra ``captioner[timm]``) and
-``open_clip/<model>:<tag>`` (a CLIP image tower; extra ``captioner[clip]``).
+``open_clip/<model>:<tag>`` (a CLIP image tower; extra ``captioner[clip]``). Any of them with
+``stem: split``: shape features that do not depend on colour, and a colour path beside them.
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
 import importlib
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -51,10 +54,10 @@ class EncoderConfig:
     # attended position linearly (what spatial words are decided from).
     position: str = "mix"
     stage: int = -1
-    # shapes_cnn: "rgb" convolves the colour image; "split" computes the spatial features from
-    # each colour channel alone with shared filters and keeps the strongest response (so they
-    # do not depend on an object's colour), and the colour from a per-pixel path max-pooled to
-    # the grid, appended beside them (docs/training.md, model.encoder.stem).
+    # "rgb" convolves the colour image; "split" runs the first convolution on each colour channel
+    # alone with shared filters and keeps the strongest response (so the features do not depend
+    # on an object's colour), and appends the colour from a per-pixel path max-pooled to the grid
+    # (docs/training.md, model.encoder.stem). Every encoder.
     stem: str = "rgb"
 
 
@@ -66,7 +69,8 @@ class Encoder(nn.Module):
     cannot be cached)."""
 
     always_trains: ClassVar[bool] = False
-    stems: ClassVar[tuple[str, ...]] = ("rgb",)  # the EncoderConfig.stem values it implements
+    # The EncoderConfig.stem values it builds itself; create_encoder applies the others (STEMS).
+    stems: ClassVar[tuple[str, ...]] = ("rgb",)
     out_dim: int
     preprocessing: Preprocessing
 
@@ -79,11 +83,13 @@ class Encoder(nn.Module):
 
 
 def create_encoder(config: EncoderConfig) -> Encoder:
+    if config.stem not in STEMS:
+        raise ValueError(f"model.encoder.stem must be one of {', '.join(map(repr, STEMS))}, not {config.stem!r}")
     cls = ENCODERS.get(config.name)
-    stems = getattr(cls, "stems", Encoder.stems)
-    if config.stem not in stems:
-        raise ValueError(f"model.encoder.stem: {config.name} has {', '.join(map(repr, stems))}, not {config.stem!r}")
-    return cls(config)
+    encoder = cls(config)
+    if config.stem not in getattr(cls, "stems", Encoder.stems):
+        encoder = STEMS[config.stem](encoder, config.name)
+    return encoder
 
 
 def encoder_preprocessing(config: EncoderConfig) -> Preprocessing:
@@ -92,9 +98,85 @@ def encoder_preprocessing(config: EncoderConfig) -> Preprocessing:
     return ENCODERS.get(config.name).default_preprocessing(config)
 
 
+def why_encoder_trains(config: EncoderConfig) -> str | None:
+    """Why the encoder's weights change in training (then its features cannot be cached), or None."""
+    if ENCODERS.get(config.name).always_trains:
+        return f"{config.name} always trains"
+    if config.trainable_blocks:
+        return f"model.encoder.trainable_blocks is {config.trainable_blocks}"
+    if config.stem == "split":
+        return "model.encoder.stem split trains a colour path"
+    return None
+
+
 def encoder_trains(config: EncoderConfig) -> bool:
     """Whether the encoder's weights change in training (then its features cannot be cached)."""
-    return ENCODERS.get(config.name).always_trains or config.trainable_blocks != 0
+    return why_encoder_trains(config) is not None
+
+
+# -- stems: what the first layer sees ------------------------------------------------------------
+class ChannelSplit(nn.Sequential):
+    """Layers made for a one-channel image, run on each colour channel alone with shared weights,
+    keeping the strongest response: (B, K, H, W) -> (B, C, H', W'). An edge gives the same
+    response in whichever channel it is, so what follows cannot tell an object's colour."""
+
+    def forward(self, images: Tensor) -> Tensor:
+        b, k = images.shape[:2]
+        x = super().forward(images.reshape(b * k, 1, *images.shape[2:]))  # (B*K, C, H', W')
+        return x.unflatten(0, (b, k)).amax(1)
+
+
+class ColourPath(nn.Sequential):
+    """Per pixel (1x1 convolutions, no spatial extent), max-pooled to the feature grid: which
+    colours a region holds, not their shape. (B, 3, H, W) -> (B, 16, h, w)."""
+
+    channels = 16
+
+    def __init__(self) -> None:
+        c = self.channels
+        super().__init__(nn.Conv2d(3, c, 1), nn.ReLU(inplace=True), nn.Conv2d(c, c, 1), nn.ReLU(inplace=True))
+
+    def pooled(self, images: Tensor, grid: int | tuple[int, int]) -> Tensor:
+        return nn.functional.adaptive_max_pool2d(self(images), grid)
+
+
+def _split_first_conv(module: nn.Module, name: str) -> None:
+    """Replace the module's first colour-image convolution (3 inputs, not grouped) by its
+    one-channel form in a ChannelSplit. The weights are summed over the colour inputs, so a
+    pretrained layer answers a grey image (equal channels) as before; same class (a timm
+    weight-standardised or "same"-padded conv keeps its forward), same trainability."""
+    found = next(((n, m) for n, m in module.named_modules()
+                  if isinstance(m, nn.Conv2d) and m.in_channels == 3 and m.groups == 1), None)
+    if found is None:
+        raise ValueError(f"model.encoder.stem split: {name} has no convolution over the colour image to split")
+    path, conv = found
+    one = copy.deepcopy(conv)
+    one.in_channels = 1
+    one.weight = nn.Parameter(conv.weight.detach().sum(1, keepdim=True), requires_grad=conv.weight.requires_grad)
+    parent, _, child = path.rpartition(".")
+    setattr(module.get_submodule(parent), child, ChannelSplit(one))
+
+
+class SplitStem(Encoder):
+    """``stem: split`` for an encoder that does not build it itself: its first convolution split
+    by colour channel (ChannelSplit), and a ColourPath appended to every region feature."""
+
+    def __init__(self, encoder: Encoder, name: str) -> None:
+        super().__init__()
+        _split_first_conv(encoder, name)
+        self.encoder = encoder
+        self.colour = ColourPath()
+        self.preprocessing = encoder.preprocessing
+        self.out_dim = encoder.out_dim + ColourPath.channels
+
+    def forward(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        regions, grid = self.encoder(images)  # (B, N, D)
+        colour = self.colour.pooled(images, grid).to(regions.dtype)  # (B, 16, h, w)
+        return torch.cat([regions, colour.flatten(2).transpose(1, 2)], -1), grid  # (B, N, D + 16)
+
+
+# stem -> how create_encoder applies it to an encoder class that does not build it itself
+STEMS: dict[str, Callable[[Encoder, str], Encoder]] = {"rgb": lambda encoder, name: encoder, "split": SplitStem}
 
 
 def _to_regions(fmap: Tensor) -> tuple[Tensor, tuple[int, int]]:
@@ -251,13 +333,14 @@ class ShapesCNN(Encoder):
         # two, and the last layer dilated so the receptive field stays ~35 px, enough for a big
         # shape. Other ratios: three, then adaptive pooling (cells no longer aligned).
         fine = size == 4 * self.grid
+        # stem split: the whole first layer (conv, norm, ReLU) runs on each channel alone
         self.split = config.stem == "split"
-        self.body = nn.Sequential(_conv(1 if self.split else 3, c // 4, 2), _conv(c // 4, c // 2, 2),
+        first = ChannelSplit(*_conv(1, c // 4, 2)) if self.split else _conv(3, c // 4, 2)
+        self.body = nn.Sequential(first, _conv(c // 4, c // 2, 2),
                                   _conv(c // 2, c, 1 if fine else 2), _conv(c, c, dilation=2 if fine else 1))
-        self.colour_channels = 16 * self.split
-        if self.split:  # per pixel, no spatial extent: it can say which colours a cell holds, not their shape
-            self.colour = nn.Sequential(nn.Conv2d(3, 16, 1), nn.ReLU(inplace=True), nn.Conv2d(16, 16, 1),
-                                        nn.ReLU(inplace=True))
+        self.colour_channels = ColourPath.channels * self.split
+        if self.split:
+            self.colour = ColourPath()
         self.pos_channels = 32
         self.mix = nn.Sequential(nn.Conv2d(c + self.pos_channels, c, 1), nn.ReLU(inplace=True))
         if config.position not in ("mix", "append"):
@@ -269,20 +352,13 @@ class ShapesCNN(Encoder):
         self.register_buffer("pos", positional_grid(self.pos_channels, self.grid, self.grid), persistent=False)
 
     def forward(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        if self.split:
-            b, k, s1, s2 = images.shape
-            x = self.body[0](images.reshape(b * k, 1, s1, s2))  # each channel alone, shared filters
-            x = x.unflatten(0, (b, k)).amax(1)  # (B, C/4, S/2, S/2)
-            x = self.body[1:](x)
-        else:
-            x = self.body(images)  # (B, C, S/8, S/8) or (B, C, S/4, S/4)
+        x = self.body(images)  # (B, C, S/8, S/8) or (B, C, S/4, S/4)
         if x.shape[-1] != self.grid or x.shape[-2] != self.grid:
             x = nn.functional.adaptive_avg_pool2d(x, self.grid)
         pos = self.pos.to(x.dtype).unsqueeze(0).expand(x.size(0), -1, -1, -1)  # (B, P, h, w)
         x = self.mix(torch.cat([x, pos], 1))
         if self.split:
-            colour = nn.functional.adaptive_max_pool2d(self.colour(images), self.grid)  # (B, 16, h, w)
-            x = torch.cat([x, colour], 1)
+            x = torch.cat([x, self.colour.pooled(images, self.grid)], 1)  # (B, C + 16, h, w)
         if self.append_position:
             x = torch.cat([x, pos], 1)  # (B, C + P, h, w)
         return _to_regions(x)
