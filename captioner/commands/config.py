@@ -282,6 +282,12 @@ class ConfigCLI(CaptionerCLI):
         parser.add_lightning_class_args(Trainer, "trainer")
         parser.set_defaults({f"trainer.{k}": v for k, v in {**self.trainer_defaults, **PREDICT_DEFAULTS}.items()})
 
+    def add_default_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # A fit config sets it, so it must parse here too; nothing here is seeded.
+        parser.add_argument("--seed_everything", type=bool | int, default=self.seed_everything_default,
+                            help="the training seed of a fit config: read so that the config parses, "
+                                 "not used by this command")
+
     def _set_seed(self) -> None:
         pass
 
