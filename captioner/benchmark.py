@@ -1,6 +1,6 @@
 """Speed and memory benchmarks with random weights (``scripts/benchmark.py``).
 
-Three measurements, each a function returning a JSON-ready dict:
+Each measurement is a function returning a JSON-ready dict:
 
 * :func:`bench_decoder` - decoder training throughput (teacher forcing + cross-entropy + doubly
   stochastic loss + backward + Adam step), batched beam search and greedy decoding, on random
@@ -8,6 +8,7 @@ Three measurements, each a function returning a JSON-ready dict:
 * :func:`bench_caption` - the encoder alone against the whole ``captioner caption`` path (read,
   preprocess, encode, beam search) on generated JPEG files.
 * :func:`bench_memory` - resident memory while captioning many small images in a stream.
+* :func:`bench_encoder` - an encoder's training step with ``stem: rgb`` against ``stem: split``.
 
 Figures are medians over ``repeats`` timed runs after one warm-up run. Nothing here needs data or
 pretrained weights.
@@ -33,7 +34,14 @@ import torch
 from captioner.data.vocab import END_ID, SPECIALS, START_ID, Vocabulary
 from captioner.decoding import beam_search, greedy, sample
 from captioner.inference import JPEG_DECODE, autocast
-from captioner.models import ATTENTIONS, AttentionDecoder, Captioner, DecoderConfig, EncoderConfig
+from captioner.models import (
+    ATTENTIONS,
+    AttentionDecoder,
+    Captioner,
+    DecoderConfig,
+    EncoderConfig,
+    create_encoder,
+)
 from captioner.models.quantize import QUANTIZE, quantize_decoder
 from captioner.system import LossConfig, caption_loss
 
@@ -384,6 +392,32 @@ def bench_memory(images: int = 1000, checkpoints: Sequence[int] = (100, 500, 100
             "peak_growth_mb": round(peak[last] - peak[first], 1)}
 
 
+# -- encoder: the split stem's cost ------------------------------------------------------------
+def bench_encoder(encoder: str = "shapes_cnn", image_size: int = 64, grid: int = 8, channels: int = 64,
+                  batch: int = 64, trainable_blocks: int = -1, repeats: int = 5, device: str = "cpu") -> dict:
+    """An encoder's training step (forward and backward; only the forward when nothing in it
+    trains) with ``stem: rgb`` against ``stem: split``, the two taking turns: ms per batch and
+    the median of the rounds' ratios."""
+    dev = torch.device(device)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, image_size, image_size, generator=g).to(dev)  # (B, 3, S, S)
+    steps = []
+    for stem in ("rgb", "split"):
+        torch.manual_seed(0)
+        enc = create_encoder(EncoderConfig(name=encoder, image_size=image_size, grid=grid, channels=channels,
+                                           trainable_blocks=trainable_blocks, stem=stem)).to(dev).train()
+
+        def step(enc=enc) -> None:
+            regions, _ = enc(images)  # (B, N, D)
+            if regions.requires_grad:
+                regions.square().mean().backward()
+
+        steps.append(step)
+    rgb, split = _time_alternating(steps, repeats, dev)
+    return {"rgb_ms_per_batch": 1000 * statistics.median(rgb), "split_ms_per_batch": 1000 * statistics.median(split),
+            "split_over_rgb": statistics.median(s / r for r, s in zip(rgb, split, strict=True))}
+
+
 # -- command line ------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="benchmark.py", description=__doc__.split("\n\n")[0])
@@ -452,6 +486,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--attention", default="soft", choices=ATTENTIONS.names())
     r.add_argument("--baseline", default="mean", choices=("mean", "greedy"))
     r.add_argument("--repeats", type=int, default=3)
+    e = sub.add_parser("encoder", help="an encoder's training step with stem: rgb against stem: split")
+    common(e)
+    e.add_argument("--encoder", default="shapes_cnn")
+    e.add_argument("--image-size", type=int, default=64)
+    e.add_argument("--grid", type=int, default=8)
+    e.add_argument("--channels", type=int, default=64, help="shapes_cnn width")
+    e.add_argument("--batch", type=int, default=64)
+    e.add_argument("--trainable-blocks", type=int, default=-1, help="as model.encoder.trainable_blocks")
+    e.add_argument("--repeats", type=int, default=5)
+    e.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     m = sub.add_parser("memory", help="resident memory while captioning many images in a stream")
     common(m)
     m.add_argument("--images", type=int, default=1000)
@@ -478,6 +522,9 @@ def run(a: argparse.Namespace) -> dict:
     elif a.bench == "scst":
         figures = bench_scst(a.batch, a.samples, a.max_length, a.vocab, a.grid, a.decoder_dim,
                              attention=a.attention, baseline=a.baseline, repeats=a.repeats)
+    elif a.bench == "encoder":
+        figures = bench_encoder(a.encoder, a.image_size, a.grid, a.channels, a.batch, a.trainable_blocks,
+                                a.repeats, a.device)
     else:
         marks = [c for c in (100, 500, 1000) if c < a.images] + [a.images]
         figures = bench_memory(a.images, marks, a.batch_size)

@@ -103,6 +103,16 @@ def test_caption_benchmark_ratio_is_the_median_of_the_rounds_ratios(capsys, monk
     assert report["caption_ms_per_image"] == pytest.approx(1000 * 3.0 / 3)
 
 
+def test_encoder_benchmark_reports_the_timings_it_measured(capsys, timings) -> None:
+    report = _run(capsys, "encoder", "--image-size", "32", "--grid", "4", "--channels", "16", "--batch", "2",
+                  "--repeats", "3")
+    ((rgb, split),) = timings  # one loop, the two stems taking turns
+    assert len(rgb) == len(split) == 3
+    assert report["rgb_ms_per_batch"] == pytest.approx(1000 * statistics.median(rgb))
+    assert report["split_ms_per_batch"] == pytest.approx(1000 * statistics.median(split))
+    assert report["split_over_rgb"] == pytest.approx(statistics.median(s / r for r, s in zip(rgb, split)))
+
+
 def test_memory_benchmark_stays_flat_while_it_streams(capsys) -> None:
     """Sampled after 100 and 200 images: keeping ~40 kB or more per image fails the bound
     (measured: no growth without a leak, +6 MB with 60 kB kept per image)."""
