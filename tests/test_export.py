@@ -125,24 +125,29 @@ def _folder_config(model, enc, dec, vocab: list[str]) -> dict:
             "preprocessing": model.encoder.preprocessing.to_dict()}
 
 
-def test_a_torchvision_encoders_shared_blocks_are_stored_once_and_loaded_back(tmp_path):
+@pytest.mark.parametrize("stem", ["rgb", "split"])
+def test_a_torchvision_encoders_shared_blocks_are_stored_once_and_loaded_back(tmp_path, stem: str):
     """A frozen torchvision encoder names its blocks twice (encoder.blocks.*, encoder.frozen.*);
-    safetensors refuses shared tensors, so the folder holds each once and loading restores both."""
+    safetensors refuses shared tensors, so the folder holds each once and loading restores both.
+    With ``stem: split`` (the encoder wrapped, its first convolution split) the same holds."""
     from safetensors.torch import load_file
 
     from captioner.inference import _load_folder
     from captioner.model_folder import write_model_folder
     from captioner.models import Captioner, DecoderConfig, EncoderConfig
 
-    enc = EncoderConfig(name="resnet50", grid=2, image_size=32)
+    enc = EncoderConfig(name="resnet50", grid=2, image_size=32, stem=stem)
     dec = DecoderConfig(embed_dim=8, attention_dim=8, decoder_dim=8)
     vocab = ["<pad>", "<start>", "<end>", "<unk>", "a", "dog"]
     model = Captioner(enc, dec, len(vocab))
+    tv = getattr(model.encoder, "encoder", model.encoder)  # the torchvision encoder, wrapped or not
     with torch.no_grad():
-        model.encoder.blocks[4][0].bn1.running_mean.uniform_()  # not a fresh model's value
+        tv.blocks[4][0].bn1.running_mean.uniform_()  # not a fresh model's value
+        if stem == "split":
+            tv.blocks[0][0][0].weight.uniform_()  # the split conv (ChannelSplit's one layer)
     out = write_model_folder(tmp_path / "m", _folder_config(model, enc, dec, vocab), model.state_dict(), "card")
     stored = load_file(out / WEIGHTS_FILE)
-    assert not any(k.startswith("encoder.frozen.") for k in stored) and len(stored) < len(model.state_dict())
+    assert not any(".frozen." in k for k in stored) and len(stored) < len(model.state_dict())
     loaded = _load_folder(out, "cpu").model.state_dict()
     assert loaded.keys() == model.state_dict().keys()
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
