@@ -20,7 +20,7 @@ from captioner.models import (
     EncoderConfig,
 )
 from captioner.models.attention import Attention, SoftAttention
-from captioner.models.encoder import ChannelSplit, create_encoder, encoder_preprocessing
+from captioner.models.encoder import ChannelSplit, SplitStem, create_encoder, encoder_preprocessing
 
 SMALL_DEC = {"embed_dim": 16, "attention_dim": 16, "decoder_dim": 24, "num_heads": 4, "dropout": 0.0}
 
@@ -623,3 +623,13 @@ def assert_split_stem_splits(name: str, size: int, grid: int) -> None:
 
 def test_split_stem_on_a_torchvision_encoder() -> None:
     assert_split_stem_splits("resnet50", 64, 2)
+
+
+def test_split_stem_needs_a_convolution_over_the_colour_image() -> None:
+    class Linear(nn.Module):  # e.g. a patch embedding made as a Linear layer
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj, self.out_dim, self.preprocessing = nn.Linear(48, 8), 8, None
+
+    with pytest.raises(ValueError, match="stem split: mlp/x has no convolution over the colour image to split"):
+        SplitStem(Linear(), "mlp/x")
