@@ -334,19 +334,17 @@ class ShapesCNN(Encoder):
         # shape. Other ratios: three, then adaptive pooling (cells no longer aligned).
         fine = size == 4 * self.grid
         # stem split: the whole first layer (conv, norm, ReLU) runs on each channel alone
-        self.split = config.stem == "split"
-        first = ChannelSplit(*_conv(1, c // 4, 2)) if self.split else _conv(3, c // 4, 2)
+        split = config.stem == "split"
+        first = ChannelSplit(*_conv(1, c // 4, 2)) if split else _conv(3, c // 4, 2)
         self.body = nn.Sequential(first, _conv(c // 4, c // 2, 2),
                                   _conv(c // 2, c, 1 if fine else 2), _conv(c, c, dilation=2 if fine else 1))
-        self.colour_channels = ColourPath.channels * self.split
-        if self.split:
-            self.colour = ColourPath()
+        self.colour = ColourPath() if split else None
         self.pos_channels = 32
         self.mix = nn.Sequential(nn.Conv2d(c + self.pos_channels, c, 1), nn.ReLU(inplace=True))
         if config.position not in ("mix", "append"):
             raise ValueError(f"encoder.position must be 'mix' or 'append', got {config.position!r}")
         self.append_position = config.position == "append"
-        self.out_dim = c + self.colour_channels + self.pos_channels * self.append_position
+        self.out_dim = c + ColourPath.channels * split + self.pos_channels * self.append_position
         # The features are always pooled to grid x grid, so the code is fixed: made once, moved
         # with the module, not saved in checkpoints.
         self.register_buffer("pos", positional_grid(self.pos_channels, self.grid, self.grid), persistent=False)
@@ -357,7 +355,7 @@ class ShapesCNN(Encoder):
             x = nn.functional.adaptive_avg_pool2d(x, self.grid)
         pos = self.pos.to(x.dtype).unsqueeze(0).expand(x.size(0), -1, -1, -1)  # (B, P, h, w)
         x = self.mix(torch.cat([x, pos], 1))
-        if self.split:
+        if self.colour is not None:
             x = torch.cat([x, self.colour.pooled(images, self.grid)], 1)  # (B, C + 16, h, w)
         if self.append_position:
             x = torch.cat([x, pos], 1)  # (B, C + P, h, w)
