@@ -162,7 +162,7 @@ convert_split() {
     sed 's/^/   /' "$DATA/convert-report.txt"
     if grep -q '^dropped, missing image: ' "$DATA/convert-report.txt"; then
         rm -f "$SPLIT"
-        die "$(grep -c '^dropped, missing image: ' "$DATA/convert-report.txt") images of the split are not in" \
+        die "$(grep -c '^dropped, missing image: ' "$DATA/convert-report.txt") image(s) of the split are not in" \
             "$IMAGES (listed in $DATA/convert-report.txt): mend the image folder and run again"
     fi
 }

@@ -475,3 +475,21 @@ def test_coco_split_file_from_lavis_files_then_all_failing(tmp_path) -> None:
     assert err.startswith("error: no source of dataset_coco.json answered (caption_datasets.zip, coco_karpathy_*.json")
     assert "put coco_karpathy_train.json, coco_karpathy_val.json, coco_karpathy_test.json (BLIP/LAVIS)" in err
     assert f"captioner data convert --from coco-karpathy {data} --image-root {data} --out {data}/dataset_coco.json" in err
+
+
+def test_flickr8k_listed_image_missing_after_conversion_stops_the_recipe(tmp_path) -> None:
+    dataset = flickr8k_web(tmp_path / "web", karpathy=False, text=True)
+    gone = dataset["images"][3]["filename"]
+    archive = tmp_path / "web" / "Flickr8k_Dataset.zip"
+    with zipfile.ZipFile(archive) as z:
+        members = {n: z.read(n) for n in z.namelist() if not n.endswith(gone)}
+    with zipfile.ZipFile(archive, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    proc = run_recipe("download_flickr8k.sh", "data", "--expect-images", "10", tmp=tmp_path, web=tmp_path / "web")
+    data = tmp_path / "data"
+    assert proc.returncode == 2
+    assert (f"error: 1 image(s) of the split are not in {data / 'Flicker8k_Dataset'} (listed in "
+            f"{data / 'convert-report.txt'}): mend the image folder and run again") in proc.stderr
+    assert f"dropped, missing image: {data / 'Flicker8k_Dataset' / gone}" in (data / "convert-report.txt").read_text()
+    assert not (data / "dataset_flickr8k.json").exists()  # not left for the next run to take as done
