@@ -109,6 +109,15 @@ def test_flickr8k_malformed_token_line_is_named_by_file_and_line(tmp_path: Path,
     assert not (tmp_path / "d.json").exists()
 
 
+def test_an_option_of_another_format_is_refused(tmp_path: Path, capsys) -> None:
+    coco_files(tmp_path, tmp_path)
+    assert main(["data", "convert", "--from", "coco-karpathy", str(tmp_path), "--image-root", str(tmp_path),
+                 "--out", str(tmp_path / "d.json"), "--test-list", str(tmp_path / "t.txt")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "captioner: error: --test-list is an option of --from flickr8k, not of --from coco-karpathy")
+    assert not (tmp_path / "d.json").exists()
+
+
 def test_flickr8k_image_in_two_lists_and_listed_without_caption(tmp_path: Path) -> None:
     tokens = flickr8k_text(tmp_path, tmp_path)
     with open(tmp_path / "Flickr_8k.testImages.txt", "a") as f:

@@ -493,3 +493,18 @@ def test_flickr8k_listed_image_missing_after_conversion_stops_the_recipe(tmp_pat
             f"{data / 'convert-report.txt'}): mend the image folder and run again") in proc.stderr
     assert f"dropped, missing image: {data / 'Flicker8k_Dataset' / gone}" in (data / "convert-report.txt").read_text()
     assert not (data / "dataset_flickr8k.json").exists()  # not left for the next run to take as done
+
+
+def test_coco_published_files_from_source_without_curl(tmp_path) -> None:
+    """--source DIR holding BLIP/LAVIS's files and COCO's annotation archive (no Karpathy zip):
+    nothing is downloaded, so no curl is needed; the JSON files are copied into the data folder."""
+    dataset, _ = coco_web(tmp_path / "mirror", karpathy=False, lavis=True)
+    out = _ok(run_recipe("download_coco.sh", "--data", "data", "--source", "mirror", "--expect-images", "10",
+                         tmp=tmp_path, without="curl"))
+    data = tmp_path / "data"
+    assert "10 images, 50 captions (train 6, val 2, test 2)" in out
+    assert sorted(p.name for p in data.iterdir()) == [
+        "captions_train2014.json", "captions_val2014.json", "coco_karpathy_test.json", "coco_karpathy_train.json",
+        "coco_karpathy_val.json", "convert-report.txt", "dataset_coco.json", "train2014", "val2014"]
+    assert [im["cocoid"] for im in json.loads((data / "dataset_coco.json").read_text())["images"]] == [
+        im["cocoid"] for im in dataset["images"]]

@@ -11,6 +11,9 @@ from captioner.commands.common import LazyChoices, UsageError
 
 FORMATS = ("csv", "tsv", "jsonl", "folder", "coco")  # captioner.data.convert.FORMATS, without importing it
 PUBLISHED = ("flickr8k", "coco-karpathy")  # captioner.data.published.READERS: Flickr8k's and COCO's split files
+# the options of one --from format only: given with another, they would be ignored
+FORMAT_OPTIONS = {"train_list": "flickr8k", "val_list": "flickr8k", "test_list": "flickr8k",
+                  "coco_captions": "coco-karpathy"}
 TOKENIZERS = LazyChoices("captioner.data.tokenizers", "TOKENIZERS")
 
 
@@ -36,6 +39,9 @@ def cmd_data_convert(a: argparse.Namespace) -> int:
     image_root = a.image_root or (a.input if a.format == "folder" else None)
     if image_root is None:
         raise UsageError("--image-root DIR is required (the folder the image names are relative to)")
+    for dest, fmt in FORMAT_OPTIONS.items():
+        if getattr(a, dest) and a.format != fmt:
+            raise UsageError(f"--{dest.replace('_', '-')} is an option of --from {fmt}, not of --from {a.format}")
     published = None
     try:
         if a.format in PUBLISHED:
