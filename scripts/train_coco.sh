@@ -16,7 +16,7 @@ source "$(dirname "$0")/_recipe.sh"
 
 usage() {
     cat <<USAGE
-usage: scripts/train_coco.sh [--source DIR] [--data DIR] [--work DIR] [--no-features] [--no-meteor] [-- SETTING...]
+usage: scripts/train_coco.sh [--source DIR] [--data DIR] [--work DIR] [--no-features] [--no-meteor] [--download-only] [--expect-images N] [-- SETTING...]
   --source DIR    a folder holding train2014.zip, val2014.zip, caption_datasets.zip,
                   coco_karpathy_{train,val,test}.json and/or annotations_trainval2014.zip: used
                   instead of downloading them

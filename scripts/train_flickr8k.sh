@@ -15,7 +15,7 @@ source "$(dirname "$0")/_recipe.sh"
 
 usage() {
     cat <<USAGE
-usage: scripts/train_flickr8k.sh [--source DIR] [--data DIR] [--work DIR] [--no-features] [--no-meteor] [-- SETTING...]
+usage: scripts/train_flickr8k.sh [--source DIR] [--data DIR] [--work DIR] [--no-features] [--no-meteor] [--download-only] [--expect-images N] [-- SETTING...]
   --source DIR    a folder holding Flickr8k_Dataset.zip, Flickr8k_text.zip and/or caption_datasets.zip:
                   used instead of downloading them
   --data DIR      the data folder (default data/flickr8k): Flicker8k_Dataset/, dataset_flickr8k.json

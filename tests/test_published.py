@@ -74,6 +74,12 @@ def test_flickr8k_token_file_and_lists_to_a_split_file(tmp_path: Path, capsys) -
     assert main(["data", "convert", "--from", "flickr8k", str(tokens.parent), "--image-root", str(images),
                  "--out", str(tmp_path / "again.json")]) == 0
     assert json.loads((tmp_path / "again.json").read_text()) == data
+    capsys.readouterr()
+    assert main(["data", "convert", "--from", "flickr8k", str(tokens), "--image-root", str(images),
+                 "--out", str(tmp_path / "again.json"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["splits"] == {"train": 4, "val": 2, "test": 2} and report["left_out"] == [
+        f"left out, in no split list: 2 captioned image(s) of Flickr8k.token.txt ({F_NAMES[8]}, {F_NAMES[0]}.1)"]
 
 
 def test_flickr8k_missing_image_and_lists_given_elsewhere(tmp_path: Path, capsys) -> None:
