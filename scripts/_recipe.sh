@@ -10,7 +10,8 @@
 # which runs: download, data check, features, cross-entropy fit, SCST fit, evaluation of both on
 # the test split, export (with --download-only: the download alone). Each stage is skipped when
 # its output is there; an output appears only when its stage has finished (written under a
-# temporary name and renamed, or marked done at the end), so a killed run is simply run again. Details: docs/training.md, "Whole recipes".
+# temporary name and renamed, or marked done at the end), so a killed run is simply run again.
+# Details: docs/training.md, "Whole recipes".
 set -euo pipefail
 
 RECIPE_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
