@@ -10,6 +10,10 @@ from pathlib import Path
 from captioner.commands.common import LazyChoices, UsageError
 
 FORMATS = ("csv", "tsv", "jsonl", "folder", "coco")  # captioner.data.convert.FORMATS, without importing it
+PUBLISHED = ("flickr8k", "coco-karpathy")  # captioner.data.published.READERS: Flickr8k's and COCO's split files
+# the options of one --from format only: given with another, they would be ignored
+FORMAT_OPTIONS = {"train_list": "flickr8k", "val_list": "flickr8k", "test_list": "flickr8k",
+                  "coco_captions": "coco-karpathy"}
 TOKENIZERS = LazyChoices("captioner.data.tokenizers", "TOKENIZERS")
 
 
@@ -35,20 +39,34 @@ def cmd_data_convert(a: argparse.Namespace) -> int:
     image_root = a.image_root or (a.input if a.format == "folder" else None)
     if image_root is None:
         raise UsageError("--image-root DIR is required (the folder the image names are relative to)")
+    for dest, fmt in FORMAT_OPTIONS.items():
+        if getattr(a, dest) and a.format != fmt:
+            raise UsageError(f"--{dest.replace('_', '-')} is an option of --from {fmt}, not of --from {a.format}")
+    published = None
     try:
-        rows = read_rows(a.format, a.input, a.image_column, a.caption_column)
+        if a.format in PUBLISHED:
+            from captioner.data.published import read_published
+
+            published = read_published(a.format, a.input, {"train": a.train_list, "val": a.val_list,
+                                                            "test": a.test_list}, a.coco_captions)
+            rows = published.rows
+        else:
+            rows = read_rows(a.format, a.input, a.image_column, a.caption_column)
         dataset, report = convert_rows(rows, image_root, a.tokenizer, a.val_fraction,
                                        a.test_fraction, a.seed)
     except ConvertError as err:
         raise UsageError(" ".join(str(err).split())) from None
+    left_out = published.left_out if published else []
+    if published:
+        dataset = published.finish(dataset)
     if report.images == 0:
         print(report.format_text())
         raise UsageError(f"{a.input}: no image with a caption was found; nothing written")
     atomic_write_json(a.out, dataset, newline=True)
     if a.json:
-        print(json.dumps({**report.to_json(), "out": str(a.out)}))
+        print(json.dumps({**report.to_json(), **({"left_out": left_out} if published else {}), "out": str(a.out)}))
     else:
-        print(report.format_text())
+        print("\n".join([report.format_text(), *left_out]))
         print(f"wrote {a.out}")
     if report.dropped and not a.allow_missing:
         print(f"{report.dropped} caption(s) or image(s) dropped (see above); --allow-missing accepts that")
@@ -71,7 +89,9 @@ def register(subparsers) -> None:
     v = dsub.add_parser("convert", help="your captions (CSV, TSV, JSON Lines, a folder, COCO) -> a "
                         "Karpathy split file")
     v.add_argument("input", type=Path, metavar="INPUT", help="the file (the folder for --from folder)")
-    v.add_argument("--from", dest="format", required=True, choices=FORMATS)
+    v.add_argument("--from", dest="format", required=True, choices=FORMATS + PUBLISHED,
+                   help="flickr8k: INPUT is Flickr8k.token.txt (or its folder), with the split lists "
+                   "beside it; coco-karpathy: INPUT is the folder of BLIP/LAVIS's coco_karpathy_*.json")
     v.add_argument("--image-root", type=Path, help="the folder image names are relative to "
                    "(default for --from folder: INPUT)")
     v.add_argument("--out", type=Path, required=True, help="the split file to write, e.g. dataset.json")
@@ -84,6 +104,12 @@ def register(subparsers) -> None:
     v.add_argument("--val-fraction", type=float, default=0.1, help="share of images for val (default 0.1)")
     v.add_argument("--test-fraction", type=float, default=0.1, help="share of images for test (default 0.1)")
     v.add_argument("--seed", type=int, default=0, help="the split's shuffle (default 0)")
+    for split, name in (("train", "trainImages"), ("val", "devImages"), ("test", "testImages")):
+        v.add_argument(f"--{split}-list", type=Path, metavar="FILE",
+                       help=f"--from flickr8k: the {split} image list (default: Flickr_8k.{name}.txt beside INPUT)")
+    v.add_argument("--coco-captions", type=Path, nargs="+", metavar="FILE",
+                   help="--from coco-karpathy: COCO's caption files (default: captions_train2014.json and "
+                   "captions_val2014.json in INPUT or INPUT/annotations)")
     v.add_argument("--allow-missing", action="store_true",
                    help="exit 0 even when missing images, empty or duplicate captions were dropped")
     v.add_argument("--json", action="store_true", help="the report as one JSON object")

@@ -34,6 +34,7 @@ class Row:
     caption: str | None  # None: an image without any caption
     split: str | None
     where: str  # "file:line" for messages
+    image_id: int | None = None
 
 
 @dataclass
