@@ -103,7 +103,8 @@ def test_init_from_refuses_a_vocabulary_mismatch_a_missing_and_an_unsafe_file(ti
         _system(tiny_checkpoint, init_from=str(missing))
     unsafe = tmp_path / "unsafe.ckpt"
     unsafe.write_bytes(pickle.dumps(Path("x")))  # an object a weights_only load refuses
-    with pytest.raises(ValueError, match=str(unsafe)):
+    # docs/training.md: init_from is "a safe weights_only load"
+    with pytest.raises(ValueError, match=f"model.init_from: {unsafe}: refused to load"):
         _system(tiny_checkpoint, init_from=str(unsafe))
 
 
