@@ -60,6 +60,23 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"{path}: not a readable checkpoint: {err}") from None
 
 
+# What load_checkpoint reads: top-level entries, and those inside the dicts they name.
+_CHECKPOINT_KEYS = {"state_dict": (), "hyper_parameters": ("encoder", "decoder"),
+                   "captioner": ("vocab", "preprocessing")}
+
+
+def _checkpoint_lacks(ckpt: dict) -> list[str]:
+    """The keys of :data:`_CHECKPOINT_KEYS` that ``ckpt`` lacks (``captioner.vocab``, ...)."""
+    missing = []
+    for key, inner in _CHECKPOINT_KEYS.items():
+        value = ckpt.get(key)
+        if not isinstance(value, dict):
+            missing.append(key)
+        else:
+            missing += [f"{key}.{k}" for k in inner if k not in value]
+    return missing
+
+
 @dataclass
 class LoadedModel:
     model: Captioner
@@ -87,8 +104,9 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     ckpt = read_checkpoint(path)
     meta = ckpt.get("captioner")
     hp = ckpt.get("hyper_parameters")
-    if not isinstance(meta, dict) or not isinstance(hp, dict) or "state_dict" not in ckpt:
-        raise CheckpointError(f"{path}: not a captioner checkpoint (no vocabulary/hyperparameters)")
+    missing = _checkpoint_lacks(ckpt)
+    if missing:
+        raise CheckpointError(f"{path}: not a captioner checkpoint: it lacks {', '.join(missing)}")
     try:
         vocab = Vocabulary(meta["vocab"])
         model = Captioner(_encoder_to_load(hp["encoder"]), DecoderConfig(**hp["decoder"]), len(vocab),

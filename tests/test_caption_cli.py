@@ -152,10 +152,14 @@ def _bad_checkpoint(kind: str, tmp_path: Path) -> Path:
         path.write_bytes(pickle.dumps({"payload": _Payload(tmp_path / "PWNED")}))
     elif kind == "not_captioner":
         torch.save({"weights": torch.zeros(3)}, path)
+    elif kind == "no_vocab":
+        torch.save({"state_dict": {}, "hyper_parameters": {"encoder": {}, "decoder": {}},
+                    "captioner": {"preprocessing": {}}}, path)
     return path  # "missing": never written
 
 
-@pytest.mark.parametrize("kind", ["missing", "garbage", "malicious", "malicious_raw_pickle", "not_captioner"])
+@pytest.mark.parametrize("kind", ["missing", "garbage", "malicious", "malicious_raw_pickle", "not_captioner",
+                                  "no_vocab"])
 def test_unusable_checkpoint_exits_2_with_one_line(kind, tmp_path, shapes_dir, capsys):
     good = _good_images(tmp_path / "imgs", shapes_dir, n=1)
     ckpt = _bad_checkpoint(kind, tmp_path)
@@ -167,6 +171,11 @@ def test_unusable_checkpoint_exits_2_with_one_line(kind, tmp_path, shapes_dir, c
     assert err.startswith("captioner: error: ") and str(ckpt) in err
     assert "Traceback" not in err
     assert not (tmp_path / "PWNED").exists()
+    # docs/checkpoints.md: "the keys a checkpoint must have are checked with a message naming what is missing"
+    if kind == "not_captioner":
+        assert "it lacks state_dict, hyper_parameters, captioner" in err
+    if kind == "no_vocab":
+        assert err.rstrip().endswith("it lacks captioner.vocab")
     if kind == "malicious":
         assert "refused" in err
         # The payload is real: an unsafe load would have run it.

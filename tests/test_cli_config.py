@@ -38,9 +38,11 @@ def test_any_run_length_leaves_a_checkpoint_to_caption_with(length, shapes_dir, 
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert last.is_file(), sorted(p.name for p in tmp_path.rglob("*"))
     assert _step(last) >= 1
+    err = capsys.readouterr().err
     if length[0] == "--trainer.max_steps":
         assert _step(last) == 3 and not (tmp_path / "checkpoints" / "best.ckpt").exists()
-    capsys.readouterr()
+        # docs/training.md: such a run "exits 0, writes last.ckpt and says so"
+        assert f"no best.ckpt (it is chosen by a validation score, and none was saved): use {last}" in err
     assert main(["caption", "--checkpoint", str(last), "--device", "cpu", str(_test_image(shapes_dir))]) == 0
     assert capsys.readouterr().out.count("\t") == 1
 

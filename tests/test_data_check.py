@@ -202,3 +202,17 @@ def test_coco_annotations_checked(tmp_path):
 def test_needs_an_input():
     with pytest.raises(ValueError):
         run_data_check()
+
+
+def test_the_command_names_each_problem_and_exits_1(tmp_path, capsys):
+    """docs/data.md: `data check` prints "every problem ... by path; exit code 1 when there is any"."""
+    from captioner.cli import main
+
+    path, bad = make_dataset(tmp_path)
+    args = ["data", "check", "--karpathy-json", str(path), "--image-root", str(tmp_path / "images")]
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert all(str(p) in out for p in bad.values()), out
+    assert main([*args, "--json"]) == 1
+    problems = json.loads(capsys.readouterr().out)["problems"]
+    assert {p["path"] for p in problems} == {str(p) for p in bad.values()}

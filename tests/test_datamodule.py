@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -84,7 +85,7 @@ def _broken_karpathy(tmp_path):
     return path, root
 
 
-def test_bad_image_stops_with_its_name_or_is_skipped(tmp_path) -> None:
+def test_bad_image_stops_with_its_name_or_is_skipped(tmp_path, caplog) -> None:
     path, root = _broken_karpathy(tmp_path)
     kw = {"dataset": "karpathy", "karpathy": {"split_file": str(path), "image_root": str(root)},
           "min_count": 1, "preprocessing": PRE, "num_workers": 0, "batch_size": 3}
@@ -94,8 +95,12 @@ def test_bad_image_stops_with_its_name_or_is_skipped(tmp_path) -> None:
         next(iter(dm.train_dataloader()))
     dm = CaptionDataModule(skip_bad_images=True, **kw)
     dm.setup()
-    batch = next(iter(dm.train_dataloader()))
+    with caplog.at_level(logging.WARNING, logger="captioner.data.datamodule"):
+        batch = next(iter(dm.train_dataloader()))
     assert batch["captions"].shape[0] == 2  # the rest of the batch is kept
+    # docs/training.md: data.skip_bad_images skips "with a warning" that names the file
+    skipped = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(skipped) == 1 and "bad.png" in skipped[0] and "zero-byte" in skipped[0], skipped
     assert collate_captions([None, None]) == {}
 
 

@@ -99,6 +99,14 @@ def test_caption_and_evaluate_take_a_folder(folder, run, shapes_dir, capsys):
     assert scores[0] == scores[1]
 
 
+def test_evaluate_of_a_folder_needs_a_config(folder, capsys):
+    """docs/checkpoints.md: with a folder "`evaluate` then needs `--config`: a folder has no run
+    beside it"."""
+    rc = main(["evaluate", "--checkpoint", str(folder), "--split", "test", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"--checkpoint {folder}: no " in err and "give the training config with --config CFG.yaml" in err
+
 def test_export_refuses_a_folder_with_files_in_it(run, folder, capsys):
     rc = main(["export", "--checkpoint", str(run / "checkpoints" / "best.ckpt"), "--out", str(folder)])
     err = capsys.readouterr().err

@@ -248,3 +248,38 @@ def test_cli_reports_bad_configs(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert err.startswith("captioner: error:") and "colour" in err and "\n" not in err.strip(), err
     assert main(["features", "extract", "--config", str(tmp_path / "nope.yaml"), "--out", "x"]) == 2
+
+
+def test_cli_names_an_unreadable_image_exits_1_and_fit_refuses_the_cache(shapes_dir, tmp_path, capsys) -> None:
+    """docs/usage.md: `features extract` "names the files it could not read and exits with 1; the
+    cache stays incomplete (`fit` refuses it)"."""
+    import shutil
+
+    import yaml
+
+    root = tmp_path / "images"
+    root.mkdir()
+    entries = []
+    for i, src in enumerate(sorted((shapes_dir / "images").glob("*.png"))[:6]):
+        shutil.copy(src, root / src.name)
+        entries.append({"filename": src.name, "imgid": i, "split": "train" if i < 4 else "val",
+                        "sentences": [{"tokens": ["a", "red", "square"], "raw": "a red square"}]})
+    (root / "bad.png").write_text("not a picture")
+    entries.append({"filename": "bad.png", "imgid": 6, "split": "train",
+                    "sentences": [{"tokens": ["a", "blue", "circle"], "raw": "a blue circle"}]})
+    split_file = tmp_path / "dataset.json"
+    split_file.write_text(json.dumps({"images": entries}))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"encoder": ENCODER}, "data": {
+        "dataset": "karpathy", "karpathy": {"split_file": str(split_file), "image_root": str(root)},
+        "min_count": 1, "num_workers": 0}}))
+    out = tmp_path / "cache"
+    assert main(["features", "extract", "--config", str(cfg), "--out", str(out), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert f"{root / 'bad.png'}: not an image" in err and "1 image(s) could not be read" in err, err
+    assert not json.loads((out / "index.json").read_text())["complete"]
+    rc = main(["fit", "--config", str(cfg), "--data.feature_cache", str(out), "--trainer.max_steps", "1",
+               "--trainer.default_root_dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "the feature cache is incomplete" in err and str(out) in err, err
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -103,9 +103,18 @@ def test_init_from_refuses_a_vocabulary_mismatch_a_missing_and_an_unsafe_file(ti
         _system(tiny_checkpoint, init_from=str(missing))
     unsafe = tmp_path / "unsafe.ckpt"
     unsafe.write_bytes(pickle.dumps(Path("x")))  # an object a weights_only load refuses
-    with pytest.raises(ValueError, match=str(unsafe)):
+    # docs/training.md: init_from is "a safe weights_only load"
+    with pytest.raises(ValueError, match=f"model.init_from: {unsafe}: refused to load"):
         _system(tiny_checkpoint, init_from=str(unsafe))
 
+
+def test_init_from_refuses_a_checkpoint_of_another_model(tiny_checkpoint) -> None:
+    """docs/training.md: with model.init_from "the config must describe the same model"."""
+    ckpt = read_checkpoint(tiny_checkpoint)
+    hp, vocab = ckpt["hyper_parameters"], ckpt["captioner"]["vocab"]
+    wider = DecoderConfig(**{**hp["decoder"], "decoder_dim": hp["decoder"]["decoder_dim"] + 8})
+    with pytest.raises(ValueError, match=r"init_from: .*: its model differs from model.encoder/model.decoder"):
+        CaptioningSystem(EncoderConfig(**hp["encoder"]), wider, vocab=vocab, init_from=str(tiny_checkpoint))
 
 def test_mean_baseline_needs_two_samples() -> None:
     with pytest.raises(ValueError, match="n_samples >= 2"):

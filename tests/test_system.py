@@ -75,6 +75,12 @@ def test_loss_settings_are_checked() -> None:
         LossConfig(reduction="sentence")
 
 
+def test_attention_supervision_needs_grounded_batches() -> None:
+    """docs/training.md: model.loss.attention_supervision "needs data.shapes.grounding"."""
+    system = _system(attention_supervision=1.0)
+    with pytest.raises(ValueError, match=r"attention_supervision needs .*set data.shapes.grounding: true"):
+        system.compute_loss(_batch())  # a batch without token_objects, as ungrounded data gives
+
 @pytest.mark.parametrize("attention", ATTENTIONS.names())
 def test_tiny_model_overfits_one_batch(attention: str) -> None:
     system = _system(attention, doubly_stochastic=0.01).train()

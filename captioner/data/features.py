@@ -55,8 +55,9 @@ DEFAULT_CHUNK_SIZE = 256
 DTYPE = np.float16
 
 
-class FeatureCacheError(Exception):
-    """A feature cache that is missing, incomplete, inconsistent or lacks an image."""
+class FeatureCacheError(ValueError):
+    """A feature cache that is missing, incomplete, inconsistent or lacks an image. A ValueError:
+    the command line ends with its one line and exit status 2 (``fit`` given an incomplete cache)."""
 
 
 def bytes_per_image(num_regions: int, dim: int) -> int:
