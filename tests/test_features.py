@@ -16,6 +16,7 @@ from captioner.data.features import (
     FeatureStore,
     bytes_per_image,
     extract_features,
+    weights_sha256,
 )
 from captioner.models import Captioner, DecoderConfig, EncoderConfig, create_encoder
 from captioner.system import CaptioningSystem
@@ -64,7 +65,7 @@ def cache(shapes_dir, encoder, tmp_path_factory) -> Path:
     return out
 
 
-def test_index_describes_the_cache(cache, shapes_dir) -> None:
+def test_index_describes_the_cache(cache, shapes_dir, encoder) -> None:
     index = json.loads((cache / "index.json").read_text())
     dm = _datamodule(shapes_dir)
     counts = {s: len(dm.split_records(s)) for s in ("train", "val", "test")}
@@ -72,7 +73,10 @@ def test_index_describes_the_cache(cache, shapes_dir) -> None:
     assert index["complete"] and index["dtype"] == "float16"
     assert index["counts"] == {**counts, "images": total}
     assert index["grid"] == [2, 2] and index["num_regions"] == 4 and index["dim"] == 2048
-    assert index["encoder"] == ENCODER and index["preprocessing"] == dm.preprocessing.to_dict()
+    assert index["encoder"] == {**ENCODER, "weights": weights_sha256(encoder)}
+    assert index["preprocessing"] == dm.preprocessing.to_dict()
+    rec = dm.split_records("val")[0]
+    assert Path(index["image_root"], index["paths"][str(rec.image_id)]) == Path(rec.path).resolve()
     assert index["splits"]["val"] == [r.image_id for r in dm.split_records("val")]
     rows = [s["rows"] for s in index["shards"]]
     assert sum(rows) == total and set(rows[:-1]) <= {16} and 0 < rows[-1] <= 16
@@ -154,7 +158,7 @@ def test_unreadable_images_are_named_and_only_they_are_left(shapes_dir, encoder,
 
 def test_a_different_cache_in_the_folder_is_refused(cache, shapes_dir, encoder) -> None:
     dm = _datamodule(shapes_dir)
-    with pytest.raises(FeatureCacheError, match="different feature cache.*shard_size"):
+    with pytest.raises(FeatureCacheError, match="made from something else .the cache.s vs now: shard size 16 vs 10."):
         extract_features({"train": dm.split_records("train"), "val": dm.split_records("val"),
                           "test": dm.split_records("test")}, encoder, cache, dm.preprocessing, ENCODER,
                          shard_size=10)

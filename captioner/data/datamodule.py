@@ -323,6 +323,20 @@ class CaptionDataModule(L.LightningDataModule):
             self._feature_store = FeatureStore(self.feature_cache)
         return self._feature_store
 
+    def check_feature_cache(self, encoder: dict, preprocessing: Preprocessing | None,
+                            splits: Sequence[str]) -> None:
+        """With ``data.feature_cache``: refuse (``FeatureCacheError``, a ``ValueError``: one line
+        naming each difference) a cache made by another encoder than ``encoder`` (its fingerprint,
+        ``captioner.models.encoder_fingerprint``) or other ``preprocessing``, or whose image ids
+        name other files than the data's ``splits`` (those present) do now, or lack some of them.
+        The model is passed in, so the data do not depend on it: ``CaptioningSystem.setup`` calls
+        this before the first step."""
+        store = self._features()
+        if store is None:
+            return
+        records = [r for s in splits if s in self.records for r in self.split_records(s)]
+        store.check(encoder, preprocessing, records)
+
     def dataset_for(self, split: str, mode: str | None = None, grounding: bool | None = None) -> CaptionDataset:
         """``grounding``: items carry word-region grounding; None: for the training split when
         ``data.shapes.grounding`` is set (only training uses it)."""
