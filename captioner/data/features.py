@@ -39,7 +39,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from captioner.data.atomic import atomic_write_json
+from captioner.data.fingerprint import differences, sha256_json
 from captioner.data.images import ImageLoadError, load_image
 from captioner.data.records import ImageRecord, blocks
 from captioner.data.transforms import Preprocessing
@@ -99,10 +100,6 @@ def image_paths(records: Sequence[ImageRecord]) -> tuple[str, dict[str, str]]:
                                     else os.path.abspath(r.path)).replace(os.sep, "/") for r in records}
 
 
-def _sha256_json(value: object) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
-
-
 def _shard_name(i: int) -> str:
     return f"shard-{i:05d}.npy"
 
@@ -149,33 +146,6 @@ def _reserve(fd: int, size: int, path: Path) -> None:
         if err.errno == errno.ENOSPC:
             raise OSError(errno.ENOSPC, f"no space left on the device for the feature cache's shard "
                           f"({size:,} bytes)", str(path)) from None
-
-
-def _short(value: object) -> str:
-    """A value as a mismatch message shows it: hashes cut to 8 digits, long lists counted."""
-    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
-        return value[:8] + ".."
-    text = json.dumps(value)
-    return text if len(text) <= 40 else f"({len(value)} entries)" if isinstance(value, list | dict) else text[:37] + "..."
-
-
-# how a fingerprint's fields are named in messages
-_LABELS = {"weights": "weights sha256", "images": "images (ids and paths) sha256", "name": "encoder"}
-
-
-def differences(recorded: Mapping, expected: Mapping, keys: Iterable[str] | None = None) -> list[str]:
-    """``field recorded vs expected`` for each field of ``keys`` (default: those of ``expected``)
-    whose values differ; mappings are compared field by field."""
-    out = []
-    for k in keys if keys is not None else expected:
-        a, b = recorded.get(k), expected.get(k)
-        if a == b:
-            continue
-        if isinstance(a, Mapping) and isinstance(b, Mapping):
-            out += differences(a, b, sorted({*a, *b}))
-        else:
-            out.append(f"{_LABELS.get(k, k.replace('_', ' '))} {'?' if k not in recorded else _short(a)} vs {_short(b)}")
-    return out
 
 
 def read_image(path: str | os.PathLike, preprocessing: Preprocessing) -> tuple[Tensor | None, str | None]:
@@ -246,7 +216,7 @@ class CachePlan:
             "encoder": dict(encoder_config or {}),
             "preprocessing": preprocessing.to_dict(),
             # the image list: a re-converted split file whose ids name other files differs here
-            "images": _sha256_json(self.paths),
+            "images": sha256_json(self.paths),
             "splits": {s: [r.image_id for r in recs] for s, recs in splits.items()},
         }
         self.shards = [{"file": _shard_name(i), "rows": min(shard_size, len(self.records) - s)}
