@@ -301,6 +301,10 @@ def test_fit_refuses_a_cache_of_another_encoder(cache, shapes_dir, encoder, tmp_
     assert f"{cache}: the feature cache does not match this run" in err and expected in err, err
     assert "extract a new cache into another folder" in err
     assert not steps and not (tmp_path / "run" / "checkpoints").exists()
+    if extra[0] == "--model.encoder.grid":  # validate (and test) check in the same place, for their split
+        args = _fit_from(shapes_dir, tmp_path / "run", cache, *extra)
+        assert main(["validate", *args[1:]]) == 2
+        assert expected in _error_line(capsys)
 
 
 def test_fit_refuses_a_cache_whose_ids_now_name_other_images(shapes_dir, encoder, tmp_path, capsys) -> None:
@@ -393,3 +397,24 @@ def test_extraction_needs_no_more_disk_than_the_cache(shapes_dir, encoder, tmp_p
     final = usage()
     assert final >= 40 * bytes_per_image(4, 2048)
     assert peak[0] <= 1.1 * final + 4 * bytes_per_image(4, 2048), (peak[0], final)
+
+
+def test_a_disk_too_small_for_the_cache_fails_before_any_image_is_encoded(shapes_dir, encoder, tmp_path,
+                                                                          monkeypatch) -> None:
+    import errno
+    import os
+
+    def full(fd, offset, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    dm = _datamodule(shapes_dir)
+    counting = CountingEncoder(encoder)
+    out = tmp_path / "cache"
+    with pytest.raises(OSError, match=r"no space left on the device for the feature cache's shard "
+                       r"\(131,200 bytes\).*shard-00000.npy") as err:
+        extract_features({"train": dm.split_records("train")[:16]}, counting, out, dm.preprocessing, ENCODER,
+                         batch_size=4, shard_size=8)
+    assert err.value.errno == errno.ENOSPC
+    assert counting.calls == 1  # the probe only: nothing was encoded for nothing
+    assert not list(out.glob("shard-*")) and not list(out.glob(".shard-*"))
