@@ -620,4 +620,5 @@ class FeatureStore:
         # DataLoader workers get the index, not the maps (pickling a memmap copies its data).
         state = dict(self.__dict__)
         state["_shards"] = {}
+        state["paths"] = {}  # checked before training (check); workers only read rows
         return state
