@@ -283,6 +283,20 @@ class CaptioningSystem(L.LightningModule):
     def preprocessing(self) -> Preprocessing:
         return self.model.preprocessing
 
+    def setup(self, stage: str) -> None:
+        """Before any step, on every process: a feature cache must have been made by this model's
+        encoder (its settings and weights, as built or loaded by ``init_from``) with its
+        preprocessing, from the images the data's ids name now (else ValueError: exit 2). Here,
+        before the weights move to a device or a precision plugin converts them; a resumed run's
+        frozen encoder is the one it was built as."""
+        dm = self.trainer.datamodule
+        if getattr(dm, "feature_cache", None) and hasattr(dm, "check_feature_cache"):
+            from captioner.models.encoder import encoder_fingerprint
+
+            splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ())
+            dm.check_feature_cache(encoder_fingerprint(self.encoder_config, self.model.encoder),
+                                   self.preprocessing, splits)
+
     # -- losses --------------------------------------------------------------------------------
     def features(self, batch: dict) -> Tensor:
         if "features" in batch:

@@ -117,3 +117,92 @@ def test_missing_shapes_data_is_generated(tmp_path) -> None:
     assert len(dm.vocab) > 4  # property access prepares the data
     assert (tmp_path / "gen" / "dataset.json").is_file()
     assert torch.is_tensor(dm.dataset_for("train")[(0, 0)]["image"])
+
+
+# -- the vocabulary cache proves what it was made from (issue 29) ------------------------------------
+def _split_file(path, words: list[str]) -> None:
+    """A Karpathy split file of two training images (each captioned with ``words``), one val."""
+    images = [{"filename": f"{i}.png", "imgid": i, "split": "train" if i < 2 else "val",
+               "sentences": [{"tokens": words, "raw": " ".join(words)}]} for i in range(3)]
+    path.write_text(json.dumps({"images": images}))
+
+
+def _karpathy_dm(split_file, **kw) -> CaptionDataModule:
+    kw.setdefault("min_count", 1)
+    return CaptionDataModule(dataset="karpathy", karpathy={"split_file": str(split_file),
+                             "image_root": str(split_file.parent)}, preprocessing=PRE, **kw)
+
+
+def test_two_split_files_in_one_folder_get_a_vocabulary_each(tmp_path) -> None:
+    _split_file(tmp_path / "dataset_flickr8k.json", ["a", "dog", "runs"])
+    _split_file(tmp_path / "dataset_flickr30k.json", ["una", "bicicleta", "roja"])
+    eight, thirty = _karpathy_dm(tmp_path / "dataset_flickr8k.json"), _karpathy_dm(tmp_path / "dataset_flickr30k.json")
+    assert eight.vocab.itos[4:] == ["a", "dog", "runs"]
+    assert thirty.vocab.itos[4:] == ["bicicleta", "roja", "una"]
+    assert eight.vocab_path != thirty.vocab_path and eight.vocab_path.parent == thirty.vocab_path.parent
+    assert thirty.vocab_path.name.startswith("vocab-dataset_flickr30k-min1-")
+    made = Vocabulary.load(thirty.vocab_path).made_from
+    assert made["file"] == "dataset_flickr30k.json" and made["min_count"] == 1 and made["tokenizer"] == "simple"
+
+
+def test_an_edited_split_file_gets_a_new_vocabulary(tmp_path) -> None:
+    split_file = tmp_path / "dataset.json"
+    _split_file(split_file, ["a", "dog", "runs"])
+    assert _karpathy_dm(split_file).vocab.itos[4:] == ["a", "dog", "runs"]
+    _split_file(split_file, ["a", "cat", "sleeps"])  # converted again from an edited CSV
+    assert _karpathy_dm(split_file).vocab.itos[4:] == ["a", "cat", "sleeps"]
+
+
+def test_a_default_cache_made_from_something_else_is_rebuilt(tmp_path, caplog) -> None:
+    split_file = tmp_path / "dataset.json"
+    _split_file(split_file, ["a", "dog", "runs"])
+    dm = _karpathy_dm(split_file)
+    path = dm.vocab_path
+    Vocabulary([*Vocabulary.build([]).itos, "stale"], {**dm.vocab_made_from, "min_count": 7}).save(path)
+    assert _karpathy_dm(split_file).vocab.itos[4:] == ["a", "dog", "runs"]
+    assert "min count 7 vs 1" in caplog.text and "rebuilding it" in caplog.text
+    assert Vocabulary.load(path).made_from == dm.vocab_made_from
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ({"min_count": 2}, "min count 1 vs 2"),
+    ({"tokenizer": "unicode"}, "tokenizer simple vs unicode"),
+    ({"max_vocab": 5}, "max vocab null vs 5"),
+    ({"split": "dataset_b.json"}, "file dataset_a.json vs dataset_b.json"),
+])
+def test_a_given_vocab_path_made_from_something_else_is_refused(tmp_path, change, expected) -> None:
+    vocab = tmp_path / "vocab.json"
+    _split_file(tmp_path / "dataset_a.json", ["a", "dog", "runs"])
+    _split_file(tmp_path / "dataset_b.json", ["a", "dog", "runs"])
+    _karpathy_dm(tmp_path / "dataset_a.json", vocab_path=str(vocab)).prepare_data()
+    before = vocab.read_bytes()
+    split = change.pop("split", "dataset_a.json")
+    dm = _karpathy_dm(tmp_path / split, vocab_path=str(vocab), **change)
+    with pytest.raises(ValueError, match=rf"data.vocab_path {vocab}: the vocabulary there was made from other data "
+                       rf"or settings \(the file's vs this config's: .*{expected}"):
+        dm.vocab  # noqa: B018
+    assert vocab.read_bytes() == before  # the user's file is left alone
+
+
+def test_a_vocab_file_of_an_earlier_release_is_used_with_a_warning(tmp_path, caplog) -> None:
+    split_file = tmp_path / "dataset.json"
+    _split_file(split_file, ["a", "dog", "runs"])
+    vocab = tmp_path / "vocab.json"
+    vocab.write_text(json.dumps({"words": ["<pad>", "<start>", "<end>", "<unk>", "dog"]}))
+    dm = _karpathy_dm(split_file, vocab_path=str(vocab))
+    dm.prepare_data()
+    assert dm.vocab.itos[4:] == ["dog"]
+    assert caplog.text.count("does not record what it was made from") == 1
+
+
+def test_fit_with_a_vocab_path_of_other_settings_exits_2(shapes_dir, tmp_path, capsys) -> None:
+    from captioner.cli import main
+    from tests.conftest import fit_args
+
+    vocab = tmp_path / "vocab.json"
+    args = fit_args(shapes_dir, tmp_path / "run", "--data.vocab_path", str(vocab), "--trainer.fast_dev_run", "true")
+    assert main(args) == 0
+    assert main([*args, "--data.min_count", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"captioner: error: data.vocab_path {vocab}: the vocabulary there was made from") and \
+        "min count 1 vs 3" in err, err

@@ -16,8 +16,10 @@ from captioner.data.features import (
     FeatureStore,
     bytes_per_image,
     extract_features,
+    weights_sha256,
 )
 from captioner.models import Captioner, DecoderConfig, EncoderConfig, create_encoder
+from captioner.models.encoder import encoder_fingerprint
 from captioner.system import CaptioningSystem
 from tests.conftest import fit_args
 from tests.helpers import record_fits
@@ -60,11 +62,12 @@ def cache(shapes_dir, encoder, tmp_path_factory) -> Path:
     dm.prepare_data()
     out = tmp_path_factory.mktemp("features") / "cache"
     splits = {s: dm.split_records(s) for s in ("train", "val", "test")}
-    extract_features(splits, encoder, out, dm.preprocessing, ENCODER, batch_size=8, shard_size=16)
+    extract_features(splits, encoder, out, dm.preprocessing, encoder_fingerprint(EncoderConfig(**ENCODER), encoder),
+                     batch_size=8, shard_size=16)
     return out
 
 
-def test_index_describes_the_cache(cache, shapes_dir) -> None:
+def test_index_describes_the_cache(cache, shapes_dir, encoder) -> None:
     index = json.loads((cache / "index.json").read_text())
     dm = _datamodule(shapes_dir)
     counts = {s: len(dm.split_records(s)) for s in ("train", "val", "test")}
@@ -72,7 +75,10 @@ def test_index_describes_the_cache(cache, shapes_dir) -> None:
     assert index["complete"] and index["dtype"] == "float16"
     assert index["counts"] == {**counts, "images": total}
     assert index["grid"] == [2, 2] and index["num_regions"] == 4 and index["dim"] == 2048
-    assert index["encoder"] == ENCODER and index["preprocessing"] == dm.preprocessing.to_dict()
+    assert index["encoder"] == {"name": "resnet50", "grid": 2, "stem": "rgb", "weights": weights_sha256(encoder)}
+    assert index["preprocessing"] == dm.preprocessing.to_dict()
+    rec = dm.split_records("val")[0]
+    assert Path(index["image_root"], index["paths"][str(rec.image_id)]) == Path(rec.path).resolve()
     assert index["splits"]["val"] == [r.image_id for r in dm.split_records("val")]
     rows = [s["rows"] for s in index["shards"]]
     assert sum(rows) == total and set(rows[:-1]) <= {16} and 0 < rows[-1] <= 16
@@ -154,10 +160,10 @@ def test_unreadable_images_are_named_and_only_they_are_left(shapes_dir, encoder,
 
 def test_a_different_cache_in_the_folder_is_refused(cache, shapes_dir, encoder) -> None:
     dm = _datamodule(shapes_dir)
-    with pytest.raises(FeatureCacheError, match="different feature cache.*shard_size"):
+    with pytest.raises(FeatureCacheError, match="made from something else .the cache.s vs now: shard size 16 vs 10."):
         extract_features({"train": dm.split_records("train"), "val": dm.split_records("val"),
-                          "test": dm.split_records("test")}, encoder, cache, dm.preprocessing, ENCODER,
-                         shard_size=10)
+                          "test": dm.split_records("test")}, encoder, cache, dm.preprocessing,
+                         encoder_fingerprint(EncoderConfig(**ENCODER), encoder), shard_size=10)
     with pytest.raises(FeatureCacheError, match="no feature cache"):
         FeatureStore(cache.parent / "nowhere")
 
@@ -283,3 +289,165 @@ def test_cli_names_an_unreadable_image_exits_1_and_fit_refuses_the_cache(shapes_
     err = capsys.readouterr().err
     assert rc == 2 and "the feature cache is incomplete" in err and str(out) in err, err
     assert not (tmp_path / "run" / "checkpoints").exists()
+# -- the cache proves what it was made from (issue 29) ---------------------------------------------
+def _fit_from(shapes_dir: Path, root: Path, cache: Path, *extra: str) -> list[str]:
+    return fit_args(shapes_dir, root, "--model.encoder.name", "resnet50", "--model.encoder.grid", "2",
+                    "--model.encoder.image_size", "32", "--model.encoder.trainable_blocks", "0",
+                    "--data.feature_cache", str(cache), "--trainer.fast_dev_run", "true", *extra)
+
+
+def _error_line(capsys) -> str:
+    """The one error line of a command that failed (log lines before it are the run's progress)."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [line for line in lines if line.startswith("captioner: error: ")] == lines[-1:], lines
+    return lines[-1]
+
+
+def _other_weights(path: Path) -> Path:
+    """A resnet50 state dict (same width, same names) with weights of another seed."""
+    import torchvision
+
+    torch.manual_seed(7)
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize(("extra", "expected"), [
+    (("--model.encoder.grid", "1"), "grid 2 vs 1"),
+    (("--model.encoder.image_size", "64"), "image size 32 vs 64"),
+    (("--model.encoder.weights_path", "OTHER"), "weights sha256 {cache}.. vs {other}.."),
+    (("--model.encoder.stem", "split"), "stem rgb vs split"),
+])
+def test_fit_refuses_a_cache_of_another_encoder(cache, shapes_dir, encoder, tmp_path, capsys, monkeypatch,
+                                                extra, expected) -> None:
+    if "OTHER" in extra:
+        other = _other_weights(tmp_path / "resnet50-other.pth")
+        extra = tuple(str(other) if a == "OTHER" else a for a in extra)
+        from captioner.models import EncoderConfig as Config
+
+        theirs = weights_sha256(create_encoder(Config(**ENCODER, weights_path=str(other))))
+        expected = expected.format(cache=weights_sha256(encoder)[:8], other=theirs[:8])
+    steps = []
+    monkeypatch.setattr(CaptioningSystem, "training_step", lambda self, *a: steps.append(1) or pytest.fail("trained"))
+    assert main(_fit_from(shapes_dir, tmp_path / "run", cache, *extra)) == 2
+    err = _error_line(capsys)
+    assert f"{cache}: the feature cache does not match this run" in err and expected in err, err
+    assert "extract a new cache into another folder" in err
+    assert not steps and not (tmp_path / "run" / "checkpoints").exists()
+    if extra[0] == "--model.encoder.grid":  # validate (and test) check in the same place, for their split
+        args = _fit_from(shapes_dir, tmp_path / "run", cache, *extra)
+        assert main(["validate", *args[1:]]) == 2
+        assert expected in _error_line(capsys)
+
+
+def test_fit_refuses_a_cache_whose_ids_now_name_other_images(shapes_dir, encoder, tmp_path, capsys) -> None:
+    """A split file converted again (image ids are positions) hands an id to another file: the
+    cache made for the first must not serve the second."""
+    data = json.loads((shapes_dir / "dataset.json").read_text())
+    images = data["images"][:12]
+    for k, im in enumerate(images):
+        im["split"] = "train" if k < 10 else "val"
+    split_file = tmp_path / "dataset.json"
+    split_file.write_text(json.dumps({"images": images}))
+    source = ["--data.dataset", "karpathy", "--data.karpathy.split_file", str(split_file),
+              "--data.karpathy.image_root", str(shapes_dir / "images"),
+              "--model.loss.attention_supervision", "0"]  # configs/shapes.yaml's: grounding is shapes' own
+    dm = CaptionDataModule(dataset="karpathy", min_count=1, num_workers=0,
+                           karpathy={"split_file": str(split_file), "image_root": str(shapes_dir / "images")},
+                           preprocessing=create_encoder(EncoderConfig(**ENCODER)).preprocessing)
+    out = tmp_path / "cache"
+    extract_features({s: dm.split_records(s) for s in ("train", "val")}, encoder, out, dm.preprocessing,
+                     encoder_fingerprint(EncoderConfig(**ENCODER), encoder), batch_size=4, shard_size=4)
+    first = images[0]["filename"]
+    # converted again from an edited list: ids 0 and 1 now name each other's file (and captions)
+    for key in ("filename", "sentences"):
+        images[0][key], images[1][key] = images[1][key], images[0][key]
+    split_file.write_text(json.dumps({"images": images}))
+    assert main(_fit_from(shapes_dir, tmp_path / "run", out, *source)) == 2
+    err = _error_line(capsys)
+    assert "2 image id(s) name other files than when it was made" in err and first in err, err
+    assert "another encoder" not in err
+
+
+def test_extract_refuses_to_resume_a_cache_of_other_weights(shapes_dir, tmp_path, capsys) -> None:
+    """The same settings, the same weights file name, other weights in it."""
+    weights = _other_weights(tmp_path / "resnet50.pth")
+    cfg = _write_config(tmp_path / "cfg.yaml", shapes_dir, weights_path=str(weights))
+    out = tmp_path / "cache"
+    args = ["features", "extract", "--config", str(cfg), "--out", str(out), "--splits", "val", "--device", "cpu"]
+    assert main(args) == 0
+    made = json.loads((out / "index.json").read_text())["encoder"]["weights"]
+    import torchvision
+
+    torch.manual_seed(8)
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), weights)
+    capsys.readouterr()
+    assert main(args) == 2
+    err = _error_line(capsys)
+    assert f"{out}: the feature cache there was made from something else" in err, err
+    assert f"weights sha256 {made[:8]}.. vs " in err and "--overwrite" in err, err
+    assert main([*args, "--overwrite"]) == 0
+    assert json.loads((out / "index.json").read_text())["encoder"]["weights"] != made
+
+
+def test_a_cache_of_the_earlier_format_says_to_extract_again(cache, tmp_path) -> None:
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(cache, old)
+    index = json.loads((old / "index.json").read_text())
+    index["format"] = 1
+    (old / "index.json").write_text(json.dumps(index))
+    with pytest.raises(FeatureCacheError, match=r"format 1, made by an earlier captioner.*extract it again"):
+        FeatureStore(old)
+
+
+def test_extraction_needs_no_more_disk_than_the_cache(shapes_dir, encoder, tmp_path, monkeypatch) -> None:
+    """The disk an extraction takes, measured after every file it writes, never exceeds 1.1x the
+    finished cache plus one chunk."""
+    import captioner.data.features as features
+
+    out = tmp_path / "cache"
+    peak = [0]
+
+    def usage() -> int:  # allocated blocks, not sizes: sparse or reserved files count as they are
+        return sum(p.stat().st_blocks * 512 for p in out.rglob("*") if p.is_file())
+
+    def measured(fn):
+        def run(*args, **kwargs):
+            result = fn(*args, **kwargs)
+            peak[0] = max(peak[0], usage())
+            return result
+        return run
+
+    for name in ("atomic_write", "atomic_write_json"):
+        if hasattr(features, name):
+            monkeypatch.setattr(features, name, measured(getattr(features, name)))
+    monkeypatch.setattr(features.FeatureChunks, "write", measured(features.FeatureChunks.write))
+    dm = _datamodule(shapes_dir)
+    extract_features({"train": dm.split_records("train")[:40]}, encoder, out, dm.preprocessing, ENCODER,
+                     batch_size=4, shard_size=8, chunk_size=4)
+    final = usage()
+    assert final >= 40 * bytes_per_image(4, 2048)
+    assert peak[0] <= 1.1 * final + 4 * bytes_per_image(4, 2048), (peak[0], final)
+
+
+def test_a_disk_too_small_for_the_cache_fails_before_any_image_is_encoded(shapes_dir, encoder, tmp_path,
+                                                                          monkeypatch) -> None:
+    import errno
+    import os
+
+    def full(fd, offset, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    dm = _datamodule(shapes_dir)
+    counting = CountingEncoder(encoder)
+    out = tmp_path / "cache"
+    with pytest.raises(OSError, match=r"no space left on the device for the feature cache's shard "
+                       r"\(131,200 bytes\).*shard-00000.npy") as err:
+        extract_features({"train": dm.split_records("train")[:16]}, counting, out, dm.preprocessing, ENCODER,
+                         batch_size=4, shard_size=8)
+    assert err.value.errno == errno.ENOSPC
+    assert counting.calls == 1  # the probe only: nothing was encoded for nothing
+    assert not list(out.glob("shard-*")) and not list(out.glob(".shard-*"))

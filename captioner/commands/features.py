@@ -9,7 +9,6 @@ data set and ``model.encoder`` the encoder; ``--data.*`` / ``--model.encoder.*``
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import sys
@@ -71,7 +70,7 @@ def run(args: Sequence[str], prog: str = "captioner features extract") -> int:
         unreadable,
     )
     from captioner.inference import resolve_device
-    from captioner.models.encoder import create_encoder, encoder_preprocessing
+    from captioner.models.encoder import create_encoder, encoder_fingerprint, encoder_preprocessing
     from captioner.predict import ChunkWriter, FeaturePredictor, predict, speed
 
     check_old_flags(args, OLD_FLAGS)
@@ -102,7 +101,8 @@ def run(args: Sequence[str], prog: str = "captioner features extract") -> int:
         records = unique_records(by_split)
         # the grid and feature size come from the encoder itself (on the CPU: one image)
         grid, n, d = probe(encoder, records, dm.preprocessing, torch.device("cpu"))
-        plan = CachePlan(a.out, by_split, records, grid, n, d, dm.preprocessing, dataclasses.asdict(enc),
+        # what decides the features, weights included: a cache already in --out must match it
+        plan = CachePlan(a.out, by_split, records, grid, n, d, dm.preprocessing, encoder_fingerprint(enc, encoder),
                          a.shard_size)
         fresh = bool(plan.differs())  # and --overwrite: check refuses it otherwise
         chunks = FeatureChunks(plan)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from captioner.data.fingerprint import differences, sha256_json
 from captioner.data.images import ImageLoadError, load_image
 from captioner.data.records import ImageRecord
 from captioner.data.sampling import EpochSampler
@@ -190,7 +191,9 @@ class CaptionDataModule(L.LightningDataModule):
             caption's ``raw`` text is tokenised again. Stored in the checkpoint for captioning.
         min_count, max_vocab: vocabulary rule (training split only).
         max_caption_length: words kept per caption (longer ones are cut).
-        vocab_path: where the vocabulary is cached (default: beside the data).
+        vocab_path: where the vocabulary is cached (default: beside the data, named after the data
+            file, the rule and a hash of what it is made from). A file made from other data or
+            settings is refused (the default cache is rebuilt instead).
         captions_per_image: ``random`` (one reference per image per epoch) or ``all``.
         skip_bad_images: skip unreadable images with a warning instead of stopping.
         preprocessing: resize/normalise; ``captioner fit`` takes it from the encoder.
@@ -256,29 +259,79 @@ class CaptionDataModule(L.LightningDataModule):
         self._records: dict[str, list[ImageRecord]] | None = None
         self._grounded: set[str] = set()  # splits whose records carry the source's grounding
         self._vocab: Vocabulary | None = None
+        self._vocab_made_from: dict | None = None
+        self._warned_old_vocab = False
         self._resume: dict | None = None
         self._train_sampler: EpochSampler | None = None
         self._feature_store = None
 
     # -- preparing -----------------------------------------------------------------------------
     @property
+    def vocab_made_from(self) -> dict:
+        """What decides the vocabulary, as its file records it (``made_from``): the training
+        captions' source by content (``training_captions``), the tokenizer, ``min_count`` and
+        ``max_vocab``. Not ``max_caption_length``: the words of whole captions are counted."""
+        if self._vocab_made_from is None:
+            self._vocab_made_from = {**self.source.training_captions(), "tokenizer": self.tokenizer,
+                                     "min_count": self.min_count, "max_vocab": self.max_vocab}
+        return self._vocab_made_from
+
+    @property
     def vocab_path(self) -> Path:
+        """``data.vocab_path``, or the cache beside the data named after what it is made from:
+        ``vocab-<data file's stem>-min<N>[-max<M>][-<tokenizer>]-<hash>.json``, the hash of
+        ``vocab_made_from`` (so two split files in one folder, or one file edited, get their own)."""
         if self._vocab_path:
             return Path(self._vocab_path)
+        made = self.vocab_made_from
         cap = f"-max{self.max_vocab}" if self.max_vocab else ""
         tok = "" if self.tokenizer == "simple" else f"-{self.tokenizer}"
-        return self.source.vocab_dir() / f"vocab-min{self.min_count}{cap}{tok}.json"
+        return self.source.vocab_dir() / f"vocab-{Path(made['file']).stem}-min{self.min_count}{cap}{tok}-{sha256_json(made)[:8]}.json"
 
     def prepare_data(self) -> None:
         """Let the source prepare its files (``shapes``: generate when absent); build and cache
-        the vocabulary (rank 0 only)."""
+        the vocabulary unless the cached one was made from the same (rank 0 only)."""
         self.source.prepare()
-        if not self.vocab_path.exists():
-            train = self.records["train"]
-            vocab = Vocabulary.build((c for r in train for c in r.captions), self.min_count, self.max_vocab)
-            vocab.save(self.vocab_path)
-            logger.info("built a vocabulary of %d words from %d training images -> %s",
-                        len(vocab), len(train), self.vocab_path)
+        if self._cached_vocab() is None:
+            self._build_vocab()
+
+    def _cached_vocab(self) -> Vocabulary | None:
+        """The cached vocabulary if it was made from what this config asks (``vocab_made_from``).
+        None when there is none, or when the default cache was made from something else (it is
+        then rebuilt). A ``data.vocab_path`` made from something else -> ``ValueError`` naming
+        each field; one of an earlier release (no record) is used as it is, with a warning."""
+        path = self.vocab_path
+        if not path.exists():
+            return None
+        vocab = Vocabulary.load(path)
+        expected = self.vocab_made_from
+        if vocab.made_from is None:
+            if not self._vocab_path:
+                return None
+            if not self._warned_old_vocab:
+                logger.warning("data.vocab_path %s does not record what it was made from (an earlier "
+                               "release): used as it is, unchecked", path)
+                self._warned_old_vocab = True
+            return vocab
+        diff = differences(vocab.made_from, expected)
+        if not diff:
+            return vocab
+        if self._vocab_path:
+            raise ValueError(
+                f"data.vocab_path {path}: the vocabulary there was made from other data or settings (the "
+                f"file's vs this config's: {', '.join(diff)}); remove the file to rebuild it, or set "
+                "data.vocab_path to another file (null: a cache beside the data, named after what it is made from)")
+        logger.warning("%s was made from other data or settings (%s): rebuilding it", path, ", ".join(diff))
+        return None
+
+    def _build_vocab(self) -> Vocabulary:
+        train = self.records["train"]
+        vocab = Vocabulary.build((c for r in train for c in r.captions), self.min_count, self.max_vocab)
+        vocab.made_from = self.vocab_made_from
+        vocab.save(self.vocab_path)
+        logger.info("built a vocabulary of %d words from %d training images -> %s",
+                    len(vocab), len(train), self.vocab_path)
+        return vocab
 
     @property
     def records(self) -> dict[str, list[ImageRecord]]:
@@ -297,9 +350,9 @@ class CaptionDataModule(L.LightningDataModule):
     def vocab(self) -> Vocabulary:
         """The vocabulary; prepares the data first when needed (so the CLI can link it)."""
         if self._vocab is None:
-            if not self.vocab_path.exists():
-                self.prepare_data()
-            self._vocab = Vocabulary.load(self.vocab_path)
+            self.source.prepare()  # its files decide the vocabulary's name (shapes: generated when absent)
+            vocab = self._cached_vocab()
+            self._vocab = vocab if vocab is not None else self._build_vocab()
         return self._vocab
 
     def split_records(self, split: str) -> list[ImageRecord]:
@@ -322,6 +375,20 @@ class CaptionDataModule(L.LightningDataModule):
 
             self._feature_store = FeatureStore(self.feature_cache)
         return self._feature_store
+
+    def check_feature_cache(self, encoder: dict, preprocessing: Preprocessing | None,
+                            splits: Sequence[str]) -> None:
+        """With ``data.feature_cache``: refuse (``FeatureCacheError``, a ``ValueError``: one line
+        naming each difference) a cache made by another encoder than ``encoder`` (its fingerprint,
+        ``captioner.models.encoder_fingerprint``) or other ``preprocessing``, or whose image ids
+        name other files than the data's ``splits`` (those present) do now, or lack some of them.
+        The model is passed in, so the data do not depend on it: ``CaptioningSystem.setup`` calls
+        this before the first step."""
+        store = self._features()
+        if store is None:
+            return
+        records = [r for s in splits if s in self.records for r in self.split_records(s)]
+        store.check(encoder, preprocessing, records)
 
     def dataset_for(self, split: str, mode: str | None = None, grounding: bool | None = None) -> CaptionDataset:
         """``grounding``: items carry word-region grounding; None: for the training split when

@@ -2,24 +2,31 @@
 
 Layout of a cache folder::
 
-    index.json            what was extracted and how (see below); written first, updated per shard
+    index.json            what was extracted, from what, and how (see below)
     shard-00000.npy       float16 (S, N, D): the region features of S images, in index order
     shard-00001.npy       ...
-    parts/                while an extraction runs: what each process has encoded (see below)
+    parts/                while an extraction runs: which rows are written (see below)
 
 ``index.json`` holds ``format``, ``complete``, ``dtype``, ``grid`` (h, w), ``num_regions`` (N),
-``dim`` (D), ``shard_size`` (S), the ``encoder`` settings and ``preprocessing`` they were made
-with, ``splits`` (split -> image ids), ``counts`` (split -> number of images, plus ``images``: the
-distinct ones), ``shards`` (file and rows of each), ``done`` (the shards written so far) and
-``index`` (image id -> [shard, row]).
+``dim`` (D), ``shard_size`` (S); what the features were made from: ``encoder`` (the settings
+that shape them and ``weights``, the sha256 of the encoder's tensors), ``preprocessing`` (resize
+and normalisation) and ``images`` (the sha256 of the image list: every id with its path);
+``splits`` (split -> image ids), ``counts`` (split -> number of images, plus ``images``: the
+distinct ones), ``shards`` (file and rows of each), ``done`` (the shards known whole),
+``index`` (image id -> [shard, row]) and ``paths`` (image id -> its path under ``image_root``,
+the folder all the images share). :meth:`FeatureStore.check` compares all of it with what a
+run asks for before it trains.
 
-While an extraction runs, each process keeps what it has encoded every few hundred images in
-``parts/`` (:class:`FeatureChunks`, each chunk written whole: to a temporary name, then renamed),
-and at the end the chunks are merged into the shards, each written whole too. An interrupted
-extraction is resumed by running it again: the images in chunks and finished shards are skipped.
-``complete`` is set only after every shard has been checked (its shape and the total count), and
-:class:`FeatureStore` refuses a cache that is not complete. Shards are opened memory-mapped: a
-worker reads only the rows it serves, and many workers share the page cache.
+An extraction needs no more disk than the finished cache: the first process makes every shard
+file at its final size (reserved with ``posix_fallocate`` where the file system has it, so a
+disk that is too small fails at once), and each process writes its features straight into
+their rows, every few hundred images flushed to disk and then recorded in a small
+``parts/chunk-<first position>-<images>.json`` (:class:`FeatureChunks`). A row counts only once
+its chunk's record is there, so an interrupted extraction is resumed by running it again: the
+recorded images are skipped. ``complete`` is set only after every shard has been checked (its
+shape, and every row recorded), and :class:`FeatureStore` refuses a cache that is not complete.
+Shards are opened memory-mapped: a worker reads only the rows it serves, and many workers share
+the page cache.
 
 The encoder is passed in (any module mapping images (B, 3, S, S) to ((B, N, D), (h, w))), so this
 module does not depend on ``captioner.models``.
@@ -27,6 +34,8 @@ module does not depend on ``captioner.models``.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import os
@@ -38,7 +47,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from captioner.data.atomic import atomic_write, atomic_write_json
+from captioner.data.atomic import atomic_write_json
+from captioner.data.fingerprint import differences, sha256_json
 from captioner.data.images import ImageLoadError, load_image
 from captioner.data.records import ImageRecord, blocks
 from captioner.data.transforms import Preprocessing
@@ -46,7 +56,9 @@ from captioner.data.transforms import Preprocessing
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "index.json"
-FORMAT = 1
+# 2: the index records what the features were made from (weights, image list) and the shards are
+# filled in place (no merge at the end); a cache of format 1 is extracted again.
+FORMAT = 2
 DEFAULT_SHARD_SIZE = 1024
 # Images per chunk of a running extraction: what a kill can lose (ResNet-101: 200 MB of features).
 DEFAULT_CHUNK_SIZE = 256
@@ -56,24 +68,88 @@ DTYPE = np.float16
 
 
 class FeatureCacheError(ValueError):
-    """A feature cache that is missing, incomplete, inconsistent or lacks an image. A ValueError:
-    the command line ends with its one line and exit status 2 (``fit`` given an incomplete cache)."""
+    """A feature cache that is missing, incomplete, inconsistent, lacks an image, or was made
+    from other settings, weights or images than a run asks for (a user's error: exit 2)."""
 
 
 def bytes_per_image(num_regions: int, dim: int) -> int:
     return num_regions * dim * np.dtype(DTYPE).itemsize
 
 
+def weights_sha256(module: torch.nn.Module) -> str:
+    """The sha256 of a module's state (its tensors' dtypes, shapes and bytes, in order, each shared
+    tensor once): which weights made a set of features. Names are left out, so a wrapper hashes as
+    what it wraps. ResNet-101's 170 MB take under a second."""
+    h = hashlib.sha256()
+    seen: set[int] = set()
+    for t in module.state_dict(keep_vars=True).values():
+        if id(t) in seen:  # a module registered twice (a torchvision encoder's frozen blocks)
+            continue
+        seen.add(id(t))
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def image_paths(records: Sequence[ImageRecord]) -> tuple[str, dict[str, str]]:
+    """The folder all of ``records``' images share and each id's path below it ('/'-separated):
+    what a cache records, so that a data set whose ids now name other files is refused, while
+    the same files in a moved folder are not."""
+    try:
+        root = os.path.commonpath([os.path.dirname(os.path.abspath(r.path)) for r in records])
+    except ValueError:  # paths on different drives
+        root = ""
+    return root, {str(r.image_id): (os.path.relpath(os.path.abspath(r.path), root) if root
+                                    else os.path.abspath(r.path)).replace(os.sep, "/") for r in records}
+
+
 def _shard_name(i: int) -> str:
     return f"shard-{i:05d}.npy"
 
 
-def _shard_ok(path: Path, rows: int, n: int, d: int) -> bool:
+def _open_shard(path: Path) -> np.memmap | None:
     try:
-        arr = np.load(path, mmap_mode="r")
+        return np.load(path, mmap_mode="r")
     except (OSError, ValueError):
-        return False
-    return arr.shape == (rows, n, d) and arr.dtype == DTYPE
+        return None
+
+
+def _shard_ok(path: Path, rows: int, n: int, d: int) -> bool:
+    arr = _open_shard(path)
+    return arr is not None and arr.shape == (rows, n, d) and arr.dtype == DTYPE
+
+
+def _make_shard(path: Path, rows: int, n: int, d: int) -> None:
+    """An .npy file of (rows, N, D) float16 at its final size, its rows to be filled in place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=DTYPE, shape=(rows, n, d))
+    size = arr.offset + arr.nbytes
+    del arr
+    fd = os.open(tmp, os.O_RDWR)
+    try:
+        _reserve(fd, size, path)
+        os.fsync(fd)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _reserve(fd: int, size: int, path: Path) -> None:
+    """Reserve a file's blocks, so that a disk too small for the cache fails at once, not hours
+    later. Without ``posix_fallocate`` (macOS, Windows) or a file system that cannot (EOPNOTSUPP)
+    the file stays sparse and fills as it is written."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"no space left on the device for the feature cache's shard "
+                          f"({size:,} bytes)", str(path)) from None
 
 
 def read_image(path: str | os.PathLike, preprocessing: Preprocessing) -> tuple[Tensor | None, str | None]:
@@ -112,10 +188,19 @@ def probe(encoder: Callable[[Tensor], tuple[Tensor, tuple[int, int]]], records: 
     raise FeatureCacheError(f"none of the {len(records)} images could be read (the first: {records[0].path})")
 
 
+# The fields of an index that say what a cache was made from, in the order messages name them,
+# then those that follow from them (named only when none of the first differs).
+_CAUSES = ("format", "encoder", "preprocessing", "images", "splits", "shard_size", "dtype")
+_EFFECTS = ("grid", "num_regions", "dim")
+
+
 class CachePlan:
     """What a cache in ``out`` is to hold: the index of a complete cache but for ``done`` and
     ``complete``. :meth:`check` compares it with a cache already there (read only, so every rank
-    of a distributed extraction can call it); :meth:`start` writes the index."""
+    of a distributed extraction can call it); :class:`FeatureChunks` writes it.
+
+    ``encoder_config``: what decides the encoder's features (``captioner.models.encoder_fingerprint``:
+    its name, the settings that shape them and ``weights``, the sha256 of its tensors)."""
 
     def __init__(self, out: str | os.PathLike, splits: Mapping[str, Sequence[ImageRecord]],
                  records: Sequence[ImageRecord], grid: tuple[int, int], num_regions: int, dim: int,
@@ -124,6 +209,7 @@ class CachePlan:
         self.out = Path(out)
         self.records = list(records)
         self.n, self.d, self.shard_size = num_regions, dim, shard_size
+        self.image_root, self.paths = image_paths(self.records)
         self.settings = {
             "format": FORMAT,
             "dtype": np.dtype(DTYPE).name,
@@ -133,6 +219,8 @@ class CachePlan:
             "shard_size": shard_size,
             "encoder": dict(encoder_config or {}),
             "preprocessing": preprocessing.to_dict(),
+            # the image list: a re-converted split file whose ids name other files differs here
+            "images": sha256_json(self.paths),
             "splits": {s: [r.image_id for r in recs] for s, recs in splits.items()},
         }
         self.shards = [{"file": _shard_name(i), "rows": min(shard_size, len(self.records) - s)}
@@ -143,33 +231,43 @@ class CachePlan:
         return self.out / INDEX_FILE
 
     def _old_index(self) -> dict | None:
-        return json.loads(self.index_path.read_text()) if self.index_path.exists() else None
+        try:
+            return json.loads(self.index_path.read_text()) if self.index_path.exists() else None
+        except ValueError:
+            return {}  # not a cache's index: a different folder's file
 
     def differs(self, old: dict | None = None) -> list[str]:
-        """The settings in which the cache already in ``out`` (its index ``old``, read when not
-        given) differs from this plan (none: no cache there, or the same)."""
+        """How the cache already in ``out`` (its index ``old``, read when not given) differs from
+        this plan: ``field cache's vs planned`` for each field (none: no cache there, or the same)."""
         old = self._old_index() if old is None else old
         if old is None:
             return []
-        diff = sorted(k for k, v in self.settings.items() if old.get(k) != v)
+        if old.get("format") != FORMAT:
+            return differences(old, self.settings, ["format"])
+        diff = differences(old, self.settings, _CAUSES)
+        diff = diff or differences(old, self.settings, _EFFECTS)
         return diff or (["shards"] if old.get("shards") != self.shards else [])
 
     def check(self, overwrite: bool = False) -> set[int]:
-        """The shards of an earlier run of the same plan that are written and whole (read only:
-        every rank of a distributed extraction may call it). A folder that holds a different
-        cache -> FeatureCacheError, unless ``overwrite``: then none (it will be replaced)."""
+        """The shards of an earlier run of the same plan known whole (read only: every rank of a
+        distributed extraction may call it). A folder that holds a different cache ->
+        FeatureCacheError naming each field that differs, unless ``overwrite``: then none (it
+        will be replaced)."""
         old = self._old_index()  # read once: it holds every image's row (megabytes for COCO)
         diff = self.differs(old)
         if diff and not overwrite:
             raise FeatureCacheError(
-                f"{self.out} holds a different feature cache (differs in: {', '.join(diff)}); "
-                "choose another folder or pass overwrite (--overwrite) to replace it")
+                f"{self.out}: the feature cache there was made from something else (the cache's vs now: "
+                f"{', '.join(diff)}); extract into another folder, or pass overwrite (--overwrite) to replace it")
         if diff or old is None:
             return set()
         return {i for i in old.get("done", []) if self.shard_ok(i)}
 
+    def shard_path(self, i: int) -> Path:
+        return self.out / self.shards[i]["file"]
+
     def shard_ok(self, i: int) -> bool:
-        return _shard_ok(self.out / self.shards[i]["file"], self.shards[i]["rows"], self.n, self.d)
+        return _shard_ok(self.shard_path(i), self.shards[i]["rows"], self.n, self.d)
 
     def shard_positions(self, i: int) -> range:
         return range(i * self.shard_size, i * self.shard_size + self.shards[i]["rows"])
@@ -184,10 +282,12 @@ class CachePlan:
             "done": sorted(done),
             "index": {str(r.image_id): [i // self.shard_size, i % self.shard_size]
                       for i, r in enumerate(self.records)},
+            "image_root": self.image_root,
+            "paths": self.paths,
         }
 
     def todo(self, done_shards: set[int], chunks: FeatureChunks | None) -> list[int]:
-        """The positions (rows of ``records``) neither in a written shard nor in a chunk."""
+        """The positions (rows of ``records``) neither in a finished shard nor in a chunk."""
         have = {i for s in done_shards for i in self.shard_positions(s)}
         if chunks is not None:
             have |= chunks.done()
@@ -195,11 +295,12 @@ class CachePlan:
 
 
 class FeatureChunks:
-    """The features extracted so far, in ``<out>/parts/``, before they are merged into shards:
-    ``chunk-<first position>-<images>.npy`` (float16 (k, N, D), the rows of the readable images)
-    and beside it, written after it, ``.json`` with their positions and the unreadable ones
-    (position -> why). A chunk counts once its ``.json`` is there. Every rank of a distributed
-    extraction writes chunks of its own; :meth:`merge` (rank 0, at the end) writes the shards."""
+    """The rows written so far. The first process makes the shard files at their final size
+    (:meth:`start`); every process then writes its features straight into their rows, flushes
+    them to disk and records them in ``<out>/parts/chunk-<first position>-<images>.json``
+    (their positions, and the unreadable ones: position -> why). A row counts once its record
+    is there; :meth:`merge` (the first process, at the end) checks that every row is recorded
+    and marks the cache complete. The disk never holds more than the finished cache."""
 
     def __init__(self, plan: CachePlan) -> None:
         self.plan = plan
@@ -207,15 +308,26 @@ class FeatureChunks:
         self.failed: dict[int, str] = {}  # after merge: the positions no chunk has features of
 
     def start(self, fresh: bool) -> None:
-        """Write the index (with the shards an earlier run wrote, unless ``fresh``) and clear
-        the chunks of an earlier run if ``fresh`` (a different cache being replaced)."""
+        """Write the index (with the shards an earlier run finished, unless ``fresh``: a
+        different cache being replaced, whose records go) and make every shard file that is not
+        there whole, forgetting the records of rows in a shard file made anew."""
         import shutil
 
+        plan = self.plan
         if fresh and self.folder.exists():
             shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        done = set() if fresh else self.plan.check()
-        atomic_write_json(self.plan.index_path, self.plan.index(done))
+        done = set() if fresh else plan.check()
+        atomic_write_json(plan.index_path, plan.index(done))
+        if fresh:  # shards of the replaced cache beyond this one's
+            planned = {s["file"] for s in plan.shards}
+            for old in plan.out.glob("shard-*.npy"):
+                if old.name not in planned:
+                    old.unlink()
+        for i, shard in enumerate(plan.shards):
+            if i not in done and (fresh or not plan.shard_ok(i)):
+                _make_shard(plan.shard_path(i), shard["rows"], plan.n, plan.d)
+                self._forget(plan.shard_positions(i))
 
     def _chunks(self) -> list[tuple[Path, dict]]:
         out = []
@@ -223,61 +335,81 @@ class FeatureChunks:
             try:
                 info = json.loads(meta.read_text())
             except (OSError, ValueError):
-                continue  # not there any more (merged) or not ours
-            out.append((meta.with_suffix(".npy"), info))
+                continue  # not there any more (finished) or not ours
+            out.append((meta, info))
         return out
 
+    def _forget(self, positions: range) -> None:
+        for meta, info in self._chunks():
+            kept = [i for i in info["positions"] if i not in positions]
+            failed = {k: v for k, v in info["failed"].items() if int(k) not in positions}
+            if len(kept) < len(info["positions"]) or len(failed) < len(info["failed"]):
+                atomic_write_json(meta, {"positions": kept, "failed": failed})
+
     def done(self) -> set[int]:
-        return {i for _, info in self._chunks() for i in info["positions"]}
+        """The positions whose rows are written and recorded (in shard files that are there)."""
+        plan = self.plan
+        have = {i for _, info in self._chunks() for i in info["positions"]}
+        ok = {s for s in {i // plan.shard_size for i in have} if plan.shard_ok(s)}
+        return {i for i in have if i // plan.shard_size in ok}
 
     def written(self) -> int:
         return sum(int(p.stem.rsplit("-", 1)[1]) for p in self.folder.glob("chunk-*.json"))
 
     def write(self, rank: int, results: list[tuple[int, object, str | None]]) -> None:
-        good = [(i, x) for i, x, e in results if e is None]
+        """Write the features of ``results`` into their rows, flush them to disk, then record
+        them (the record last: a row counts only once it is on disk)."""
+        plan = self.plan
+        files: dict[int, tuple[object, int]] = {}
+        try:
+            for i, x, error in results:
+                if error is not None:
+                    continue
+                s, row = divmod(i, plan.shard_size)
+                if s not in files:
+                    shard = _open_shard(plan.shard_path(s))
+                    if shard is None:
+                        raise FeatureCacheError(f"{plan.shard_path(s)}: shard file missing (removed while "
+                                                "the extraction ran?); run the same command again")
+                    files[s] = (open(plan.shard_path(s), "r+b"), shard.offset)  # noqa: SIM115 (closed below)
+                    del shard
+                f, offset = files[s]
+                rows = np.ascontiguousarray(x, dtype=DTYPE)
+                assert rows.shape == (plan.n, plan.d), f"features {rows.shape} for a ({plan.n}, {plan.d}) cache"
+                f.seek(offset + row * rows.nbytes)
+                f.write(memoryview(rows).cast("B"))
+            for f, _ in files.values():
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            for f, _ in files.values():
+                f.close()
         name = f"chunk-{min(i for i, _, _ in results):09d}-{len(results):06d}"
-        rows = (np.stack([x for _, x in good]) if good
-                else np.empty((0, self.plan.n, self.plan.d), dtype=DTYPE))
-        atomic_write(self.folder / f"{name}.npy", lambda f: np.save(f, rows))
-        meta = {"positions": [i for i, _ in good], "failed": {str(i): e for i, _, e in results if e is not None}}
-        atomic_write_json(self.folder / f"{name}.json", meta)  # the chunk counts from now on
+        meta = {"positions": [i for i, _, e in results if e is None],
+                "failed": {str(i): e for i, _, e in results if e is not None}}
+        atomic_write_json(self.folder / f"{name}.json", meta)  # the rows count from now on
 
     def merge(self) -> dict:
-        """Every shard whose images are all extracted -> written (each atomically, the index
-        updated after each); the chunks go once every shard is written and checked. Returns the
-        index; ``failed`` holds the images that kept it from being complete."""
+        """Mark every shard whose rows are all recorded as done, then check the cache and mark it
+        complete (the records go). Returns the index; ``failed`` holds the images that kept it
+        from being complete."""
         import shutil
 
         plan = self.plan
         done = plan.check()
-        where: dict[int, tuple[Path, int]] = {}
+        have: set[int] = set()
         self.failed = {}
-        for npy, info in self._chunks():
-            for row, i in enumerate(info["positions"]):
-                where[i] = (npy, row)
+        for _, info in self._chunks():
+            have.update(info["positions"])
             self.failed.update({int(k): v for k, v in info["failed"].items()})
-        self.failed = {i: e for i, e in self.failed.items() if i not in where}
+        self.failed = {i: e for i, e in self.failed.items() if i not in have}
+        done |= {s for s in range(len(plan.shards))
+                 if all(i in have for i in plan.shard_positions(s)) and plan.shard_ok(s)}
         index = plan.index(done)
-        maps: dict[Path, np.ndarray] = {}
-        for s in range(len(plan.shards)):
-            positions = plan.shard_positions(s)
-            if s in done or not all(i in where for i in positions):
-                continue
-            buf = np.empty((len(positions), plan.n, plan.d), dtype=DTYPE)
-            for k, i in enumerate(positions):
-                npy, row = where[i]
-                if npy not in maps:
-                    maps[npy] = np.load(npy, mmap_mode="r")
-                buf[k] = maps[npy][row]
-            atomic_write(plan.out / plan.shards[s]["file"], lambda f: np.save(f, buf))  # noqa: B023 (called at once)
-            done.add(s)
-            index["done"] = sorted(done)
-            atomic_write_json(plan.index_path, index)
-            logger.info("shard %d/%d written (%d images)", len(done), len(plan.shards), len(positions))
-        maps.clear()
+        atomic_write_json(plan.index_path, index)
         if len(done) < len(plan.shards):
             missing = sum(len(plan.shard_positions(s)) for s in range(len(plan.shards)) if s not in done)
-            logger.warning("%s: %d of %d shards written; %d images in the others lack features",
+            logger.warning("%s: %d of %d shards finished; %d images in the others lack features",
                            plan.out, len(done), len(plan.shards), missing)
             return index
         # Verify before declaring the cache usable: every shard present, with the planned shape.
@@ -340,13 +472,19 @@ def extract_features(
     returns the index (``captioner features extract`` does the same on many processes).
 
     ``encoder`` must be frozen (features of a training encoder go stale); it is put in eval mode.
+    ``encoder_config``: what decides its features (``captioner.models.encoder_fingerprint``); the
+    sha256 of ``encoder``'s tensors is added as ``weights`` when it has none.
     The features are kept every ``chunk_size`` images, so re-running with the same arguments
     resumes: what was extracted is kept. A folder that holds a different cache is refused unless
-    ``overwrite`` (which replaces only a different cache: the same one is resumed). Unreadable images are logged by path and left out; the cache is then not
-    complete (the index says which shards are written) until they are mended and it is run again.
+    ``overwrite`` (which replaces only a different cache: the same one is resumed). Unreadable
+    images are logged by path and left out; the cache is then not complete (the index says which
+    shards are finished) until they are mended and it is run again.
     """
     records = unique_records(splits)
     device = torch.device(device)
+    encoder_config = dict(encoder_config or {})
+    if "weights" not in encoder_config and isinstance(encoder, torch.nn.Module):
+        encoder_config["weights"] = weights_sha256(encoder)
     encoder.eval().to(device)
     grid, n, d = probe(encoder, records, preprocessing, device)
     plan = CachePlan(out_dir, splits, records, grid, n, d, preprocessing, encoder_config, shard_size)
@@ -389,6 +527,13 @@ def unreadable(failed: Mapping[int, str], records: Sequence[ImageRecord]) -> str
             "(only they are left to do)")
 
 
+def _same_file(path: str | os.PathLike, recorded: str) -> bool:
+    """Whether ``path`` is the file recorded (relative to the cache's image root) as ``recorded``,
+    wherever the data folder is now."""
+    here = os.path.abspath(path).replace(os.sep, "/")
+    return here == recorded or here.endswith("/" + recorded)
+
+
 class FeatureStore:
     """Read access to a complete cache: ``get(image_id)`` -> float16 Tensor (N, D)."""
 
@@ -400,8 +545,10 @@ class FeatureStore:
                                     "make one with `captioner features extract --config CFG --out DIR`")
         index = json.loads(index_path.read_text())
         if index.get("format") != FORMAT:
-            raise FeatureCacheError(f"{self.path}: feature cache format {index.get('format')!r}, "
-                                    f"this version of captioner reads format {FORMAT}")
+            raise FeatureCacheError(
+                f"{self.path}: feature cache format {index.get('format')!r}, made by an earlier captioner "
+                f"(this one reads format {FORMAT}, which records what the features were made from); "
+                "extract it again: `captioner features extract --config CFG --out DIR` into another folder")
         if not index.get("complete"):
             raise FeatureCacheError(
                 f"{self.path}: the feature cache is incomplete ({len(index.get('done', []))} of "
@@ -411,7 +558,9 @@ class FeatureStore:
         self.num_regions: int = index["num_regions"]
         self.dim: int = index["dim"]
         self.encoder: dict = index["encoder"]
+        self.made_with: dict = index["preprocessing"]
         self.preprocessing = Preprocessing.from_dict(index["preprocessing"])
+        self.paths: dict[str, str] = index["paths"]
         self.splits: dict[str, list[int]] = index["splits"]
         self.counts: dict[str, int] = index["counts"]
         self._files = [s["file"] for s in index["shards"]]
@@ -423,6 +572,33 @@ class FeatureStore:
 
     def __contains__(self, image_id: int) -> bool:
         return int(image_id) in self._where
+
+    def check(self, encoder: Mapping | None, preprocessing: Preprocessing | None,
+              records: Sequence[ImageRecord]) -> None:
+        """Refuse (FeatureCacheError, one line naming each difference) to serve ``records`` with
+        features made by another encoder (``encoder``: its fingerprint, as the cache records it;
+        only its fields are compared), other ``preprocessing``, or for ids that now name other
+        image files (a re-converted split file) or that the cache lacks. None: not compared."""
+        problems = []
+        diff = differences(self.encoder, encoder) if encoder is not None else []
+        if preprocessing is not None:
+            diff += differences(self.made_with, preprocessing.to_dict())
+        if diff:
+            problems.append(f"it was made with another encoder (the cache's vs this run's): {', '.join(diff)}")
+        missing = [r for r in records if int(r.image_id) not in self._where]
+        moved = [r for r in records if int(r.image_id) in self._where
+                 and not _same_file(r.path, self.paths[str(r.image_id)])]
+        if moved:
+            r = moved[0]
+            problems.append(f"{len(moved)} image id(s) name other files than when it was made (image "
+                            f"{r.image_id}: {self.paths[str(r.image_id)]} then, {r.path} now)")
+        if missing:
+            r = missing[0]
+            problems.append(f"{len(missing)} image(s) are not in it (the first: image {r.image_id}, {r.path}; "
+                            f"it holds the splits {', '.join(self.splits)})")
+        if problems:
+            raise FeatureCacheError(f"{self.path}: the feature cache does not match this run: "
+                                    f"{'; '.join(problems)}; extract a new cache into another folder")
 
     def _shard(self, i: int) -> np.ndarray:
         arr = self._shards.get(i)
@@ -444,4 +620,5 @@ class FeatureStore:
         # DataLoader workers get the index, not the maps (pickling a memmap copies its data).
         state = dict(self.__dict__)
         state["_shards"] = {}
+        state["paths"] = {}  # checked before training (check); workers only read rows
         return state

@@ -59,6 +59,12 @@ class DataSource:
         """Where the vocabulary is cached unless ``data.vocab_path`` says otherwise."""
         raise NotImplementedError
 
+    def training_captions(self) -> dict:
+        """Where the training captions are read from, by content: ``file`` (its name), ``sha256``
+        (of its bytes) and the settings that change which captions train. Part of the
+        vocabulary cache's key, so two data sets in one folder get a vocabulary each."""
+        raise NotImplementedError
+
     @property
     def grounded_training(self) -> bool:
         """Training batches carry word-region grounding (only ``shapes`` can)."""
@@ -120,6 +126,9 @@ class ShapesSource(DataSource):
     def vocab_dir(self) -> Path:
         return self.root
 
+    def training_captions(self) -> dict:
+        return _file_identity(self.root / "dataset.json")
+
     @property
     def grounded_training(self) -> bool:
         return self.grounding
@@ -155,13 +164,20 @@ class KarpathySource(DataSource):
     def read(self) -> dict[str, list[ImageRecord]]:
         from captioner.data.karpathy import read_karpathy
 
-        if not Path(self.split_file).is_file():
-            raise FileNotFoundError(f"data.karpathy.split_file: {self.split_file} not found "
-                                    "(see docs/data.md for where to get it)")
+        self._need_split_file()
         return read_karpathy(self.split_file, self.image_root, restval_to_train=self.restval_to_train)
 
     def vocab_dir(self) -> Path:
         return Path(self.split_file).parent
+
+    def training_captions(self) -> dict:
+        self._need_split_file()
+        return {**_file_identity(self.split_file), "restval_to_train": self.restval_to_train}
+
+    def _need_split_file(self) -> None:
+        if not Path(self.split_file).is_file():
+            raise FileNotFoundError(f"data.karpathy.split_file: {self.split_file} not found "
+                                    "(see docs/data.md for where to get it)")
 
 
 @register_source("coco")
@@ -191,6 +207,18 @@ class CocoSource(DataSource):
 
     def vocab_dir(self) -> Path:
         return Path(next(iter(self.annotations.values()))).parent
+
+    def training_captions(self) -> dict:
+        split = "train" if "train" in self.annotations else next(iter(self.annotations))
+        if not Path(self.annotations[split]).is_file():
+            raise FileNotFoundError(f"data.coco.annotations.{split}: {self.annotations[split]} not found")
+        return _file_identity(self.annotations[split])
+
+
+def _file_identity(path: str | Path) -> dict:
+    from captioner.data.fingerprint import sha256_file
+
+    return {"file": Path(path).name, "sha256": sha256_file(path)}
 
 
 def as_source(name: str, value: DataSource | Mapping[str, Any] | None) -> DataSource:

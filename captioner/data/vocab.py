@@ -25,9 +25,13 @@ def tokenize(text: str) -> list[str]:
 
 
 class Vocabulary:
-    """Maps words to ids. Ids 0..3 are ``<pad> <start> <end> <unk>``."""
+    """Maps words to ids. Ids 0..3 are ``<pad> <start> <end> <unk>``.
 
-    def __init__(self, words: Sequence[str]) -> None:
+    ``made_from``: what decided the words (the training captions' source by content, the
+    tokenizer, ``min_count``, ``max_vocab``), saved with them so that a cached vocabulary can be
+    checked against a config (``CaptionDataModule``); None for files of earlier releases."""
+
+    def __init__(self, words: Sequence[str], made_from: dict | None = None) -> None:
         words = list(words)
         if tuple(words[:4]) != SPECIALS:
             raise ValueError(f"a vocabulary must start with {SPECIALS}, got {words[:4]}")
@@ -35,6 +39,7 @@ class Vocabulary:
             raise ValueError("a vocabulary must not repeat words")
         self.itos: list[str] = words
         self.stoi: dict[str, int] = {w: i for i, w in enumerate(words)}
+        self.made_from = made_from
 
     @classmethod
     def build(
@@ -79,8 +84,8 @@ class Vocabulary:
         return list(self.itos)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write ``{"words": [...]}`` atomically."""
-        atomic_write_json(path, {"words": self.itos})
+        """Write ``{"words": [...], "made_from": {...}}`` atomically."""
+        atomic_write_json(path, {"words": self.itos, **({"made_from": self.made_from} if self.made_from else {})})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Vocabulary:
@@ -88,4 +93,5 @@ class Vocabulary:
             data = json.load(f)
         if not isinstance(data, dict) or not isinstance(data.get("words"), list):
             raise ValueError(f"{path}: not a captioner vocabulary (expected {{'words': [...]}})")
-        return cls(data["words"])
+        made_from = data.get("made_from")
+        return cls(data["words"], made_from if isinstance(made_from, dict) else None)

@@ -71,6 +71,9 @@ class Encoder(nn.Module):
     always_trains: ClassVar[bool] = False
     # The EncoderConfig.stem values it builds itself; create_encoder applies the others (STEMS).
     stems: ClassVar[tuple[str, ...]] = ("rgb",)
+    # The EncoderConfig fields that shape its features beyond its weights and preprocessing (what
+    # a feature cache records and is compared on: encoder_fingerprint).
+    feature_settings: ClassVar[tuple[str, ...]] = ("grid", "stem")
     out_dim: int
     preprocessing: Preprocessing
 
@@ -96,6 +99,18 @@ def encoder_preprocessing(config: EncoderConfig) -> Preprocessing:
     """The preprocessing an encoder expects, without building it (used to configure data).
     Raises ``ValueError`` for an unknown name."""
     return ENCODERS.get(config.name).default_preprocessing(config)
+
+
+def encoder_fingerprint(config: EncoderConfig, encoder: nn.Module) -> dict:
+    """What decides ``encoder``'s features, as a feature cache records it: the name, the settings
+    its class says shape them (``feature_settings``) and ``weights``, the sha256 of its tensors.
+    ``pretrained``, ``weights_path`` and ``trainable_blocks`` are left out: the weights' content
+    stands for them, wherever the file lies. Resizing and normalisation are the cache's
+    ``preprocessing``."""
+    from captioner.data.features import weights_sha256
+
+    settings = ENCODERS.get(config.name).feature_settings
+    return {"name": config.name, **{k: getattr(config, k) for k in settings}, "weights": weights_sha256(encoder)}
 
 
 def why_encoder_trains(config: EncoderConfig) -> str | None:
@@ -317,6 +332,7 @@ class ShapesCNN(Encoder):
 
     always_trains = True
     stems = ("rgb", "split")
+    feature_settings = ("grid", "stem", "position")
 
     @classmethod
     def default_preprocessing(cls, config: EncoderConfig) -> Preprocessing:
@@ -438,6 +454,8 @@ class TimmEncoder(Encoder):
 
     ViTs are built with timm's ``dynamic_img_size`` at ``image_size``, so any multiple of the patch
     size works (position embeddings resampled). Preprocessing comes from the model's pretrained config."""
+
+    feature_settings = ("grid", "stem", "stage")
 
     @staticmethod
     def _model_name(config: EncoderConfig) -> str:
