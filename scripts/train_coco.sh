@@ -3,8 +3,8 @@
 # training (configs/coco.yaml) -> SCST fine-tuning (configs/coco-scst.yaml) -> evaluation of both
 # on the test split -> export of the SCST model as a model folder with its card. Each stage is
 # skipped when its output is there, so a killed run is simply run again. Details:
-# docs/training.md, "Whole recipes"; needs about 148 GB of disk (19 GB of archives, 19 GB of
-# images, 99 GB of features and ~10 % more while they are extracted; --no-features trains from the
+# docs/training.md, "Whole recipes"; needs about 137 GB of disk (19 GB of archives, 19 GB of
+# images, 99 GB of features, reserved whole when extraction starts; --no-features trains from the
 # images instead) and a GPU. The split file comes from the first source that answers: Karpathy's
 # caption_datasets.zip, else BLIP/LAVIS's coco_karpathy_{train,val,test}.json with COCO's caption
 # files (through `captioner data convert --from coco-karpathy`).
@@ -35,8 +35,8 @@ IMAGE_ROOT=""  # the data folder itself: the split file's filepath (train2014, v
 IMAGES_EXPECTED=123287  # 82,783 in train2014 + 40,504 in val2014
 LAVIS_URL=https://storage.googleapis.com/sfr-vision-language-research/datasets
 CAPTION_FILES=(captions_train2014.json captions_val2014.json)
-DISK="about 148 GB: 19 GB of archives, 19 GB of images, 99 GB of features (123,287 x 802,816 B)
-      and ~10 % more (9.9 GB) while they are extracted; 38 GB with --no-features"
+DISK="about 137 GB: 19 GB of archives, 19 GB of images, 99 GB of features (123,287 x 802,816 B;
+      extraction reserves the whole cache at its start and never needs more); 38 GB with --no-features"
 
 # split_from_lavis: the split file from BLIP/LAVIS's Karpathy-split files and COCO's caption files
 # (annotations_trainval2014.zip); 1 when they are not to be had.

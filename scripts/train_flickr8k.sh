@@ -3,8 +3,8 @@
 # (configs/flickr8k.yaml) -> SCST fine-tuning (configs/flickr8k-scst.yaml) -> evaluation of both on
 # the test split -> export of the SCST model as a model folder with its card. Each stage is skipped
 # when its output is there, so a killed run is simply run again. Details: docs/training.md,
-# "Whole recipes"; needs about 9.4 GB of disk (1.1 GB download, 1.1 GB of images, 6.5 GB of
-# features and ~10 % more while they are extracted). The split file comes from the first source
+# "Whole recipes"; needs about 8.7 GB of disk (1.1 GB download, 1.1 GB of images, 6.5 GB of
+# features, reserved whole when extraction starts). The split file comes from the first source
 # that answers: Karpathy's caption_datasets.zip, else the Flickr8k text archive of the images'
 # release (Flickr8k.token.txt and the split lists, through `captioner data convert --from flickr8k`).
 #
@@ -33,8 +33,8 @@ IMAGE_ROOT=Flicker8k_Dataset  # sic: the archive's folder is spelt so
 IMAGES_EXPECTED=8091
 RELEASE=https://github.com/jbrownlee/Datasets/releases/download/Flickr8k
 TEXT_FILES=(Flickr8k.token.txt Flickr_8k.trainImages.txt Flickr_8k.devImages.txt Flickr_8k.testImages.txt)
-DISK="about 9.4 GB: 1.1 GB of archives, 1.1 GB of images, 6.5 GB of features (8,091 x 802,816 B)
-      and ~10 % more (0.65 GB) while they are extracted; 2.2 GB with --no-features"
+DISK="about 8.7 GB: 1.1 GB of archives, 1.1 GB of images, 6.5 GB of features (8,091 x 802,816 B;
+      extraction reserves the whole cache at its start and never needs more); 2.2 GB with --no-features"
 
 # split_from_text: the split file from the text archive of the images' release; 1 when it is not to be had.
 split_from_text() {

@@ -353,7 +353,7 @@ def test_flickr8k_split_file_from_the_first_source_that_answers(tmp_path, karpat
     dataset = flickr8k_web(tmp_path / "web", karpathy=karpathy, text=True)
     proc = run_recipe("download_flickr8k.sh", "data", "--expect-images", "11", tmp=tmp_path, web=tmp_path / "web")
     out = _ok(proc)
-    assert "disk: about 9.4 GB: 1.1 GB of archives, 1.1 GB of images, 6.5 GB of features (8,091 x 802,816 B)" in out
+    assert "disk: about 8.7 GB: 1.1 GB of archives, 1.1 GB of images, 6.5 GB of features (8,091 x 802,816 B;" in out
     assert "11 images in " in out
     tried = [F8K + "Flickr8k_Dataset.zip", KARPATHY] + ([] if karpathy else [F8K + "Flickr8k_text.zip"])
     assert requests(tmp_path) == tried  # in order, and no further than the first that answers
@@ -451,7 +451,7 @@ def test_coco_split_file_from_lavis_files_then_all_failing(tmp_path) -> None:
     proc = run_recipe("download_coco.sh", "--data", "data", "--expect-images", "10", tmp=tmp_path,
                       web=tmp_path / "web", without="unzip")
     out = _ok(proc)
-    assert "disk: about 148 GB: 19 GB of archives, 19 GB of images, 99 GB of features (123,287 x 802,816 B)" in out
+    assert "disk: about 137 GB: 19 GB of archives, 19 GB of images, 99 GB of features (123,287 x 802,816 B;" in out
     images = "http://images.cocodataset.org/zips/"
     assert requests(tmp_path) == [
         images + "val2014.zip", images + "train2014.zip", KARPATHY,
