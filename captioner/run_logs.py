@@ -43,6 +43,11 @@ class RunTensorBoardLogger(TensorBoardLogger):
     """``<root>/tensorboard/version_N/``. Its events are written by a thread of TensorBoard's:
     a full disk stops that thread, and the next metric logged meets the error here."""
 
+    @property
+    def experiment(self):
+        with writing(self.log_dir):  # made on first use: it writes the event file's header
+            return super().experiment
+
     def log_metrics(self, metrics, step=None) -> None:
         with writing(self.log_dir):
             super().log_metrics(metrics, step)

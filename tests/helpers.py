@@ -78,7 +78,7 @@ class FullDisk:
     (``fnmatch`` on the name; atomic writes go to ``.NAME.*.tmp``) fail with ENOSPC once
     ``room`` bytes are in them, from the ``skip``-th such file on (the ones before are written),
     and the free space reads ``free`` bytes. Python's own writes are caught where they open a file
-    (``open``, ``os.fdopen``) or write to a descriptor (``os.write``). ``free_up()``: the space is
+    (``open``, ``io.open``, ``os.fdopen``) or write to a descriptor (``os.write``). ``free_up()``: the space is
     freed (everything restored)."""
 
     def __init__(self, pattern: str, room: int = 0, skip: int = 0, free: int = 100_000) -> None:
@@ -102,6 +102,7 @@ class FullDisk:
 
     def __enter__(self) -> FullDisk:
         import builtins
+        import io
 
         import pytest
 
@@ -142,7 +143,8 @@ class FullDisk:
         def fake_open(file, mode="r", *args, **kwargs):
             f = real_open(file, mode, *args, **kwargs)
             writes = any(c in mode for c in "wax+")
-            return FullFile(f, str(file)) if writes and isinstance(file, str | os.PathLike) and disk._matches(file) else f
+            named = isinstance(file, str | bytes | os.PathLike)
+            return FullFile(f, os.fsdecode(file)) if writes and named and disk._matches(os.fsdecode(file)) else f
 
         def fake_write(fd, data):
             path = os.readlink(f"/proc/self/fd/{fd}")
@@ -159,6 +161,7 @@ class FullDisk:
         self._patch = pytest.MonkeyPatch()
         self._patch.setattr(os, "fdopen", fake_fdopen)
         self._patch.setattr(builtins, "open", fake_open)
+        self._patch.setattr(io, "open", fake_open)  # TensorBoard's event writer opens with io.open
         self._patch.setattr(os, "write", fake_write)
         self._patch.setattr(atomic, "free_bytes", lambda path: disk.free)
         return self

@@ -32,16 +32,19 @@ class DiskFullError(OSError):
     the bytes ``free`` in its folder after the failed write was cleaned up, and the ``hint`` that
     says how to go on (a command may replace it: ``fit`` names the checkpoint to resume from)."""
 
-    def __init__(self, path: str | os.PathLike, needed: int | None, free: int | None,
+    def __init__(self, path: str | os.PathLike | None, needed: int | None, free: int | None,
                  hint: str = "free space and run the same command again") -> None:
-        super().__init__(errno.ENOSPC, "no space left on device", str(path))
-        self.path, self.needed, self.free, self.hint = Path(path), needed, free, hint
+        super().__init__(errno.ENOSPC, "no space left on device", None if path is None else str(path))
+        self.path = None if path is None else Path(path)
+        self.needed, self.free, self.hint = needed, free, hint
 
     def __str__(self) -> str:
         room = [f"needs {format_bytes(self.needed)}"] if self.needed is not None else []
-        room += [f"{format_bytes(self.free)} free"] if self.free is not None else []
+        if self.free is not None:  # a write that named no file: the space where the command runs
+            room.append(f"{format_bytes(self.free)} free" + ("" if self.path else f" in {os.getcwd()}"))
+        what = f" writing {self.path}" if self.path is not None else ""
         where = f" ({', '.join(room)})" if room else ""
-        return f"no space left on device writing {self.path}{where}; {self.hint}"
+        return f"no space left on device{what}{where}; {self.hint}"
 
     def __reduce__(self):  # pickled between processes (DDP) with its own fields
         return DiskFullError, (self.path, self.needed, self.free, self.hint)
@@ -115,8 +118,7 @@ def find_disk_full(err: BaseException) -> DiskFullError | None:
             return e
     for e in reversed(errors):
         if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
-            where = e.filename if e.filename is not None else os.getcwd()
-            return DiskFullError(where, None, free_bytes(where))
+            return DiskFullError(e.filename, None, free_bytes(e.filename or os.getcwd()))
     return None
 
 
