@@ -3,6 +3,7 @@ needed (exit 2), leaves nothing torn, and the same command goes on once space is
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from captioner.cli import main
+from captioner.data.features import FeatureStore
 from tests.conftest import fit_args
 from tests.helpers import FullDisk
 
@@ -87,3 +89,91 @@ def test_fit_whose_logs_fill_the_disk_ends_in_one_line(log, shapes_dir, tmp_path
     line = _one_error_line(capsys.readouterr().err)
     folder = "logs" if log == "metrics.csv" else "tensorboard"
     assert f"writing {run / folder / 'version_0'}" in line and "100.0 kB free" in line, line
+
+
+def _needs(line: str, path: Path) -> None:
+    """The line names ``path``, a size it needed and the (faked) free space."""
+    assert re.search(rf"writing {re.escape(str(path))} \(needs [\d.]+ (bytes|kB|MB), 100.0 kB free\); free space",
+                     line), line
+
+
+def test_features_extract_on_a_full_disk_keeps_its_chunks_and_resumes(shapes_dir, tmp_path, capsys) -> None:
+    from tests.test_features import _write_config
+
+    cfg = _write_config(tmp_path / "cfg.yaml", shapes_dir)
+    out = tmp_path / "cache"
+    args = ["features", "extract", "--config", str(cfg), "--out", str(out), "--device", "cpu",
+            "--batch-size", "16", "--chunk-size", "16", "--splits", "train", "val"]
+    with FullDisk("*chunk-*", skip=2) as disk:  # the first chunk (.npy, .json) is written, the second not
+        assert main(args) == 2
+    assert disk.failed
+    line = _one_error_line(capsys.readouterr().err)
+    _needs(line, out / "parts" / "chunk-000000016-000016.npy")
+    assert sorted(p.name for p in (out / "parts").iterdir()) == [
+        "chunk-000000000-000016.json", "chunk-000000000-000016.npy"]  # nothing torn
+    assert main(args) == 0  # space freed: the same command
+    err = capsys.readouterr().err
+    assert "16 of 72 images already extracted" in err, err  # resumed after the first chunk
+    assert FeatureStore(out).complete if hasattr(FeatureStore(out), "complete") else True
+    assert not (out / "parts").exists()
+
+
+def test_export_on_a_full_disk_leaves_no_folder(tiny_checkpoint, tmp_path, capsys) -> None:
+    out = tmp_path / "model"
+    args = ["export", "--checkpoint", str(tiny_checkpoint), "--out", str(out)]
+    with FullDisk("model.safetensors"):
+        assert main(args) == 2
+    _needs(_one_error_line(capsys.readouterr().err), out / "model.safetensors")
+    assert sorted(tmp_path.iterdir()) == []  # no folder, no hidden temporary one
+    assert main(args) == 0 and (out / "config.json").is_file()
+
+
+def test_data_convert_on_a_full_disk_leaves_the_old_split_file(tmp_path, capsys) -> None:
+    (tmp_path / "img").mkdir()
+    for name in ("a.png", "b.png"):
+        (tmp_path / "img" / name).write_bytes(b"")
+    (tmp_path / "c.csv").write_text("image,caption\na.png,a red square\nb.png,a blue circle\n")
+    out = tmp_path / "dataset.json"
+    out.write_text("old")
+    args = ["data", "convert", "--from", "csv", str(tmp_path / "c.csv"), "--image-root", str(tmp_path / "img"),
+            "--out", str(out), "--allow-missing"]
+    with FullDisk("*dataset.json*"):
+        assert main(args) == 2
+    _needs(_one_error_line(capsys.readouterr().err), out)
+    assert out.read_text() == "old"
+    _no_temporaries(tmp_path)
+    assert main(args) == 0 and json.loads(out.read_text())["images"]
+
+
+def test_caption_output_on_a_full_disk_keeps_its_part_and_resumes(tiny_checkpoint, shapes_dir, tmp_path, capsys) -> None:
+    images = sorted((shapes_dir / "images").iterdir())[:6]
+    out = tmp_path / "caps.jsonl"
+    args = ["caption", "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--batch-size", "2",
+            "--format", "jsonl", "--output", str(out), *map(str, images)]
+    with FullDisk("caps.jsonl.part", room=500):  # room for the rows of a few images
+        assert main(args) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    _needs(line, out.with_name("caps.jsonl.part"))
+    assert "--resume" in line and not out.exists()
+    kept = out.with_name("caps.jsonl.part").read_text().splitlines()
+    assert 0 < len(kept) < len(images)
+    assert main([*args, "--resume"]) == 0
+    rows = [json.loads(r) for r in out.read_text().splitlines()]
+    assert sorted(r["image"] for r in rows) == sorted(map(str, images))  # each image once
+    assert out.read_text().splitlines()[:len(kept) - 1] == kept[:-1]  # the rows kept, not redone
+
+
+def test_evaluate_output_on_a_full_disk(shapes_dir, tmp_path, capsys) -> None:
+    data = json.loads((shapes_dir / "dataset.json").read_text())
+    results = [{"image_id": im["imgid"], "caption": im["sentences"][0]["raw"]}
+               for im in data["images"] if im["split"] == "test"]
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    out = tmp_path / "metrics.json"
+    args = ["evaluate", "--predictions", str(tmp_path / "results.json"), "--references",
+            str(shapes_dir / "dataset.json"), "--split", "test", "--no-meteor", "--output", str(out)]
+    with FullDisk("*metrics.json*"):
+        assert main(args) == 2
+    _needs(_one_error_line(capsys.readouterr().err), out)
+    _no_temporaries(tmp_path)
+    assert not out.exists()
+    assert main(args) == 0 and json.loads(out.read_text())["num_images"] == len(results)

@@ -186,6 +186,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) 
         raise full from err
 
 
+def write_file(path: str | os.PathLike, data: bytes) -> None:
+    """``data`` to ``path`` without :func:`atomic_write`'s fsync and rename, for the many small
+    files of a data set that is made again from scratch (generated images): a failed write
+    removes the file, and a full disk is DiskFullError."""
+    try:
+        with writing(path, len(data)), open(path, "wb") as f:
+            f.write(data)
+    except BaseException:
+        Path(path).unlink(missing_ok=True)
+        raise
+
+
 def publish(part: str | os.PathLike, path: str | os.PathLike) -> None:
     """Make a file written progressively beside ``path`` appear as ``path`` in one step: flushed
     to disk, then renamed over it (a reader sees the old file or the whole new one)."""
