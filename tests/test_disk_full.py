@@ -18,6 +18,15 @@ from tests.conftest import fit_args
 from tests.helpers import FullDisk
 
 
+@pytest.fixture(scope="module")
+def quick_checkpoint(shapes_dir, tmp_path_factory) -> Path:
+    """A checkpoint of two training steps: what export and caption write does not depend on
+    how well it captions."""
+    root = tmp_path_factory.mktemp("run")
+    assert main(fit_args(shapes_dir, root, "--trainer.max_steps", "2")) == 0
+    return root / "checkpoints" / "last.ckpt"
+
+
 def _one_error_line(err: str) -> str:
     """The error line of a command's stderr: exactly one, and no traceback."""
     assert "Traceback" not in err, err
@@ -103,24 +112,25 @@ def test_features_extract_on_a_full_disk_keeps_its_chunks_and_resumes(shapes_dir
     cfg = _write_config(tmp_path / "cfg.yaml", shapes_dir)
     out = tmp_path / "cache"
     args = ["features", "extract", "--config", str(cfg), "--out", str(out), "--device", "cpu",
-            "--batch-size", "16", "--chunk-size", "16", "--splits", "train", "val"]
+            "--batch-size", "4", "--chunk-size", "4", "--splits", "val", "test"]
     with FullDisk("*chunk-*", skip=2) as disk:  # the first chunk (.npy, .json) is written, the second not
         assert main(args) == 2
     assert disk.failed
     line = _one_error_line(capsys.readouterr().err)
-    _needs(line, out / "parts" / "chunk-000000016-000016.npy")
+    _needs(line, out / "parts" / "chunk-000000004-000004.npy")
     assert sorted(p.name for p in (out / "parts").iterdir()) == [
-        "chunk-000000000-000016.json", "chunk-000000000-000016.npy"]  # nothing torn
+        "chunk-000000000-000004.json", "chunk-000000000-000004.npy"]  # nothing torn
     assert main(args) == 0  # space freed: the same command
     err = capsys.readouterr().err
-    assert "16 of 72 images already extracted" in err, err  # resumed after the first chunk
-    assert FeatureStore(out).complete if hasattr(FeatureStore(out), "complete") else True
+    assert "4 of 16 images already extracted" in err, err  # resumed after the first chunk
+    FeatureStore(out)  # opens: a complete cache
+    assert json.loads((out / "index.json").read_text())["complete"] is True
     assert not (out / "parts").exists()
 
 
-def test_export_on_a_full_disk_leaves_no_folder(tiny_checkpoint, tmp_path, capsys) -> None:
+def test_export_on_a_full_disk_leaves_no_folder(quick_checkpoint, tmp_path, capsys) -> None:
     out = tmp_path / "model"
-    args = ["export", "--checkpoint", str(tiny_checkpoint), "--out", str(out)]
+    args = ["export", "--checkpoint", str(quick_checkpoint), "--out", str(out)]
     with FullDisk("model.safetensors"):
         assert main(args) == 2
     _needs(_one_error_line(capsys.readouterr().err), out / "model.safetensors")
@@ -145,10 +155,10 @@ def test_data_convert_on_a_full_disk_leaves_the_old_split_file(tmp_path, capsys)
     assert main(args) == 0 and json.loads(out.read_text())["images"]
 
 
-def test_caption_output_on_a_full_disk_keeps_its_part_and_resumes(tiny_checkpoint, shapes_dir, tmp_path, capsys) -> None:
+def test_caption_output_on_a_full_disk_keeps_its_part_and_resumes(quick_checkpoint, shapes_dir, tmp_path, capsys) -> None:
     images = sorted((shapes_dir / "images").iterdir())[:6]
     out = tmp_path / "caps.jsonl"
-    args = ["caption", "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--batch-size", "2",
+    args = ["caption", "--checkpoint", str(quick_checkpoint), "--device", "cpu", "--batch-size", "2",
             "--format", "jsonl", "--output", str(out), *map(str, images)]
     with FullDisk("caps.jsonl.part", room=500):  # room for the rows of a few images
         assert main(args) == 2
