@@ -187,3 +187,33 @@ def test_evaluate_output_on_a_full_disk(shapes_dir, tmp_path, capsys) -> None:
     _no_temporaries(tmp_path)
     assert not out.exists()
     assert main(args) == 0 and json.loads(out.read_text())["num_images"] == len(results)
+
+
+def test_shapes_on_a_full_disk_leaves_no_data_set(tmp_path, capsys) -> None:
+    out = tmp_path / "shapes"
+    args = ["shapes", "--out", str(out), "--num-images", "6", "--image-size", "24"]
+    with FullDisk("*.png", skip=2):  # two images fit
+        assert main(args) == 2
+    _needs(_one_error_line(capsys.readouterr().err), out / "images" / "000002.png")
+    assert sorted(tmp_path.iterdir()) == []  # neither the data set nor its temporary folder
+    assert main(args) == 0 and len(list((out / "images").iterdir())) == 6
+
+
+def test_a_failed_write_without_errno_is_a_full_disk_only_when_space_is_short(tmp_path, monkeypatch) -> None:
+    """torch's zip writer and numpy's tofile say "unexpected pos" / "N requested and M written"
+    with no errno: the free space decides."""
+    from captioner.data import atomic
+
+    def torn(f):
+        f.write(b"x" * 1000)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    for free, full in ((10, True), (10**9, False)):
+        monkeypatch.setattr(atomic, "free_bytes", lambda path, free=free: free)
+        with pytest.raises(atomic.DiskFullError if full else RuntimeError) as err:
+            atomic.atomic_write(tmp_path / "x.ckpt", torn)
+        assert isinstance(err.value, atomic.DiskFullError) == full
+        if full:
+            assert str(err.value).startswith(f"no space left on device writing {tmp_path / 'x.ckpt'} "
+                                             "(needs 1.0 kB, 10 bytes free)")
+        assert list(tmp_path.iterdir()) == []

@@ -130,7 +130,7 @@ def writing(path: str | os.PathLike, needed: int | Callable[[], int | None] | No
         yield
     except Exception as err:
         full = disk_full(err, path, needed)
-        if full is None:
+        if full is None or any(full is e for e in exception_chain(err)):  # already said
             raise
         raise full from err
 
@@ -181,7 +181,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) 
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
         full = disk_full(err, path, lambda: measure(write)) if isinstance(err, Exception) else None
-        if full is None:
+        if full is None or any(full is e for e in exception_chain(err)):  # already said
             raise
         raise full from err
 

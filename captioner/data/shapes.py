@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from captioner.data.atomic import atomic_write_json, write_file
+from captioner.data.atomic import DiskFullError, atomic_write_json, write_file
 
 logger = logging.getLogger(__name__)
 
@@ -523,6 +523,11 @@ def generate_shapes(out_dir: str | os.PathLike, config: ShapesConfig | None = No
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
+    except DiskFullError as full:  # named as the data set's file, not the temporary folder's
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full.path is not None and full.path.is_relative_to(tmp):
+            full.path = out_dir / full.path.relative_to(tmp)
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
