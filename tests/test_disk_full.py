@@ -204,9 +204,10 @@ def test_a_failed_write_without_errno_is_a_full_disk_only_when_space_is_short(tm
     with no errno: the free space decides."""
     from captioner.data import atomic
 
-    def torn(f):
+    def torn(f):  # fails on the file, not when the size is measured
         f.write(b"x" * 1000)
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        if hasattr(f, "fileno"):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
 
     for free, full in ((10, True), (10**9, False)):
         monkeypatch.setattr(atomic, "free_bytes", lambda path, free=free: free)
