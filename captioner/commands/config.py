@@ -29,7 +29,12 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from captioner.callbacks import PreciseBatchNorm
-from captioner.checkpointing import AtomicCheckpointIO, PeriodicCheckpoint
+from captioner.checkpointing import (
+    AtomicCheckpointIO,
+    PeriodicCheckpoint,
+    RunCSVLogger,
+    RunTensorBoardLogger,
+)
 from captioner.commands.common import CONFIG_NAME, UsageError
 from captioner.data.atomic import atomic_write, exception_chain, find_disk_full
 from captioner.data.datamodule import RENAMED_DATA_KEYS, CaptionDataModule
@@ -120,8 +125,6 @@ def add_run_arguments(parser: LightningArgumentParser, link_vocab: bool = True) 
 
 def default_loggers(root: Path) -> list:
     """CSV (read by ``evaluate --report``) and TensorBoard logs inside the run folder."""
-    from captioner.run_logs import RunCSVLogger, RunTensorBoardLogger
-
     return [RunCSVLogger(root, name="logs"), RunTensorBoardLogger(root, name="tensorboard")]
 
 
