@@ -58,6 +58,16 @@ def test_fit_on_a_full_disk_says_how_to_resume_and_resumes(shapes_dir, tmp_path,
     assert torch.load(last, weights_only=False)["global_step"] == 4
 
 
+def test_fit_that_cannot_write_its_config_says_to_run_again(shapes_dir, tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    with FullDisk("*config.yaml*"):
+        assert main(fit_args(shapes_dir, run, "--trainer.max_steps", "2")) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    _needs(line, run / "config.yaml")
+    assert line.endswith("free space and run the same command again (no checkpoint was saved yet)"), line
+    _no_temporaries(run)
+
+
 def test_fit_on_a_real_full_file_system(shapes_dir, tmp_path, capsys) -> None:
     """The same on a 1 MB tmpfs (needs root; skipped elsewhere): torch.save's own error on a full
     disk ("unexpected pos") becomes the one line, and the run resumes once a file is removed."""

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -248,27 +249,29 @@ class CaptionerCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def _run_subcommand(self, subcommand: str) -> None:
+        started = time.time()
         try:
             super()._run_subcommand(subcommand)
         except Exception as err:
             full = find_disk_full(err)
             if full is None or subcommand != "fit":
                 raise
-            full.hint = self._resume_hint()
-            if full in exception_chain(err):
+            full.hint = self._resume_hint(started)
+            if any(full is e for e in exception_chain(err)):
                 raise
             raise full from err
 
-    def _resume_hint(self) -> str:
-        """How to go on after a full disk stopped ``fit``: from the newest whole checkpoint
-        (checkpoints are written atomically, so the one on disk is whole)."""
+    def _resume_hint(self, started: float) -> str:
+        """How to go on after a full disk stopped ``fit``: from the newest whole checkpoint of
+        this run (written atomically: the one on disk is whole), else from the one it resumed."""
         cb = self.trainer.checkpoint_callback
         folder = Path(cb.dirpath) if cb is not None and cb.dirpath else Path(self.trainer.default_root_dir) / "checkpoints"
         given = self.config.get(self.subcommand).get("ckpt_path")
-        for ckpt in (folder / "last.ckpt", Path(given) if given else None, folder / "best.ckpt"):
-            if ckpt is not None and ckpt.is_file():
-                return f"free space and run the same command with --ckpt_path {_shown(ckpt)} to continue from it"
-        return "free space and run the same command again (no checkpoint was saved yet)"
+        found = [p for p in (folder / "last.ckpt", folder / "best.ckpt") if p.is_file() and p.stat().st_mtime >= started]
+        found += [Path(given)] if given and Path(given).is_file() else []
+        if not found:
+            return "free space and run the same command again (no checkpoint was saved yet)"
+        return f"free space and run the same command with --ckpt_path {_shown(found[0])} to continue from it"
 
     def after_fit(self) -> None:
         """Where the run is: the one line a user needs after training."""
