@@ -183,20 +183,22 @@ def test_caption_output_on_a_full_disk_keeps_its_part_and_resumes(quick_checkpoi
     assert out.read_text().splitlines()[:len(kept) - 1] == kept[:-1]  # the rows kept, not redone
 
 
-def test_evaluate_output_on_a_full_disk(shapes_dir, tmp_path, capsys) -> None:
+@pytest.mark.parametrize(("flag", "written"), [("--output", "metrics.json"), ("--report", "report/summary.md")])
+def test_evaluate_output_on_a_full_disk(flag, written, shapes_dir, tmp_path, capsys) -> None:
     data = json.loads((shapes_dir / "dataset.json").read_text())
     results = [{"image_id": im["imgid"], "caption": im["sentences"][0]["raw"]}
                for im in data["images"] if im["split"] == "test"]
     (tmp_path / "results.json").write_text(json.dumps(results))
-    out = tmp_path / "metrics.json"
+    out = tmp_path / written
     args = ["evaluate", "--predictions", str(tmp_path / "results.json"), "--references",
-            str(shapes_dir / "dataset.json"), "--split", "test", "--no-meteor", "--output", str(out)]
-    with FullDisk("*metrics.json*"):
+            str(shapes_dir / "dataset.json"), "--split", "test", "--no-meteor",
+            flag, str(tmp_path / written.split("/")[0])]
+    with FullDisk(f"*{out.name}*"):
         assert main(args) == 2
     _needs(_one_error_line(capsys.readouterr().err), out)
     _no_temporaries(tmp_path)
     assert not out.exists()
-    assert main(args) == 0 and json.loads(out.read_text())["num_images"] == len(results)
+    assert main(args) == 0 and out.is_file()
 
 
 def test_shapes_on_a_full_disk_leaves_no_data_set(tmp_path, capsys) -> None:
