@@ -9,9 +9,11 @@ shows the traceback).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 
 from captioner.commands import config_command, register_all
 from captioner.commands.common import UsageError
@@ -58,6 +60,25 @@ def _user_error(err: BaseException) -> bool:
     return isinstance(err, (OSError, ValueError, ImageLoadError, WeightsUnavailable))
 
 
+@contextlib.contextmanager
+def _quiet_disk_full_threads() -> Iterator[None]:
+    """A writer thread that dies of a full disk (TensorBoard's event writer) would print its
+    traceback; the main thread meets the same error at its next write and says it in one line."""
+    from captioner.data.atomic import find_disk_full
+
+    previous = threading.excepthook
+
+    def hook(args) -> None:
+        if args.exc_value is None or find_disk_full(args.exc_value) is None:
+            previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = False
@@ -67,28 +88,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(verbose)
     target = config_command(argv)
     try:
-        if target is not None:
-            words, run = target
-            try:
-                return int(run(argv[len(words):], prog="captioner " + " ".join(words)) or 0)
-            except SystemExit as done:  # jsonargparse's --help and --print_config
-                return done.code if isinstance(done.code, int) else 0
-            except Exception as err:
-                if verbose or isinstance(err, UsageError) or not _user_error(err):
-                    raise
-                raise UsageError(f"{' '.join(str(err).split())} (captioner -v {words[0]} ... "
-                                 "shows the traceback)") from err
-        parser = build_parser()
-        a = parser.parse_args(argv)
-        if not getattr(a, "func", None):
-            parser.print_help()
-            return 2
-        return int(a.func(a) or 0)
+        with _quiet_disk_full_threads():
+            return _run(argv, target, verbose)
     except UsageError as err:
         if verbose:
             raise
         print(f"captioner: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # a full disk, met by any command: one line, exit 2
+        from captioner.data.atomic import find_disk_full
+
+        full = find_disk_full(err)
+        if verbose or full is None:
+            raise
+        print(f"captioner: error: {full}", file=sys.stderr)
+        return 2
+
+
+def _run(argv: list[str], target, verbose: bool) -> int:
+    from captioner.data.atomic import find_disk_full
+
+    if target is not None:
+        words, run = target
+        try:
+            return int(run(argv[len(words):], prog="captioner " + " ".join(words)) or 0)
+        except SystemExit as done:  # jsonargparse's --help and --print_config
+            return done.code if isinstance(done.code, int) else 0
+        except Exception as err:
+            if verbose or isinstance(err, UsageError) or not _user_error(err) or find_disk_full(err):
+                raise
+            raise UsageError(f"{' '.join(str(err).split())} (captioner -v {words[0]} ... "
+                             "shows the traceback)") from err
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if not getattr(a, "func", None):
+        parser.print_help()
+        return 2
+    return int(a.func(a) or 0)
 
 
 if __name__ == "__main__":

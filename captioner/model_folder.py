@@ -138,7 +138,9 @@ def write_model_folder(out: str | os.PathLike, config: dict[str, Any],
     """Write the three files into a temporary folder beside ``out``, then rename it to ``out``:
     a killed export leaves no folder at ``out`` (at most a hidden ``.out.*.tmp`` one), never a
     half-written one that loads. ``out`` must not exist or be an empty folder."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from captioner.data.atomic import writing
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -147,14 +149,18 @@ def write_model_folder(out: str | os.PathLike, config: dict[str, Any],
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
         tensors = {k: v.detach().cpu().contiguous() for k, v in without_aliases(state).items()}
-        save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-        (tmp / CARD_FILE).write_text(card, encoding="utf-8")
-        # config.json last: a folder without it is not a model folder
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        # serialised here and written by Python (not save_file's own writer), so that a full disk
+        # is an OSError that names the file and its size
+        files = {WEIGHTS_FILE: save(tensors, metadata={"format": "pt"}), CARD_FILE: card.encode(),
+                 # config.json last: a folder without it is not a model folder
+                 CONFIG_FILE: (json.dumps(config, indent=2) + "\n").encode()}
+        for name, data in files.items():
+            with writing(out / name, len(data)), open(tmp / name, "wb") as fh:
+                fh.write(data)
         umask = os.umask(0)
         os.umask(umask)
         for f in tmp.iterdir():
-            with open(f, "rb") as fh:
+            with writing(out / f.name, f.stat().st_size), open(f, "rb") as fh:
                 os.fsync(fh.fileno())
             os.chmod(f, 0o666 & ~umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it owner-only; a model is meant to be shared

@@ -71,3 +71,105 @@ def live_server(app):
         server.should_exit = True
         thread.join(15)
         sock.close()
+
+
+class FullDisk:
+    """A disk that fills up, faked: while active, writes to files whose name matches ``pattern``
+    (``fnmatch`` on the name; atomic writes go to ``.NAME.*.tmp``) fail with ENOSPC once
+    ``room`` bytes are in them, from the ``skip``-th such file on (the ones before are written),
+    and the free space reads ``free`` bytes. Python's own writes are caught where they open a file
+    (``open``, ``io.open``, ``os.fdopen``) or write to a descriptor (``os.write``). ``free_up()``: the space is
+    freed (everything restored)."""
+
+    def __init__(self, pattern: str, room: int = 0, skip: int = 0, free: int = 100_000) -> None:
+        self.pattern, self.room, self.skip, self.free = pattern, room, skip, free
+        self.failed: list[str] = []  # the paths whose write failed
+        self._patch = None
+
+    def _matches(self, path) -> bool:
+        import fnmatch
+
+        if not fnmatch.fnmatch(os.path.basename(str(path)), self.pattern):
+            return False
+        self.skip -= 1
+        return self.skip < 0
+
+    def _full(self, path: str) -> OSError:
+        import errno
+
+        self.failed.append(path)
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __enter__(self) -> FullDisk:
+        import builtins
+        import io
+
+        import pytest
+
+        from captioner.data import atomic
+
+        disk = self
+        fdopen, real_open, write = os.fdopen, builtins.open, os.write
+        counts: dict[int, int] = {}  # descriptor -> bytes written through os.write
+
+        class FullFile:
+            def __init__(self, f, path: str) -> None:
+                self._f, self._path, self._written = f, path, 0
+
+            def write(self, data):
+                size = len(data) if isinstance(data, str) else memoryview(data).nbytes
+                if self._written + size > disk.room:
+                    raise disk._full(self._path)
+                self._written += size
+                return self._f.write(data)
+
+            def __getattr__(self, name):
+                return getattr(self._f, name)
+
+            def __iter__(self):
+                return iter(self._f)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self._f.close()
+
+        def fake_fdopen(fd, *args, **kwargs):
+            f = fdopen(fd, *args, **kwargs)
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            return FullFile(f, path) if "w" in f.mode and disk._matches(path) else f
+
+        def fake_open(file, mode="r", *args, **kwargs):
+            f = real_open(file, mode, *args, **kwargs)
+            writes = any(c in mode for c in "wax+")
+            named = isinstance(file, str | bytes | os.PathLike)
+            return FullFile(f, os.fsdecode(file)) if writes and named and disk._matches(os.fsdecode(file)) else f
+
+        def fake_write(fd, data):
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            if fnmatch_name(path) and counts.get(fd, 0) + len(data) > disk.room:
+                raise disk._full(path)
+            counts[fd] = counts.get(fd, 0) + len(data)
+            return write(fd, data)
+
+        def fnmatch_name(path: str) -> bool:
+            import fnmatch
+
+            return fnmatch.fnmatch(os.path.basename(path), disk.pattern)
+
+        self._patch = pytest.MonkeyPatch()
+        self._patch.setattr(os, "fdopen", fake_fdopen)
+        self._patch.setattr(builtins, "open", fake_open)
+        self._patch.setattr(io, "open", fake_open)  # TensorBoard's event writer opens with io.open
+        self._patch.setattr(os, "write", fake_write)
+        self._patch.setattr(atomic, "free_bytes", lambda path: disk.free, raising=False)
+        return self
+
+    def free_up(self) -> None:
+        if self._patch is not None:
+            self._patch.undo()
+            self._patch = None
+
+    def __exit__(self, *exc) -> None:
+        self.free_up()

@@ -124,9 +124,16 @@ class PartFile:
         self.writer = RowWriter(fmt, self._write, header=fresh)
 
     def _write(self, data: bytes) -> None:
+        from captioner.data.atomic import DiskFullError, writing
+
         view = memoryview(data)
-        while view:  # one write call for an image's rows unless the system splits it
-            view = view[os.write(self.fd, view):]
+        try:
+            with writing(self.part, len(data)):
+                while view:  # one write call for an image's rows unless the system splits it
+                    view = view[os.write(self.fd, view):]
+        except DiskFullError as full:  # the rows written so far stay in OUT.part
+            full.hint = "free space and run the same command with --resume to continue"
+            raise
 
     def finish(self) -> None:
         from captioner.data.atomic import publish

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -29,9 +30,14 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from captioner.callbacks import PreciseBatchNorm
-from captioner.checkpointing import AtomicCheckpointIO, PeriodicCheckpoint
+from captioner.checkpointing import (
+    AtomicCheckpointIO,
+    PeriodicCheckpoint,
+    RunCSVLogger,
+    RunTensorBoardLogger,
+)
 from captioner.commands.common import CONFIG_NAME, UsageError
-from captioner.data.atomic import atomic_write
+from captioner.data.atomic import atomic_write, exception_chain, find_disk_full
 from captioner.data.datamodule import RENAMED_DATA_KEYS, CaptionDataModule
 from captioner.system import CaptioningSystem
 
@@ -120,9 +126,7 @@ def add_run_arguments(parser: LightningArgumentParser, link_vocab: bool = True) 
 
 def default_loggers(root: Path) -> list:
     """CSV (read by ``evaluate --report``) and TensorBoard logs inside the run folder."""
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-
-    return [CSVLogger(root, name="logs"), TensorBoardLogger(root, name="tensorboard")]
+    return [RunCSVLogger(root, name="logs"), RunTensorBoardLogger(root, name="tensorboard")]
 
 
 class RunConfig(SaveConfigCallback):
@@ -137,6 +141,14 @@ class RunConfig(SaveConfigCallback):
             config.pop(key, None)
         text = _dump_with_nulls(self.parser, config)
         atomic_write(Path(trainer.default_root_dir) / CONFIG_NAME, lambda f: f.write(text.encode()))
+
+
+def _shown(path: Path) -> str:
+    """``path`` as the user would type it: relative to the current folder when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _dump_with_nulls(parser: LightningArgumentParser, config) -> str:
@@ -235,6 +247,31 @@ class CaptionerCLI(LightningCLI):
         # Here, not in trainer_defaults: the saved config could not serialise an instance.
         kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        started = time.time()
+        try:
+            super()._run_subcommand(subcommand)
+        except Exception as err:
+            full = find_disk_full(err)
+            if full is None or subcommand != "fit":
+                raise
+            full.hint = self._resume_hint(started)
+            if any(full is e for e in exception_chain(err)):
+                raise
+            raise full from err
+
+    def _resume_hint(self, started: float) -> str:
+        """How to go on after a full disk stopped ``fit``: from the newest whole checkpoint of
+        this run (written atomically: the one on disk is whole), else from the one it resumed."""
+        cb = self.trainer.checkpoint_callback
+        folder = Path(cb.dirpath) if cb is not None and cb.dirpath else Path(self.trainer.default_root_dir) / "checkpoints"
+        given = self.config.get(self.subcommand).get("ckpt_path")
+        found = [p for p in (folder / "last.ckpt", folder / "best.ckpt") if p.is_file() and p.stat().st_mtime >= started]
+        found += [Path(given)] if given and Path(given).is_file() else []
+        if not found:
+            return "free space and run the same command again (no checkpoint was saved yet)"
+        return f"free space and run the same command with --ckpt_path {_shown(found[0])} to continue from it"
 
     def after_fit(self) -> None:
         """Where the run is: the one line a user needs after training."""

@@ -37,6 +37,7 @@ contains at least one. The pairs are listed in ``grounding.json`` under ``"heldo
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import logging
@@ -52,7 +53,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from captioner.data.atomic import atomic_write_json
+from captioner.data.atomic import DiskFullError, atomic_write_json, write_file
 
 logger = logging.getLogger(__name__)
 
@@ -522,6 +523,11 @@ def generate_shapes(out_dir: str | os.PathLike, config: ShapesConfig | None = No
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
+    except DiskFullError as full:  # named as the data set's file, not the temporary folder's
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full.path is not None and full.path.is_relative_to(tmp):
+            full.path = out_dir / full.path.relative_to(tmp)
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -546,8 +552,9 @@ def _generate_into(root: Path, config: ShapesConfig) -> None:
         for obj in objects:
             obj["box"] = _box(object_mask(obj, size))
         filename = f"{imgid:0{digits}d}.png"
-        _render_image(objects, size).save(root / "images" / filename, format="PNG",
-                                          compress_level=6, optimize=False)
+        png = io.BytesIO()
+        _render_image(objects, size).save(png, format="PNG", compress_level=6, optimize=False)
+        write_file(root / "images" / filename, png.getvalue())
         sentences, caps = [], []
         for k, cap in enumerate(_captions(objects, rng)):
             sentid = imgid * NUM_REFERENCES + k

@@ -8,7 +8,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from captioner.data.atomic import atomic_write_json
+from captioner.data.atomic import atomic_write, atomic_write_json
 from captioner.evaluation.scoring import Evaluation
 from captioner.metrics import format_grounding_table, format_table, percent
 
@@ -180,7 +180,8 @@ def write_report(
                    f"![{label} {n}]({name})", ""]
 
     summary = out / "summary.md"
-    summary.write_text("\n".join(md).rstrip() + "\n", encoding="utf-8")
+    text = ("\n".join(md).rstrip() + "\n").encode()
+    atomic_write(summary, lambda f: f.write(text))
     written.append(summary)
     return written
 

@@ -20,6 +20,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
+from captioner.data.atomic import atomic_write
+
 # Images smaller than this (the 64 px shapes) are enlarged for display so blocks and words stay legible.
 MIN_DISPLAY_SIZE = 224
 DEFAULT_CMAP: str | None = None  # None: dim what is not attended, as in the paper's figures
@@ -160,10 +162,11 @@ def save_attention_figure(
     cmap: str | None = DEFAULT_CMAP,
     dpi: int = 100,
 ) -> Path:
-    """:func:`plot_attention` written to ``path`` as PNG."""
+    """:func:`plot_attention` written to ``path`` as PNG (atomically)."""
     path = Path(path)
     fig = plot_attention(image, words, alphas, smooth=smooth, max_cols=max_cols, cmap=cmap)
-    fig.savefig(path, format="png", dpi=dpi)
+    data = figure_png_bytes(fig, dpi)
+    atomic_write(path, lambda f: f.write(data))
     return path
 
 

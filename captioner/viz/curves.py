@@ -12,6 +12,9 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from captioner.data.atomic import atomic_write
+from captioner.viz.attention_maps import figure_png_bytes
+
 
 def plot_curves(
     curves: Mapping[str, Sequence[tuple[float, float]]],
@@ -48,7 +51,8 @@ def plot_curves(
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     out_path = Path(out_path)
-    fig.savefig(out_path, format="png", dpi=100)
+    data = figure_png_bytes(fig, 100)
+    atomic_write(out_path, lambda f: f.write(data))
     return out_path
 
 
