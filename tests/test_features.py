@@ -437,6 +437,8 @@ def test_a_disk_too_small_for_the_cache_fails_before_any_image_is_encoded(shapes
     import errno
     import os
 
+    from captioner.data.atomic import DiskFullError
+
     def full(fd, offset, size):
         raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -444,8 +446,8 @@ def test_a_disk_too_small_for_the_cache_fails_before_any_image_is_encoded(shapes
     dm = _datamodule(shapes_dir)
     counting = CountingEncoder(encoder)
     out = tmp_path / "cache"
-    with pytest.raises(OSError, match=r"no space left on the device for the feature cache's shard "
-                       r"\(131,200 bytes\).*shard-00000.npy") as err:
+    with pytest.raises(DiskFullError, match=r"no space left on device writing \S*shard-00000.npy "
+                       r"\(needs 131.2 kB") as err:
         extract_features({"train": dm.split_records("train")[:16]}, counting, out, dm.preprocessing, ENCODER,
                          batch_size=4, shard_size=8)
     assert err.value.errno == errno.ENOSPC

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from captioner.data.atomic import atomic_write_json
+from captioner.data.atomic import DiskFullError, atomic_write_json, free_bytes
 from captioner.data.fingerprint import differences, sha256_json
 from captioner.data.images import ImageLoadError, load_image
 from captioner.data.records import ImageRecord, blocks
@@ -147,9 +147,8 @@ def _reserve(fd: int, size: int, path: Path) -> None:
     try:
         os.posix_fallocate(fd, 0, size)
     except OSError as err:
-        if err.errno == errno.ENOSPC:
-            raise OSError(errno.ENOSPC, f"no space left on the device for the feature cache's shard "
-                          f"({size:,} bytes)", str(path)) from None
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(path, size, free_bytes(path.parent)) from None
 
 
 def read_image(path: str | os.PathLike, preprocessing: Preprocessing) -> tuple[Tensor | None, str | None]:
