@@ -340,8 +340,8 @@ class CaptionerCLI(LightningCLI):
                 f"start a new run from its weights with a fresh optimiser: --model.init_from {path} "
                 "(without --ckpt_path)")
         for key, mine, value, given in differ:
-            logger.info("%s: the checkpoint's %s %r, not %r (%s)", subcommand, key, value, mine,
-                        "given here" if given else "the default")
+            logger.info("%s: %s %r from the checkpoint (%s %r)", subcommand, key, value,
+                        "not the" if given else "this config leaves it at its default", mine)
         logger.info("resuming from %s (step %s): model.%s from the checkpoint; the rest from this command",
                     path, ckpt.get("global_step", "?"), ", ".join(KEPT_ON_RESUME))
         if taken:
