@@ -114,3 +114,19 @@ def check_arguments(fn: Callable, section: str, values: Mapping[str, Any]) -> No
             hint(**{k: v for k, v in value.items() if k in names})
         elif name in hints:
             check_value(f"{section}.{name}", hints[name], value)
+
+
+def accepts(hint: Any) -> str:
+    """What a setting of type ``hint`` accepts, as docs/training.md and ``--help`` say it ("" when
+    its type says it all)."""
+    hint, optional = _options(hint)
+    text = ""
+    if get_origin(hint) is Literal:
+        text = ", ".join(f"`{c}`" for c in get_args(hint))
+    elif get_origin(hint) is Annotated:
+        for meta in hint.__metadata__:
+            if isinstance(meta, Range):
+                text = str(meta)
+            elif isinstance(meta, Registry):
+                text = "a registered name"
+    return f"{text}, or `null`" if text and optional else text
