@@ -116,9 +116,9 @@ def check_arguments(fn: Callable, section: str, values: Mapping[str, Any]) -> No
             check_value(f"{section}.{name}", hints[name], value)
 
 
-def accepts(hint: Any) -> str:
+def accepts(hint: Any, names: bool = False) -> str:
     """What a setting of type ``hint`` accepts, as docs/training.md and ``--help`` say it ("" when
-    its type says it all)."""
+    its type says it all). ``names``: a registry's names now, not "a registered name"."""
     hint, optional = _options(hint)
     text = ""
     if get_origin(hint) is Literal:
@@ -128,5 +128,6 @@ def accepts(hint: Any) -> str:
             if isinstance(meta, Range):
                 text = str(meta)
             elif isinstance(meta, Registry):
-                text = "a registered name"
+                text = ("one of " + ", ".join([*meta.names(), *(f"{p}/..." for p in meta.families())])
+                        if names else "a registered name")
     return f"{text}, or `null`" if text and optional else text

@@ -58,19 +58,10 @@ def _documented() -> dict[str, str]:
 
 def test_every_documented_range_and_choice_is_the_codes() -> None:
     """The "accepts" column says what the setting's type accepts (captioner.settings.accepts)."""
-    import typing
-
+    from captioner.commands.config import setting_hints
     from captioner.settings import accepts
 
-    hints: dict[str, object] = {}
-    sections = {"model.encoder": EncoderConfig, "model.decoder": DecoderConfig, "model.optim": OptimConfig,
-                "model.loss": LossConfig, "model.decoding": DecodingConfig, "model.scst": ScstConfig}
-    sections.update({f"data.{name}": SOURCES.get(name) for name in SOURCES.names()})
-    for prefix, cls in sections.items():
-        hints.update({f"{prefix}.{k}": h for k, h in typing.get_type_hints(cls, include_extras=True).items()})
-    for prefix, fn in (("model", CaptioningSystem.__init__), ("data", CaptionDataModule.__init__)):
-        hints.update({f"{prefix}.{k}": h for k, h in typing.get_type_hints(fn, include_extras=True).items()
-                      if f"{prefix}.{k}" not in hints})
+    hints = setting_hints()
     rows = re.findall(r"^\| `([a-z0-9_.]+)` \| `[^`]*` \| ([^|]*) \|", TRAINING.read_text(encoding="utf-8"), re.M)
     documented = {key: text.strip() for key, text in rows if key.startswith(("model.", "data."))}
     assert documented.keys() == {k for k in hints if k in _settings()}, "an accepts cell per model/data setting"

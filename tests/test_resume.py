@@ -184,3 +184,16 @@ def test_resume_refuses_another_vocabulary(two_steps, shapes_dir, tmp_path, caps
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "ckpt_path: its vocabulary" in err and "differs from the data's (8 words)" in err, err
+
+
+def test_validate_scores_the_checkpoints_model_and_says_what_differs(two_steps, shapes_dir, tmp_path,
+                                                                       caplog) -> None:
+    import logging
+
+    from captioner.cli import main
+
+    caplog.set_level(logging.INFO)
+    argv = fit_args(shapes_dir, tmp_path / "run", "--model.decoder.decoder_dim", "32", "--ckpt_path", str(two_steps))
+    argv[0] = "validate"
+    assert main(argv) == 0
+    assert "validate: model.decoder.decoder_dim 16 from the checkpoint (not the 32)" in caplog.text

@@ -79,6 +79,11 @@ def test_help_lists_the_choices(capsys) -> None:
                           ("--model.decoder.semi_sampling_unit", "{step,caption,batch}"),
                           ("--data.captions_per_image", "{random,all}")]:
         assert f"{flag} {choices}" in out, flag
+    # ranges and registries say what they accept
+    text = " ".join(out.split())
+    assert "--model.optim.lr LR accepts > 0 (type: float" in text
+    assert "--data.batch_size BATCH_SIZE accepts >= 1 (type: int" in text
+    assert "--model.decoder.attention ATTENTION accepts one of hard, multihead, soft (type: str" in text
 
 
 def test_settings_that_need_each_other_are_checked_at_parse_time(tmp_path, capsys) -> None:

@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import sys
+import typing
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -36,7 +37,7 @@ from captioner.checkpointing import AtomicCheckpointIO, PeriodicCheckpoint
 from captioner.commands.common import CONFIG_NAME, UsageError
 from captioner.data.atomic import atomic_write
 from captioner.data.datamodule import RENAMED_DATA_KEYS, CaptionDataModule
-from captioner.settings import SettingError, check_arguments
+from captioner.settings import SettingError, accepts, check_arguments
 from captioner.system import CaptioningSystem
 
 logger = logging.getLogger(__name__)
@@ -106,6 +107,30 @@ class _Parser(LightningArgumentParser):
 
     def error(self, message: str, ex: Exception | None = None):  # type: ignore[override]
         raise ConfigError(_error_line(message, ex))
+
+
+def setting_hints() -> dict[str, Any]:
+    """Dotted key -> type of every setting of the ``model`` and ``data`` sections (a dataclass
+    argument's fields one by one)."""
+    out: dict[str, Any] = {}
+    for prefix, cls in SECTIONS.items():
+        for name, hint in typing.get_type_hints(cls.__init__, include_extras=True).items():
+            fields = typing.get_type_hints(hint, include_extras=True) if dataclasses.is_dataclass(hint) else None
+            if fields:
+                out.update({f"{prefix}.{name}.{k}": h for k, h in fields.items()})
+            elif name != "return":
+                out[f"{prefix}.{name}"] = hint
+    return out
+
+
+def _say_what_settings_accept(parser: LightningArgumentParser) -> None:
+    """``--help``: a setting with a range or a registry says what it accepts (a choice setting
+    lists its choices by itself)."""
+    hints = setting_hints()
+    for action in parser._actions:
+        hint = hints.get(action.dest)
+        if hint is not None and (text := accepts(hint, names=True)) and "`" not in text.replace(", or `null`", ""):
+            action.help = f"accepts {text.replace('`', '')}" + (f"; {action.help}" if action.help else "")
 
 
 def check_settings(config: Mapping) -> None:
@@ -192,6 +217,7 @@ def add_run_arguments(parser: LightningArgumentParser, link_vocab: bool = True) 
     parser.add_lightning_class_args(PeriodicCheckpoint, "last_checkpoint")
     parser.add_lightning_class_args(EarlyStopping, "early_stopping")
     parser.add_lightning_class_args(PreciseBatchNorm, "precise_bn")
+    _say_what_settings_accept(parser)
     parser.set_defaults({
         # dirpath None: <trainer.default_root_dir>/checkpoints, decided when the trainer is made
         "best_checkpoint.monitor": "val/CIDEr", "best_checkpoint.mode": "max",
