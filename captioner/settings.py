@@ -72,6 +72,11 @@ def _options(hint: Any) -> tuple[Any, bool]:
     return hint, False
 
 
+def _registered(registry: Registry) -> str:
+    """The names a registry knows now, its families as ``prefix/...``."""
+    return "one of " + ", ".join([*registry.names(), *(f"{p}/..." for p in registry.families())])
+
+
 def check_value(key: str, hint: Any, value: Any) -> None:
     """Raise ``SettingError`` when ``value`` is not one that ``hint`` accepts (a Literal's
     choices, an Annotated ``Range`` or ``Registry``); other hints are jsonargparse's business."""
@@ -87,11 +92,8 @@ def check_value(key: str, hint: Any, value: Any) -> None:
         for meta in hint.__metadata__:
             if isinstance(meta, Range) and isinstance(value, int | float) and value not in meta:
                 raise SettingError(key, str(meta), value)
-            if isinstance(meta, Registry) and isinstance(value, str):
-                try:
-                    meta.get(value)
-                except ValueError as err:
-                    raise SettingError(key, str(err).split("; ", 1)[-1].replace("choose ", "", 1), value) from None
+            if isinstance(meta, Registry) and isinstance(value, str) and value not in meta:
+                raise SettingError(key, _registered(meta), value)
 
 
 def check_fields(config: Any, section: str) -> None:
@@ -116,6 +118,11 @@ def check_arguments(fn: Callable, section: str, values: Mapping[str, Any]) -> No
             check_value(f"{section}.{name}", hints[name], value)
 
 
+def is_choice(hint: Any) -> bool:
+    """A ``Literal`` (or an optional one): jsonargparse lists its choices itself."""
+    return get_origin(_options(hint)[0]) is Literal
+
+
 def accepts(hint: Any, names: bool = False) -> str:
     """What a setting of type ``hint`` accepts, as docs/training.md and ``--help`` say it ("" when
     its type says it all). ``names``: a registry's names now, not "a registered name"."""
@@ -128,6 +135,5 @@ def accepts(hint: Any, names: bool = False) -> str:
             if isinstance(meta, Range):
                 text = str(meta)
             elif isinstance(meta, Registry):
-                text = ("one of " + ", ".join([*meta.names(), *(f"{p}/..." for p in meta.families())])
-                        if names else "a registered name")
+                text = _registered(meta) if names else "a registered name"
     return f"{text}, or `null`" if text and optional else text

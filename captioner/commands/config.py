@@ -37,7 +37,7 @@ from captioner.checkpointing import AtomicCheckpointIO, PeriodicCheckpoint
 from captioner.commands.common import CONFIG_NAME, UsageError
 from captioner.data.atomic import atomic_write
 from captioner.data.datamodule import RENAMED_DATA_KEYS, CaptionDataModule
-from captioner.settings import SettingError, accepts, check_arguments
+from captioner.settings import SettingError, accepts, check_arguments, is_choice
 from captioner.system import CaptioningSystem
 
 logger = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def _say_what_settings_accept(parser: LightningArgumentParser) -> None:
     hints = setting_hints()
     for action in parser._actions:
         hint = hints.get(action.dest)
-        if hint is not None and (text := accepts(hint, names=True)) and "`" not in text.replace(", or `null`", ""):
+        if hint is not None and not is_choice(hint) and (text := accepts(hint, names=True)):
             action.help = f"accepts {text.replace('`', '')}" + (f"; {action.help}" if action.help else "")
 
 
@@ -358,18 +358,18 @@ class CaptionerCLI(LightningCLI):
         taken, differ = resume_settings(_as_dict(config.model), ckpt.get("hyper_parameters") or {})
         conflicts = [(key, mine, value) for key, mine, value, given in differ if given]
         if conflicts and subcommand == "fit":
-            differ = ", ".join(f"{key} is {mine!r} here but {value!r} in the checkpoint"
-                               for key, mine, value in conflicts)
+            said = ", ".join(f"{key} is {mine!r} here but {value!r} in the checkpoint"
+                             for key, mine, value in conflicts)
             raise ConfigError(
-                f"--ckpt_path {path}: {differ}; a resumed run keeps the checkpoint's model, loss and "
+                f"--ckpt_path {path}: {said}; a resumed run keeps the checkpoint's model, loss and "
                 f"optimiser settings: leave {'them' if len(conflicts) > 1 else 'it'} out to resume, or "
                 f"start a new run from its weights with a fresh optimiser: --model.init_from {path} "
                 "(without --ckpt_path)")
         for key, mine, value, given in differ:
             logger.info("%s: %s %r from the checkpoint (%s %r)", subcommand, key, value,
                         "not the" if given else "this config leaves it at its default", mine)
-        logger.info("resuming from %s (step %s): model.%s from the checkpoint; the rest from this command",
-                    path, ckpt.get("global_step", "?"), ", ".join(KEPT_ON_RESUME))
+        logger.info("%s --ckpt_path %s (step %s): model.%s from the checkpoint; the rest from this command",
+                    subcommand, path, ckpt.get("global_step", "?"), ", ".join(KEPT_ON_RESUME))
         if taken:
             self.config = self.parser.parse_object({subcommand: {"model": taken}}, self.config)
 
