@@ -43,6 +43,8 @@ def _one_line(capsys) -> str:
     ("--data.batch_size", "0", "data.batch_size must be >= 1, got 0"),
     ("--data.min_count", "0", "data.min_count must be >= 1, got 0"),
     ("--data.shapes.num_images", "0", "data.shapes.num_images must be >= 1, got 0"),
+    ("--last_checkpoint.every_n_steps", "-1", "last_checkpoint.every_n_steps must be >= 0, got -1"),
+    ("--precise_bn.batches", "-1", "precise_bn.batches must be >= 0, got -1"),
 ])
 def test_a_number_out_of_range_is_one_line_before_any_data(flag, value, says, tmp_path, capsys) -> None:
     assert main(_fit(tmp_path, flag, value)) == 2

@@ -66,8 +66,9 @@ RENAMED = {
 }
 
 
-# The classes whose arguments are a run's `model` and `data` sections.
-SECTIONS = {"model": CaptioningSystem, "data": CaptionDataModule}
+# The classes whose arguments are sections of a run's config, checked right after parsing.
+SECTIONS = {"model": CaptioningSystem, "data": CaptionDataModule, "last_checkpoint": PeriodicCheckpoint,
+            "precise_bn": PreciseBatchNorm}
 
 # What a resumed `fit` keeps from its checkpoint: the model settings that decide the weights'
 # shapes (encoder, decoder), what is optimised and how (loss, scst, optim: the optimiser's state
@@ -110,8 +111,8 @@ class _Parser(LightningArgumentParser):
 
 
 def setting_hints() -> dict[str, Any]:
-    """Dotted key -> type of every setting of the ``model`` and ``data`` sections (a dataclass
-    argument's fields one by one)."""
+    """Dotted key -> type of every setting of the ``SECTIONS`` (a dataclass argument's fields
+    one by one)."""
     out: dict[str, Any] = {}
     for prefix, cls in SECTIONS.items():
         for name, hint in typing.get_type_hints(cls.__init__, include_extras=True).items():
@@ -134,8 +135,7 @@ def _say_what_settings_accept(parser: LightningArgumentParser) -> None:
 
 
 def check_settings(config: Mapping) -> None:
-    """Every setting of the ``model`` and ``data`` sections of a parsed config (plain dicts)
-    against what it accepts, right after parsing: before any data is read or model built.
+    """Every setting of the ``SECTIONS`` of a parsed config (plain dicts) against what it accepts, right after parsing: before any data is read or model built.
     jsonargparse has checked the types and a Literal's choices; this runs each config
     dataclass's own checks (ranges, registry names, settings that need each other)."""
     for name, cls in SECTIONS.items():
