@@ -9,6 +9,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from captioner.settings import NonNegativeInt, check_arguments
+
 
 @torch.no_grad()
 def recompute_batchnorm(module: nn.Module, norms: Sequence[_BatchNorm], batches: Iterable[Tensor]) -> None:
@@ -42,9 +44,8 @@ class PreciseBatchNorm(L.Callback):
     nothing to do; ``batches: 0`` turns it off.
     """
 
-    def __init__(self, batches: int = 8, seed: int = 0, cache_mb: int = 64) -> None:
-        if batches < 0:
-            raise ValueError(f"precise_bn.batches must be >= 0, got {batches}")
+    def __init__(self, batches: NonNegativeInt = 8, seed: int = 0, cache_mb: NonNegativeInt = 64) -> None:
+        check_arguments(PreciseBatchNorm.__init__, "precise_bn", {"batches": batches, "cache_mb": cache_mb})
         self.batches = batches
         self.seed = seed
         self.cache_mb = cache_mb

@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from captioner.data.atomic import DiskFullError, atomic_write, writing
+from captioner.settings import NonNegativeInt, check_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ class PeriodicCheckpoint(L.Callback):
     at a step not yet saved: a run that stops before any validation (``max_steps`` shorter than
     an epoch, ``max_time``, ``fast_dev_run``) still leaves a checkpoint to caption with."""
 
-    def __init__(self, every_n_steps: int = 500, filename: str = "last.ckpt") -> None:
+    def __init__(self, every_n_steps: NonNegativeInt = 500, filename: str = "last.ckpt") -> None:
+        check_arguments(PeriodicCheckpoint.__init__, "last_checkpoint", {"every_n_steps": every_n_steps})
         self.every_n_steps = every_n_steps
         self.filename = filename
         self._saved_step = -1

@@ -6,6 +6,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Annotated, Literal
 
 import lightning as L
 import torch
@@ -18,56 +19,70 @@ from captioner.data.vocab import END_ID, PAD_ID, START_ID, Vocabulary
 from captioner.decoding import DecodingConfig, generate
 from captioner.models import Captioner, DecoderConfig, EncoderConfig
 from captioner.models.decoder import DecoderOutput
+from captioner.settings import (
+    Fraction,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Range,
+    UnitInterval,
+    check_fields,
+)
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
 
 
+# the optimisers and schedules a run can name (model.optim.optimizer, model.optim.scheduler)
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop}
+Optimizer = Literal["adam", "adamw", "rmsprop"]
+Scheduler = Literal["none", "cosine", "step", "plateau"]
+
+
 @dataclass
 class OptimConfig:
     """Adam(W) with separate learning rates for the encoder and the decoder, and a schedule."""
 
-    lr: float = 4e-4
-    encoder_lr: float | None = None  # None: same as lr
-    weight_decay: float = 0.0
-    optimizer: str = "adam"  # "adam", "adamw" or "rmsprop" (the paper's Flickr choice)
-    scheduler: str = "none"  # "none", "cosine", "step" or "plateau" (on val CIDEr-D)
-    step_size: int = 10  # epochs, "step"
-    gamma: float = 0.8  # "step" and "plateau" decay
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.05  # "cosine" floor
+    lr: PositiveFloat = 4e-4
+    encoder_lr: PositiveFloat | None = None  # None: same as lr
+    weight_decay: NonNegativeFloat = 0.0
+    optimizer: Optimizer = "adam"  # rmsprop: the paper's Flickr choice
+    scheduler: Scheduler = "none"  # plateau: on val CIDEr-D
+    step_size: PositiveInt = 10  # epochs, "step"
+    gamma: Annotated[float, Range(gt=0, le=1)] = 0.8  # "step" and "plateau" decay
+    warmup_steps: NonNegativeInt = 0
+    min_lr_ratio: UnitInterval = 0.05  # "cosine" floor
+
+    def __post_init__(self) -> None:
+        check_fields(self, "model.optim")
 
 
 @dataclass
 class LossConfig:
     """Loss weights. Defaults follow the paper's code (see REFERENCE.md)."""
 
-    doubly_stochastic: float = 1.0  # lambda of sum_i (1 - sum_t alpha_ti)^2
-    reduction: str = "caption"  # "caption": CE summed over words, mean over captions; "token": mean
-    label_smoothing: float = 0.0
-    reinforce: float = 0.1  # hard: the learning signal's scale (the paper's code divides by 10)
-    entropy: float = 0.002  # hard: lambda_e
-    baseline_decay: float = 0.9  # hard: b <- decay * b + (1 - decay) * log p(y | s, a)
+    doubly_stochastic: NonNegativeFloat = 1.0  # lambda of sum_i (1 - sum_t alpha_ti)^2
+    reduction: Literal["caption", "token"] = "caption"  # "caption": CE summed over words, mean over captions; "token": mean
+    label_smoothing: Fraction = 0.0
+    reinforce: NonNegativeFloat = 0.1  # hard: the learning signal's scale (the paper's code divides by 10)
+    entropy: NonNegativeFloat = 0.002  # hard: lambda_e
+    baseline_decay: UnitInterval = 0.9  # hard: b <- decay * b + (1 - decay) * log p(y | s, a)
     # hard: "moving_average" (the paper's b) or "expectation": each caption's own baseline, its
     # log-likelihood under the expected context (a second teacher-forced pass, which is also
     # trained: weight semi_sampling, the sampled pass 1 - semi_sampling)
-    baseline: str = "moving_average"
+    baseline: Literal["moving_average", "expectation"] = "moving_average"
     # hard: credit step t's location with the log-likelihood of words t.. only (it cannot change
     # earlier words), not the whole caption's: the same expected gradient, less variance
     reward_to_go: bool = False
     # Weight of attention supervision (needs data.grounding, i.e. shapes): on every word that
     # names an object, -log of the attention mass the attention-correctness metric would count
     # inside that object (Liu et al. 2017 supervise the map with the word's region likewise).
-    attention_supervision: float = 0.0
+    attention_supervision: NonNegativeFloat = 0.0
 
     def __post_init__(self) -> None:
-        if self.reduction not in ("caption", "token"):
-            raise ValueError(f"loss.reduction must be 'caption' or 'token', got {self.reduction!r}")
-        if self.baseline not in ("moving_average", "expectation"):
-            raise ValueError(f"loss.baseline must be 'moving_average' or 'expectation', got {self.baseline!r}")
-        if self.attention_supervision < 0:
-            raise ValueError(f"loss.attention_supervision must be >= 0, got {self.attention_supervision}")
+        check_fields(self, "model.loss")
 
 
 @dataclass
@@ -76,31 +91,21 @@ class ScstConfig:
     rewarded with their CIDEr-D against the image's references minus a baseline."""
 
     enabled: bool = False
-    n_samples: int = 5  # sampled captions per image
+    n_samples: PositiveInt = 5  # sampled captions per image
     # "mean": the mean reward of the image's other samples (Luo 2020); "greedy": the reward of
     # the greedy caption (Rennie et al. 2017), decoded without dropout
-    baseline: str = "mean"
-    max_length: int = 16  # most words per sampled caption
-    temperature: float = 1.0  # sampling temperature (the policy whose log-probabilities are trained)
-    ce_weight: float = 0.0  # weight of the usual cross-entropy loss on the reference captions
-    entropy: float = 0.0  # bonus on the words' entropy at each sampled step
-    bleu4_weight: float = 0.0  # reward = CIDEr-D + bleu4_weight * BLEU-4
+    baseline: Literal["mean", "greedy"] = "mean"
+    max_length: PositiveInt = 16  # most words per sampled caption
+    temperature: PositiveFloat = 1.0  # sampling temperature (the policy whose log-probabilities are trained)
+    ce_weight: NonNegativeFloat = 0.0  # weight of the usual cross-entropy loss on the reference captions
+    entropy: NonNegativeFloat = 0.0  # bonus on the words' entropy at each sampled step
+    bleu4_weight: NonNegativeFloat = 0.0  # reward = CIDEr-D + bleu4_weight * BLEU-4
 
     def __post_init__(self) -> None:
-        if self.baseline not in ("mean", "greedy"):
-            raise ValueError(f"model.scst.baseline must be 'mean' or 'greedy', got {self.baseline!r}")
-        if self.n_samples < 1:
-            raise ValueError(f"model.scst.n_samples must be >= 1, got {self.n_samples}")
+        check_fields(self, "model.scst")
         if self.baseline == "mean" and self.n_samples < 2:
             raise ValueError(f"model.scst.baseline 'mean' averages the other samples of each image: it needs "
                              f"model.scst.n_samples >= 2, got {self.n_samples} (or use baseline 'greedy')")
-        if self.max_length < 1:
-            raise ValueError(f"model.scst.max_length must be >= 1, got {self.max_length}")
-        if self.temperature <= 0:
-            raise ValueError(f"model.scst.temperature must be > 0, got {self.temperature}")
-        for name in ("ce_weight", "entropy", "bleu4_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"model.scst.{name} must be >= 0, got {getattr(self, name)}")
 
 
 def scst_advantage(rewards: Tensor, baseline: str, greedy_rewards: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -263,13 +268,9 @@ class CaptioningSystem(L.LightningModule):
         meta, state = ckpt.get("captioner"), ckpt.get("state_dict")
         if not isinstance(meta, dict) or not isinstance(state, dict) or "vocab" not in meta:
             raise ValueError(f"model.init_from: {path}: not a captioner checkpoint (no vocabulary or weights)")
-        theirs, ours = list(meta["vocab"]), self.vocab.to_list()
-        if theirs != ours:
-            differ = sum(a != b for a, b in zip(theirs, ours)) + abs(len(theirs) - len(ours))
-            raise ValueError(
-                f"model.init_from: {path}: its vocabulary ({len(theirs)} words) differs from the data's "
-                f"({len(ours)} words) in {differ} word(s): fine-tune on the data (and data.min_count, "
-                "data.vocab_path) the checkpoint was trained with")
+        if differ := self._vocab_differs(meta["vocab"]):
+            raise ValueError(f"model.init_from: {path}: {differ}: fine-tune on the data (and data.min_count, "
+                             "data.vocab_path) the checkpoint was trained with")
         weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
         try:
             self.model.load_state_dict(weights)
@@ -278,6 +279,15 @@ class CaptioningSystem(L.LightningModule):
             raise ValueError(f"model.init_from: {path}: its model differs from model.encoder/model.decoder "
                              f"of this config: {first}") from None
         logger.info("model.init_from: weights of %s", path)
+
+    def _vocab_differs(self, words: list[str]) -> str | None:
+        """How a checkpoint's vocabulary ``words`` differs from the data's, or None."""
+        theirs, ours = list(words), self.vocab.to_list()
+        if theirs == ours:
+            return None
+        differ = sum(a != b for a, b in zip(theirs, ours)) + abs(len(theirs) - len(ours))
+        return (f"its vocabulary ({len(theirs)} words) differs from the data's ({len(ours)} words) "
+                f"in {differ} word(s)")
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -573,10 +583,7 @@ class CaptioningSystem(L.LightningModule):
         groups = [{"params": dec, "lr": o.lr}]
         if enc:
             groups.append({"params": enc, "lr": o.encoder_lr if o.encoder_lr is not None else o.lr})
-        opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop}
-        if o.optimizer not in opt_cls:
-            raise ValueError(f"optim.optimizer must be one of {sorted(opt_cls)}, got {o.optimizer!r}")
-        optimizer = opt_cls[o.optimizer](groups, weight_decay=o.weight_decay)
+        optimizer = OPTIMIZERS[o.optimizer](groups, weight_decay=o.weight_decay)
         if o.scheduler == "none" and not o.warmup_steps:
             return optimizer
         if o.scheduler == "plateau":
@@ -585,8 +592,6 @@ class CaptioningSystem(L.LightningModule):
         if o.scheduler == "step":
             sched = torch.optim.lr_scheduler.StepLR(optimizer, o.step_size, o.gamma)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
-        if o.scheduler not in ("cosine", "none"):
-            raise ValueError(f"optim.scheduler must be none|cosine|step|plateau, got {o.scheduler!r}")
         total = max(1, int(self.trainer.estimated_stepping_batches)) if o.scheduler == "cosine" else None
         sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _WarmupCosine(o.warmup_steps, total, o.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -609,6 +614,12 @@ class CaptioningSystem(L.LightningModule):
             checkpoint["scst"] = self._cider.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # --ckpt_path: the embedding's rows are words; another vocabulary of the same size would
+        # load without a word and give each row another meaning
+        meta = checkpoint.get("captioner")
+        if isinstance(meta, dict) and "vocab" in meta and (differ := self._vocab_differs(meta["vocab"])):
+            raise ValueError(f"ckpt_path: {differ}: resume with the data (and data.min_count, "
+                             "data.vocab_path) the checkpoint was trained with")
         self._pending_rng = checkpoint.get("rng_state")
         self._cider_state = checkpoint.get("scst")
 

@@ -167,7 +167,7 @@ def test_lightning_keeps_the_program_that_ddp_relaunches(monkeypatch) -> None:
 # -- the import graph: one-way arrows ------------------------------------------------------------
 # Lower layers never import higher ones; the CLI is the top and nothing imports it.
 LAYERS = [
-    {"captioner", "registry", "data"},
+    {"captioner", "registry", "settings", "data"},
     {"models"},
     {"decoding"},
     {"metrics", "viz"},

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from captioner.commands.config import check_settings
 from captioner.models import ATTENTIONS
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
@@ -28,3 +29,4 @@ def test_config_parses_and_resolves(config: Path, tmp_path, monkeypatch, capsys)
     resolved = yaml.safe_load(out.out)
     assert resolved["model"]["decoder"]["attention"] in ATTENTIONS
     assert resolved["best_checkpoint"]["monitor"] == "val/CIDEr"
+    check_settings(resolved)  # what fit checks after parsing (--print_config stops before it)

@@ -105,7 +105,7 @@ def test_bad_image_stops_with_its_name_or_is_skipped(tmp_path, caplog) -> None:
 
 
 def test_bad_arguments_are_named() -> None:
-    with pytest.raises(ValueError, match="data.dataset 'imagenet'; choose one of coco, karpathy, shapes"):
+    with pytest.raises(ValueError, match="data.dataset must be one of coco, karpathy, shapes, got 'imagenet'"):
         CaptionDataModule(dataset="imagenet")
     with pytest.raises(ValueError, match="captions_per_image"):
         CaptionDataModule(captions_per_image="some")

@@ -56,6 +56,19 @@ def _documented() -> dict[str, str]:
     return {key: default.strip("`") for key, default in rows}
 
 
+def test_every_documented_range_and_choice_is_the_codes() -> None:
+    """The "accepts" column says what the setting's type accepts (captioner.settings.accepts)."""
+    from captioner.commands.config import setting_hints
+    from captioner.settings import accepts
+
+    hints = setting_hints()
+    rows = re.findall(r"^\| `([a-z0-9_.]+)` \| `[^`]*` \| ([^|]*) \|", TRAINING.read_text(encoding="utf-8"), re.M)
+    documented = {key: text.strip() for key, text in rows if key.startswith(("model.", "data."))}
+    assert documented.keys() == {k for k in hints if k in _settings() and k.startswith(("model.", "data."))}
+    wrong = {k: (documented[k], accepts(hints[k])) for k in documented if documented[k] != accepts(hints[k])}
+    assert not wrong, f"docs/training.md says (accepts, code says): {wrong}"
+
+
 def test_every_setting_is_documented_with_its_default() -> None:
     documented = _documented()
     missing = [k for k in _settings() if k not in documented]

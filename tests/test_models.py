@@ -145,9 +145,9 @@ def test_shapes_cnn_cells_are_centred_on_their_own_pixels(grid: int) -> None:
 
 
 def test_unknown_names_give_clear_errors() -> None:
-    with pytest.raises(ValueError, match="unknown encoder 'nope'.*resnet101"):
+    with pytest.raises(ValueError, match="model.encoder.name must be one of resnet101.*got .nope."):
         create_encoder(EncoderConfig(name="nope"))
-    with pytest.raises(ValueError, match="unknown attention"):
+    with pytest.raises(ValueError, match="model.decoder.attention must be one of hard, multihead, soft"):
         AttentionDecoder(DecoderConfig(attention="nope"), 10, 8)
     with pytest.raises(ValueError, match="divisible"):
         AttentionDecoder(DecoderConfig(attention="multihead", attention_dim=10, num_heads=4), 10, 8)
@@ -588,7 +588,7 @@ def test_split_stem_shape_features_ignore_colour_and_colour_features_ignore_shap
     torch.testing.assert_close(enc(shuffled)[0][..., c:c + 16], feats[..., c:c + 16])
     enc.train()(images)[0].square().sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in enc.parameters())
-    with pytest.raises(ValueError, match="stem must be one of 'rgb', 'split', not 'gray'"):
+    with pytest.raises(ValueError, match="model.encoder.stem must be one of 'rgb', 'split', got 'gray'"):
         create_encoder(EncoderConfig(name="shapes_cnn", grid=4, channels=16, stem="gray"))
 
 

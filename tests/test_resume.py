@@ -112,3 +112,88 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(shapes_dir, tmp_path,
     assert a["global_step"] == b["global_step"] == 10
     for k, v in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][k], v, msg=f"{k} differs after resume")
+
+
+# -- what a resumed run takes from its checkpoint ----------------------------------------------------
+@pytest.fixture(scope="module")
+def two_steps(shapes_dir, tmp_path_factory) -> Path:
+    """last.ckpt of a 2-step run with one model setting given on the command line only."""
+    from captioner.cli import main
+
+    root = tmp_path_factory.mktemp("two_steps")
+    assert main(fit_args(shapes_dir, root, "--trainer.max_steps", "2", "--model.loss.label_smoothing", "0.1")) == 0
+    return root / "checkpoints" / "last.ckpt"
+
+
+@pytest.mark.parametrize(("flag", "value", "theirs"), [
+    ("--model.decoder.decoder_dim", "32", "16"),
+    ("--model.optim.lr", "0.0001", "0.003"),
+])
+def test_resume_refuses_a_setting_it_cannot_honour(flag, value, theirs, two_steps, shapes_dir, tmp_path,
+                                                   capsys) -> None:
+    from captioner.cli import main
+
+    run = tmp_path / "run"
+    argv = fit_args(shapes_dir, run, "--trainer.max_steps", "4", "--model.loss.label_smoothing", "0.1",
+                    "--ckpt_path", str(two_steps), flag, value)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("captioner: error:"), err
+    key = flag[2:]
+    assert f"{key} is {value} here but {theirs} in the checkpoint" in err, err
+    assert f"--model.init_from {two_steps}" in err
+    assert not run.exists()  # nothing trained, nothing written
+
+
+def test_resume_with_the_same_settings_honours_the_trainer_and_decoding(two_steps, shapes_dir, tmp_path,
+                                                                         caplog) -> None:
+    """The run's own command again, longer: no error, max_steps and the validation beam follow
+    the command; a model setting the command leaves at its default comes from the checkpoint,
+    and config.yaml records what the run used."""
+    import logging
+
+    import yaml
+
+    from captioner.cli import main
+
+    run = tmp_path / "run"
+    same = fit_args(shapes_dir, run, "--trainer.max_steps", "3", "--model.loss.label_smoothing", "0.1",
+                    "--ckpt_path", str(two_steps))
+    assert main(same) == 0
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    caplog.set_level(logging.INFO)
+    longer = fit_args(shapes_dir, run, "--trainer.max_steps", "4", "--model.decoding.beam_size", "2",
+                      "--ckpt_path", str(run / "checkpoints" / "last.ckpt"))  # label_smoothing left out
+    assert main(longer) == 0
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 4
+    assert ckpt["hyper_parameters"]["decoding"]["beam_size"] == 2
+    assert ckpt["hyper_parameters"]["loss"]["label_smoothing"] == 0.1
+    assert "model.loss.label_smoothing 0.1 from the checkpoint" in caplog.text
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["trainer"]["max_steps"] == 4
+    assert saved["model"]["decoding"]["beam_size"] == 2
+    assert saved["model"]["loss"]["label_smoothing"] == 0.1
+
+
+def test_resume_refuses_another_vocabulary(two_steps, shapes_dir, tmp_path, capsys) -> None:
+    from captioner.cli import main
+
+    argv = fit_args(shapes_dir, tmp_path / "run", "--trainer.max_steps", "4", "--model.loss.label_smoothing", "0.1",
+                    "--data.max_vocab", "8", "--ckpt_path", str(two_steps))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "ckpt_path: its vocabulary" in err and "differs from the data's (8 words)" in err, err
+
+
+def test_validate_scores_the_checkpoints_model_and_says_what_differs(two_steps, shapes_dir, tmp_path,
+                                                                       caplog) -> None:
+    import logging
+
+    from captioner.cli import main
+
+    caplog.set_level(logging.INFO)
+    argv = fit_args(shapes_dir, tmp_path / "run", "--model.decoder.decoder_dim", "32", "--ckpt_path", str(two_steps))
+    argv[0] = "validate"
+    assert main(argv) == 0
+    assert "validate: model.decoder.decoder_dim 16 from the checkpoint (not the 32)" in caplog.text

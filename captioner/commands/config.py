@@ -16,12 +16,16 @@ One setting decides where a run writes: ``trainer.default_root_dir`` (the run fo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import inspect
 import logging
 import os
+import re
 import sys
 import time
+import typing
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +43,7 @@ from captioner.checkpointing import (
 from captioner.commands.common import CONFIG_NAME, UsageError
 from captioner.data.atomic import atomic_write, exception_chain, find_disk_full
 from captioner.data.datamodule import RENAMED_DATA_KEYS, CaptionDataModule
+from captioner.settings import SettingError, accepts, check_arguments, is_choice
 from captioner.system import CaptioningSystem
 
 logger = logging.getLogger(__name__)
@@ -67,8 +72,40 @@ RENAMED = {
 }
 
 
+# The classes whose arguments are sections of a run's config, checked right after parsing.
+SECTIONS = {"model": CaptioningSystem, "data": CaptionDataModule, "last_checkpoint": PeriodicCheckpoint,
+            "precise_bn": PreciseBatchNorm}
+
+# What a resumed `fit` keeps from its checkpoint: the model settings that decide the weights'
+# shapes (encoder, decoder), what is optimised and how (loss, scst, optim: the optimiser's state
+# and the schedule continue). A different value there needs a new run (--model.init_from).
+# `decoding` (validation, and the checkpoints' default), `compile` and every section outside
+# `model` follow the command, as in any run.
+KEPT_ON_RESUME = ("encoder", "decoder", "optim", "loss", "scst")
+# ...except where the encoder's starting weights are read: the checkpoint's replace them.
+FREE_ON_RESUME = ("encoder.weights_path",)
+
+
 class ConfigError(UsageError):
     """An argument or config setting the parser refuses (exit 2, one line)."""
+
+
+def _error_line(message: str, ex: BaseException | None) -> str:
+    """jsonargparse's error as one line: our own check's message where one is behind it (a link's
+    compute_fn, a dataclass's check), a Literal's choices as our checks say them."""
+    cause = ex
+    while cause is not None:
+        if isinstance(cause, (SettingError, UsageError)):
+            return " ".join(str(cause).split())
+        cause = cause.__cause__
+    text = " ".join(str(message).split())
+    if ex is not None and isinstance(ex.__cause__, ValueError) and text.startswith("Call to compute_fn"):
+        return " ".join(str(ex.__cause__).split())
+    literal = re.match(r'Parser key "([^"]+)": .*?Literal\[(.*?)\].*?(?:Got|Given) value: (.*)$', text)
+    if literal:
+        key, choices, value = literal.groups()
+        return str(SettingError(key, "one of " + choices, value))
+    return f"{text} (--help lists the settings)"
 
 
 class _Parser(LightningArgumentParser):
@@ -76,7 +113,81 @@ class _Parser(LightningArgumentParser):
     full usage (hundreds of lines) followed by the error."""
 
     def error(self, message: str, ex: Exception | None = None):  # type: ignore[override]
-        raise ConfigError(f"{' '.join(str(message).split())} (--help lists the settings)")
+        raise ConfigError(_error_line(message, ex))
+
+
+def setting_hints() -> dict[str, Any]:
+    """Dotted key -> type of every setting of the ``SECTIONS`` (a dataclass argument's fields
+    one by one)."""
+    out: dict[str, Any] = {}
+    for prefix, cls in SECTIONS.items():
+        for name, hint in typing.get_type_hints(cls.__init__, include_extras=True).items():
+            fields = typing.get_type_hints(hint, include_extras=True) if dataclasses.is_dataclass(hint) else None
+            if fields:
+                out.update({f"{prefix}.{name}.{k}": h for k, h in fields.items()})
+            elif name != "return":
+                out[f"{prefix}.{name}"] = hint
+    return out
+
+
+def _say_what_settings_accept(parser: LightningArgumentParser) -> None:
+    """``--help``: a setting with a range or a registry says what it accepts (a choice setting
+    lists its choices by itself)."""
+    hints = setting_hints()
+    for action in parser._actions:
+        hint = hints.get(action.dest)
+        if hint is not None and not is_choice(hint) and (text := accepts(hint, names=True)):
+            action.help = f"accepts {text.replace('`', '')}" + (f"; {action.help}" if action.help else "")
+
+
+def check_settings(config: Mapping) -> None:
+    """Every setting of the ``SECTIONS`` of a parsed config (plain dicts) against what it accepts, right after parsing: before any data is read or model built.
+    jsonargparse has checked the types and a Literal's choices; this runs each config
+    dataclass's own checks (ranges, registry names, settings that need each other)."""
+    for name, cls in SECTIONS.items():
+        section = config.get(name)
+        if isinstance(section, Mapping):
+            try:
+                check_arguments(cls.__init__, name, section)
+            except ValueError as err:
+                raise ConfigError(" ".join(str(err).split())) from None
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists (a checkpoint keeps asdict's tuples, a parsed config has lists)."""
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def resume_settings(given: Mapping, stored: Mapping) -> tuple[dict, list[tuple[str, Any, Any, bool]]]:
+    """What a run resumed from a checkpoint takes from it. ``given``: the parsed ``model``
+    section (plain dicts); ``stored``: the checkpoint's hyper-parameters. Returns ``taken``
+    ({section: {field: value}}, the checkpoint's value of every setting in ``KEPT_ON_RESUME``)
+    and ``differ``: (key, given, stored, set) for each of them given another value than the
+    checkpoint's; ``set``: by the config or the command line (not left at its default)."""
+    params = inspect.signature(CaptioningSystem).parameters
+    taken: dict[str, dict] = {}
+    differ = []
+    for section in KEPT_ON_RESUME:
+        values, theirs = given.get(section), stored.get(section)
+        if not isinstance(values, Mapping) or not isinstance(theirs, Mapping):
+            continue
+        defaults = dataclasses.asdict(params[section].default)
+        for name in defaults:  # a setting newer than the checkpoint keeps the config's value
+            if name not in theirs or f"{section}.{name}" in FREE_ON_RESUME:
+                continue
+            mine, value = _plain(values.get(name)), _plain(theirs[name])
+            taken.setdefault(section, {})[name] = value
+            if mine != value:
+                differ.append((f"model.{section}.{name}", mine, value, mine != _plain(defaults[name])))
+    return taken, differ
+
+
+def _as_dict(section: Any) -> Any:
+    return section.as_dict() if hasattr(section, "as_dict") else section
 
 
 def encoder_config(section):
@@ -112,6 +223,7 @@ def add_run_arguments(parser: LightningArgumentParser, link_vocab: bool = True) 
     parser.add_lightning_class_args(PeriodicCheckpoint, "last_checkpoint")
     parser.add_lightning_class_args(EarlyStopping, "early_stopping")
     parser.add_lightning_class_args(PreciseBatchNorm, "precise_bn")
+    _say_what_settings_accept(parser)
     parser.set_defaults({
         # dirpath None: <trainer.default_root_dir>/checkpoints, decided when the trainer is made
         "best_checkpoint.monitor": "val/CIDEr", "best_checkpoint.mode": "max",
@@ -233,6 +345,45 @@ class CaptionerCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         add_run_arguments(parser)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        check_settings(_as_dict(self.config[subcommand] if subcommand else self.config))
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's step that, given ``--ckpt_path``, replaces the model's settings with the
+        checkpoint's before the model is built; here it replaces only ``KEPT_ON_RESUME``, says
+        so, and refuses (``fit``) a setting given another value than the checkpoint's. The saved
+        config.yaml then holds what the run uses."""
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else None
+        path = config.get("ckpt_path") if config is not None else None
+        if not path or not Path(path).is_file():  # Lightning's names (last, hpc) and errors
+            return
+        from captioner.inference import CheckpointError, read_checkpoint
+
+        try:
+            ckpt = read_checkpoint(path)
+        except CheckpointError as err:
+            raise ConfigError(f"--ckpt_path: {err}") from None
+        taken, differ = resume_settings(_as_dict(config.model), ckpt.get("hyper_parameters") or {})
+        conflicts = [(key, mine, value) for key, mine, value, given in differ if given]
+        if conflicts and subcommand == "fit":
+            said = ", ".join(f"{key} is {mine!r} here but {value!r} in the checkpoint"
+                             for key, mine, value in conflicts)
+            raise ConfigError(
+                f"--ckpt_path {path}: {said}; a resumed run keeps the checkpoint's model, loss and "
+                f"optimiser settings: leave {'them' if len(conflicts) > 1 else 'it'} out to resume, or "
+                f"start a new run from its weights with a fresh optimiser: --model.init_from {path} "
+                "(without --ckpt_path)")
+        for key, mine, value, given in differ:
+            logger.info("%s: %s %r from the checkpoint (%s %r)", subcommand, key, value,
+                        "not the" if given else "this config leaves it at its default", mine)
+        logger.info("%s --ckpt_path %s (step %s): model.%s from the checkpoint; the rest from this command",
+                    subcommand, path, ckpt.get("global_step", "?"), ", ".join(KEPT_ON_RESUME))
+        if taken:
+            self.config = self.parser.parse_object({subcommand: {"model": taken}}, self.config)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = self._get(self.config_init, "trainer", default={})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Annotated, Literal
 
 import lightning as L
 import numpy as np
@@ -20,6 +21,7 @@ from captioner.data.sources import SOURCES, CocoSource, KarpathySource, ShapesSo
 from captioner.data.tokenizers import TOKENIZERS, get_tokenizer
 from captioner.data.transforms import Preprocessing
 from captioner.data.vocab import PAD_ID, Vocabulary
+from captioner.settings import NonNegativeInt, PositiveInt, check_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -207,32 +209,31 @@ class CaptionDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        dataset: str = "shapes",
+        dataset: Annotated[str, SOURCES] = "shapes",
         # frozen dataclasses, so these shared default instances cannot be changed through one module
         shapes: ShapesSource = ShapesSource(),
         karpathy: KarpathySource = KarpathySource(),
         coco: CocoSource = CocoSource(),
         tokenizer: str = "simple",
-        min_count: int = 5,
-        max_vocab: int | None = None,
-        max_caption_length: int = 20,
+        min_count: PositiveInt = 5,
+        max_vocab: PositiveInt | None = None,
+        max_caption_length: PositiveInt = 20,
         vocab_path: str | None = None,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int = 2,
-        captions_per_image: str = "random",
+        batch_size: PositiveInt = 32,
+        eval_batch_size: PositiveInt | None = None,
+        num_workers: NonNegativeInt = 2,
+        captions_per_image: Literal["random", "all"] = "random",
         skip_bad_images: bool = False,
         preprocessing: Preprocessing | None = None,
         feature_cache: str | None = None,
-        limit_train: int | None = None,
-        limit_eval: int | None = None,
+        limit_train: PositiveInt | None = None,
+        limit_eval: PositiveInt | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
-        SOURCES.get(dataset)  # an unknown name fails here, listing the registered ones
-        TOKENIZERS.get(tokenizer)  # and so does an unknown tokenizer
-        if captions_per_image not in ("random", "all"):
-            raise ValueError(f"data.captions_per_image must be 'random' or 'all', got {captions_per_image!r}")
+        # every argument against its annotation (an unknown data.dataset lists the registered ones)
+        check_arguments(CaptionDataModule.__init__, "data", locals())
+        TOKENIZERS.get(tokenizer)  # an unknown tokenizer fails here, listing the registered ones
         # The sections are typed arguments (so LightningCLI can parse and override them), named as
         # the registry names them; mappings become the registered classes here.
         self.sources = {name: as_source(name, value)

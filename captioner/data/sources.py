@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 from captioner.data.records import ImageRecord
 from captioner.registry import Registry
+from captioner.settings import PositiveInt, check_fields
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,9 @@ class DataSource:
     settings (``--data.shapes.data_dir``) rather than as ``class_path``/``init_args``."""
 
     name: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        check_fields(self, f"data.{self.name}")
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the setting when a required one is missing. Only the
@@ -93,8 +97,8 @@ class ShapesSource(DataSource):
     """
 
     data_dir: str = "data/shapes"
-    num_images: int = 4000
-    image_size: int = 64
+    num_images: PositiveInt = 4000
+    image_size: PositiveInt = 64
     seed: int = 0
     compositional: bool = False
     grounding: bool = False

@@ -10,17 +10,21 @@ from captioner.decoding.beam import beam_search
 from captioner.decoding.common import Generated
 from captioner.decoding.greedy import greedy
 from captioner.models.decoder import AttentionDecoder
+from captioner.settings import NonNegativeFloat, PositiveInt, check_fields
 
 
 @dataclass
 class DecodingConfig:
     """Free-running decoding: validation during training, and the checkpoint's default."""
 
-    beam_size: int = 1
-    max_length: int = 20
-    length_penalty: float = 0.0
+    beam_size: PositiveInt = 1
+    max_length: PositiveInt = 20  # most words per caption
+    length_penalty: NonNegativeFloat = 0.0  # beam: scores divided by words ** length_penalty
     suppress_unk: bool = False
     cuda_graph: bool | None = None  # beam search on a GPU: replay its steps as a CUDA graph (None: yes)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "model.decoding")
 
     @classmethod
     def from_dict(cls, d: dict, **overrides) -> DecodingConfig:

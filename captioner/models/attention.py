@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,9 @@ ATTENTIONS: Registry[Attention] = Registry("attention")
 register_attention = ATTENTIONS.register
 
 # What one semi-sampling draw of hard attention covers (DecoderConfig.semi_sampling_unit).
-SEMI_SAMPLING_UNITS = ("step", "caption", "batch")
+SemiSamplingUnit = Literal["step", "caption", "batch"]
+# Hard attention's context at test time (DecoderConfig.hard_test_mode).
+HardTestMode = Literal["expectation", "argmax"]
 
 
 @dataclass
@@ -189,17 +191,12 @@ class HardAttention(AdditiveScores):
         decoder_dim: int,
         attention_dim: int,
         semi_sampling: float = 0.5,
-        test_mode: str = "expectation",
-        unit: str = "step",
+        test_mode: HardTestMode = "expectation",
+        unit: SemiSamplingUnit = "step",
         warmup_steps: int = 0,
     ) -> None:
+        # the values are DecoderConfig's, checked there (model.decoder.semi_sampling, ...)
         super().__init__(encoder_dim, decoder_dim, attention_dim)
-        if test_mode not in ("expectation", "argmax"):
-            raise ValueError(f"test_mode must be 'expectation' or 'argmax', got {test_mode!r}")
-        if not 0.0 <= semi_sampling <= 1.0:
-            raise ValueError(f"semi_sampling must be in [0, 1], got {semi_sampling}")
-        if unit not in SEMI_SAMPLING_UNITS:
-            raise ValueError(f"unit must be one of {', '.join(SEMI_SAMPLING_UNITS)}, got {unit!r}")
         self.semi_sampling = semi_sampling  # the current value: anneal changes it
         self.final_semi_sampling = semi_sampling
         self.test_mode = test_mode

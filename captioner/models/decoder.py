@@ -5,12 +5,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
 from torch import Tensor, nn
 
 from captioner.data.vocab import PAD_ID, UNK_ID
-from captioner.models.attention import SEMI_SAMPLING_UNITS, AttentionOutput, create_attention
+from captioner.models.attention import (
+    ATTENTIONS,
+    AttentionOutput,
+    HardTestMode,
+    SemiSamplingUnit,
+    create_attention,
+)
+from captioner.settings import Fraction, NonNegativeInt, PositiveInt, UnitInterval, check_fields
 
 logger = logging.getLogger(__name__)
 
@@ -20,34 +28,34 @@ class DecoderConfig:
     """Decoder settings. ``attention`` is a name from the attention registry; the attention type
     reads the settings that are its own (``num_heads``, ``semi_sampling``..) through ``options``."""
 
-    attention: str = "soft"
-    embed_dim: int = 512
-    attention_dim: int = 512
-    decoder_dim: int = 512
-    dropout: float = 0.5
-    gate: str = "scalar"  # "scalar" (the paper's beta_t), "vector" (per channel) or "none"
+    attention: Annotated[str, ATTENTIONS] = "soft"
+    embed_dim: PositiveInt = 512
+    attention_dim: PositiveInt = 512
+    decoder_dim: PositiveInt = 512
+    dropout: Fraction = 0.5
+    gate: Literal["scalar", "vector", "none"] = "scalar"  # scalar: the paper's beta_t; vector: per channel
     # Initial bias of f_beta. None: PyTorch's default (near 0, so beta starts near 0.5); 2.0 starts
     # the gate open (beta ~ 0.88), so that the image's path into the LSTM is not shut early.
     gate_bias: float | None = None
     deep_output: bool = True  # Eq. 7; False: logits = W h_t
-    num_heads: int = 8  # multihead only
-    semi_sampling: float = 0.5  # hard only: probability of the expectation instead of a sample
+    num_heads: PositiveInt = 8  # multihead only
+    semi_sampling: UnitInterval = 0.5  # hard only: probability of the expectation instead of a sample
     # hard only: what one semi-sampling draw covers: "step" (each step of each caption), "caption"
     # (all steps of a caption) or "batch" (the whole minibatch, as the paper's released code does)
-    semi_sampling_unit: str = "step"
+    semi_sampling_unit: SemiSamplingUnit = "step"
     # hard only: the expectation's share starts at 1 and falls linearly to semi_sampling over
     # this many optimiser steps, so that the maps are informative before samples are drawn
-    semi_sampling_warmup_steps: int = 0
-    hard_test_mode: str = "expectation"  # hard only: "expectation" or "argmax"
+    semi_sampling_warmup_steps: NonNegativeInt = 0
+    hard_test_mode: HardTestMode = "expectation"  # hard only
     # Teacher forcing in training: each previous-word input (not <start>) becomes <unk> with this
     # probability, so the next word must be read more from the image than from the word before
     # (word dropout, Bowman et al. 2016)
-    word_dropout: float = 0.0
+    word_dropout: Fraction = 0.0
     # Teacher forcing in training: the probability that a step's word is predicted from the
     # attended context alone (the deep output without E y_{t-1} and L_h h_t), so that the image's
     # path learns to name what is attended by itself, not only as a correction of the language
     # model's guess. Needs deep_output.
-    language_dropout: float = 0.0
+    language_dropout: Fraction = 0.0
     # Grounded word groups (factorised outputs): each list names words - e.g. colours, object
     # nouns - that the language model may only choose *as a group*; which word of the group is
     # said is read from the attended context alone, p(w) = p_lm(group | history) * p(w | group,
@@ -56,24 +64,17 @@ class DecoderConfig:
     grounded_words: list[list[str]] | None = None
 
     def __post_init__(self) -> None:
-        if self.gate not in ("scalar", "vector", "none"):
-            raise ValueError(f"gate must be 'scalar', 'vector' or 'none', got {self.gate!r}")
-        if self.semi_sampling_unit not in SEMI_SAMPLING_UNITS:
-            raise ValueError(
-                f"semi_sampling_unit must be one of {', '.join(SEMI_SAMPLING_UNITS)}, got {self.semi_sampling_unit!r}"
-            )
-        for name in ("word_dropout", "language_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        check_fields(self, "model.decoder")
         if self.language_dropout > 0 and not self.deep_output:
-            raise ValueError("language_dropout needs deep_output (it drops terms of the deep output layer)")
+            raise ValueError("model.decoder.language_dropout needs model.decoder.deep_output: true "
+                             "(it drops terms of the deep output layer)")
         seen: dict[str, int] = {}
         for i, group in enumerate(self.grounded_words or []):
             if isinstance(group, str) or len(group) < 2:
-                raise ValueError(f"grounded_words[{i}] must be a list of at least 2 words, got {group!r}")
+                raise ValueError(f"model.decoder.grounded_words[{i}] must be a list of at least 2 words, got {group!r}")
             for word in group:
                 if word in seen:
-                    raise ValueError(f"grounded_words: {word!r} is in group {seen[word]} and in group {i}")
+                    raise ValueError(f"model.decoder.grounded_words: {word!r} is in group {seen[word]} and in group {i}")
                 seen[word] = i
 
 

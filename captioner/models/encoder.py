@@ -17,13 +17,14 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from captioner.data.transforms import Preprocessing
 from captioner.registry import Registry
+from captioner.settings import PositiveInt, Range, check_fields
 
 logger = logging.getLogger(__name__)
 
@@ -42,23 +43,26 @@ class EncoderConfig:
     regions (an index into its ``feature_info``; -1 = the last map).
     """
 
-    name: str = "shapes_cnn"
-    grid: int = 14
+    name: Annotated[str, ENCODERS] = "shapes_cnn"
+    grid: PositiveInt = 14
     pretrained: bool = False
     weights_path: str | None = None
-    trainable_blocks: int = 0
-    image_size: int | None = None  # None: the encoder's default
-    channels: int = 128  # shapes_cnn width
+    trainable_blocks: Annotated[int, Range(ge=-1)] = 0
+    image_size: PositiveInt | None = None  # None: the encoder's default
+    channels: PositiveInt = 128  # shapes_cnn width
     # shapes_cnn: "mix" feeds the position code through a 1x1 conv with the features; "append"
     # also appends it to every region feature as is, so each attention context carries the
     # attended position linearly (what spatial words are decided from).
-    position: str = "mix"
+    position: Literal["mix", "append"] = "mix"
     stage: int = -1
     # "rgb" convolves the colour image; "split" runs the first convolution on each colour channel
     # alone with shared filters and keeps the strongest response (so the features do not depend
     # on an object's colour), and appends the colour from a per-pixel path max-pooled to the grid
     # (docs/training.md, model.encoder.stem). Every encoder.
-    stem: str = "rgb"
+    stem: Literal["rgb", "split"] = "rgb"
+
+    def __post_init__(self) -> None:
+        check_fields(self, "model.encoder")
 
 
 class Encoder(nn.Module):
@@ -86,8 +90,6 @@ class Encoder(nn.Module):
 
 
 def create_encoder(config: EncoderConfig) -> Encoder:
-    if config.stem not in STEMS:
-        raise ValueError(f"model.encoder.stem must be one of {', '.join(map(repr, STEMS))}, not {config.stem!r}")
     cls = ENCODERS.get(config.name)
     encoder = cls(config)
     if config.stem not in getattr(cls, "stems", Encoder.stems):
@@ -190,7 +192,7 @@ class SplitStem(Encoder):
         return torch.cat([regions, colour.flatten(2).transpose(1, 2)], -1), grid  # (B, N, D + 16)
 
 
-# stem -> how create_encoder applies it to an encoder class that does not build it itself
+# EncoderConfig.stem -> how create_encoder applies it to an encoder class that does not build it itself
 STEMS: dict[str, Callable[[Encoder, str], Encoder]] = {"rgb": lambda encoder, name: encoder, "split": SplitStem}
 
 
@@ -357,8 +359,6 @@ class ShapesCNN(Encoder):
         self.colour = ColourPath() if split else None
         self.pos_channels = 32
         self.mix = nn.Sequential(nn.Conv2d(c + self.pos_channels, c, 1), nn.ReLU(inplace=True))
-        if config.position not in ("mix", "append"):
-            raise ValueError(f"encoder.position must be 'mix' or 'append', got {config.position!r}")
         self.append_position = config.position == "append"
         self.out_dim = c + ColourPath.channels * split + self.pos_channels * self.append_position
         # The features are always pooled to grid x grid, so the code is fixed: made once, moved
