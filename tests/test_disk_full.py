@@ -123,13 +123,14 @@ def test_features_extract_on_a_full_disk_keeps_its_chunks_and_resumes(shapes_dir
     out = tmp_path / "cache"
     args = ["features", "extract", "--config", str(cfg), "--out", str(out), "--device", "cpu",
             "--batch-size", "4", "--chunk-size", "4", "--splits", "val", "test"]
-    with FullDisk("*chunk-*", skip=2) as disk:  # the first chunk (.npy, .json) is written, the second not
+    # the rows go straight into the (reserved) shards; a chunk's record says they are there: the
+    # first record is written, the second not
+    with FullDisk("*chunk-*", skip=1) as disk:
         assert main(args) == 2
     assert disk.failed
     line = _one_error_line(capsys.readouterr().err)
-    _needs(line, out / "parts" / "chunk-000000004-000004.npy")
-    assert sorted(p.name for p in (out / "parts").iterdir()) == [
-        "chunk-000000000-000004.json", "chunk-000000000-000004.npy"]  # nothing torn
+    _needs(line, out / "parts" / "chunk-000000004-000004.json")
+    assert sorted(p.name for p in (out / "parts").iterdir()) == ["chunk-000000000-000004.json"]  # nothing torn
     assert main(args) == 0  # space freed: the same command
     err = capsys.readouterr().err
     assert "4 of 16 images already extracted" in err, err  # resumed after the first chunk
