@@ -9,7 +9,13 @@ import pytest
 from PIL import Image
 
 from captioner.cli import main
-from captioner.data.convert import ConvertError, assign_splits, convert_rows, read_rows
+from captioner.data.convert import (
+    ConvertError,
+    assign_splits,
+    convert_rows,
+    path_image_id,
+    read_rows,
+)
 from captioner.data.karpathy import read_karpathy
 
 
@@ -37,7 +43,7 @@ def test_csv_with_bom_quotes_missing_empty_and_duplicates(tmp_path: Path, capsys
     first = data["images"][0]
     assert first["filename"] == "0.png"
     assert first["sentences"][0] == {"tokens": ["a", "dog", "running", "fast"], "raw": "A dog, running fast",
-                                     "imgid": 0, "sentid": 0}
+                                     "imgid": path_image_id("0.png"), "sentid": 0}
     records = read_karpathy(out, tmp_path / "img")
     assert sum(len(v) for v in records.values()) == 4
     assert main([*args, "--allow-missing"]) == 0
@@ -51,8 +57,8 @@ def test_missing_column_names_the_columns_found(tmp_path: Path, capsys) -> None:
     assert "no column 'image' or 'caption'; found 'file', 'text'" in capsys.readouterr().err
     rows = read_rows("tsv", tmp_path / "c.tsv", "file", "text")
     assert [(r.image, r.caption) for r in rows] == [("a.png", "hello")]
-    (tmp_path / "bad.csv").write_bytes(b"image,caption\n\xff\xfe,x\n")
-    with pytest.raises(ConvertError, match="cannot read"):
+    (tmp_path / "bad.csv").write_bytes(b"image,caption\n\x81\xfe,x\n")  # neither UTF-8 nor cp1252
+    with pytest.raises(ConvertError, match="cannot read as cp1252 .* --encoding"):
         read_rows("csv", tmp_path / "bad.csv")
 
 
