@@ -59,6 +59,11 @@ class DataSource:
         """Where the vocabulary is cached unless ``data.vocab_path`` says otherwise."""
         raise NotImplementedError
 
+    def recorded_tokenizer(self) -> tuple[str, str] | None:
+        """(tokenizer name, file) when the source's file records how its captions were split
+        into words (``data convert`` writes it); None: they are Karpathy's ``simple`` words."""
+        return None
+
     @property
     def grounded_training(self) -> bool:
         """Training batches carry word-region grounding (only ``shapes`` can)."""
@@ -162,6 +167,15 @@ class KarpathySource(DataSource):
 
     def vocab_dir(self) -> Path:
         return Path(self.split_file).parent
+
+    def recorded_tokenizer(self) -> tuple[str, str] | None:
+        from captioner.data.karpathy import recorded_tokenizer
+
+        if not Path(self.split_file).is_file():
+            raise FileNotFoundError(f"data.karpathy.split_file: {self.split_file} not found "
+                                    "(see docs/data.md for where to get it)")
+        name = recorded_tokenizer(self.split_file)
+        return None if name is None else (name, self.split_file)
 
 
 @register_source("coco")
