@@ -80,7 +80,7 @@ class ScstConfig:
     # "mean": the mean reward of the image's other samples (Luo 2020); "greedy": the reward of
     # the greedy caption (Rennie et al. 2017), decoded without dropout
     baseline: str = "mean"
-    max_length: int | None = None  # most tokens per sampled caption; None: the tokenizer's (20, char 50)
+    max_length: int | None = None  # most tokens per sampled caption; None: the tokenizer's limit
     temperature: float = 1.0  # sampling temperature (the policy whose log-probabilities are trained)
     ce_weight: float = 0.0  # weight of the usual cross-entropy loss on the reference captions
     entropy: float = 0.0  # bonus on the words' entropy at each sampled step
@@ -477,8 +477,8 @@ class CaptioningSystem(L.LightningModule):
 
     # -- free-running validation ---------------------------------------------------------------
     def _length_limit(self, setting: int | None) -> int:
-        """A caption length limit left unset (None): the data's tokenizer's (20 words, 50
-        characters for ``char``), so that Japanese captions are not cut at 20 characters."""
+        """A caption length limit left unset (None): the data's tokenizer's (20 for ``simple``,
+        50 for ``unicode`` and ``char``), so that Japanese captions are not cut at 20 characters."""
         if setting is not None:
             return setting
         from captioner.data.tokenizers import get_tokenizer

@@ -384,8 +384,8 @@ def convert_rows(rows: Iterable[Row], image_root: str | os.PathLike, tokenizer: 
                      if any(e["split"] == s for e in entries) or s != "restval"}
     scripts = Counter(dominant_script(normalize(r)) for caps in captions.values() for r, _ in caps)
     report.scripts = dict(scripts.most_common())
-    report.lost_letters, warning = lost_letters_warning(tok, tokenised, "--tokenizer unicode (any alphabet, the default) "
-                                   "or char (Chinese, Japanese) keeps them")
+    report.lost_letters, warning = lost_letters_warning(
+        tok, tokenised, "--tokenizer unicode (any alphabet, the default) or char (Chinese, Japanese) keeps them")
     if warning:
         logger.warning("%s", warning)
         report.warnings.append(warning)

@@ -193,7 +193,7 @@ class CaptionDataModule(L.LightningDataModule):
             stored in the checkpoint for captioning.
         min_count, max_vocab: vocabulary rule (training split only).
         max_caption_length: tokens kept per caption (longer ones are cut); None: the
-            tokenizer's ``max_length`` (20 words; 50 characters for ``char``).
+            tokenizer's ``max_length`` (20 for ``simple``, 50 for ``unicode`` and ``char``).
         vocab_path: where the vocabulary is cached (default: beside the data).
         captions_per_image: ``random`` (one reference per image per epoch) or ``all``.
         skip_bad_images: skip unreadable images with a warning instead of stopping.
@@ -321,10 +321,11 @@ class CaptionDataModule(L.LightningDataModule):
                     for r in recs:
                         if r.raw:
                             r.captions = [tok.tokenize(text) for text in r.raw]
+            captions = ((raw, words) for recs in records.values() for r in recs
+                        for raw, words in zip(r.raw, r.captions))
             _, warning = lost_letters_warning(
-                tok, ((raw, words) for recs in records.values() for r in recs for raw, words in zip(r.raw, r.captions)),
-                "make the split file again with `captioner data convert` (its default tokenizer, unicode, keeps "
-                "every letter; char suits Chinese and Japanese)")
+                tok, captions, "make the split file again with `captioner data convert` (its default "
+                "tokenizer, unicode, keeps every letter; char suits Chinese and Japanese)")
             if warning:
                 logger.warning("%s", warning)
             self._records = records

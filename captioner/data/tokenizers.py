@@ -15,9 +15,10 @@ ways is one word: full-width "ＡＢＣ" is "abc", the ligature "ﬁ" is "fi", a
             Japanese, Thai). A run of Latin letters or digits inside such text stays one word.
 
 Each has a ``max_length``, the tokens per caption that training keeps and decoding writes when
-``data.max_caption_length`` / ``model.decoding.max_length`` are left unset: 20 words, about twice
-the mean English COCO caption; 50 for ``char``, about twice the mean Japanese caption of STAIR
-Captions (23.8 characters, captions.stair.center).
+``data.max_caption_length`` / ``model.decoding.max_length`` are left unset: 20 for ``simple``
+(English words; about twice the mean COCO caption), 50 for ``char`` and ``unicode``, about twice
+the mean Japanese caption of STAIR Captions (23.8 characters, captions.stair.center): ``unicode``
+splits Chinese and Japanese into characters as ``char`` does.
 
 ``join`` writes words back as text: a space between two words unless one side is written
 without spaces, so a Chinese or Japanese caption has none and "a dog" keeps its space.
@@ -112,7 +113,7 @@ def _simple() -> Tokenizer:
 
 @TOKENIZERS.register("unicode")
 def _unicode() -> Tokenizer:
-    return Tokenizer("unicode", _unicode_tokenize, _spaced_join)
+    return Tokenizer("unicode", _unicode_tokenize, _spaced_join, max_length=50)
 
 
 @TOKENIZERS.register("char")

@@ -17,7 +17,7 @@ class DecodingConfig:
     """Free-running decoding: validation during training, and the checkpoint's default."""
 
     beam_size: int = 1
-    max_length: int | None = None  # most tokens per caption; None: the tokenizer's (20 words, 50 for char)
+    max_length: int | None = None  # most tokens per caption; None: the tokenizer's (simple 20, others 50)
     length_penalty: float = 0.0
     suppress_unk: bool = False
     cuda_graph: bool | None = None  # beam search on a GPU: replay its steps as a CUDA graph (None: yes)
