@@ -83,6 +83,7 @@ def test_jsonl_folder_and_coco_inputs(tmp_path: Path) -> None:
         "annotations": [{"id": 1, "image_id": 7, "caption": "A dot."}]}))
     data, _ = convert_rows(read_rows("coco", tmp_path / "coco.json"), tmp_path)
     assert data["images"][0]["sentences"][0]["tokens"] == ["a", "dot"]
+    assert data["images"][0]["imgid"] == 7  # COCO's own id
 
 
 def test_splits_are_deterministic_by_image_whatever_the_order() -> None:

@@ -276,14 +276,15 @@ def read_folder(folder: str | os.PathLike, encoding: str | None = None) -> list[
 
 
 def read_coco(path: str | os.PathLike) -> list[Row]:
-    """A COCO caption annotation file (``captions_*.json``); images named by ``file_name``."""
+    """A COCO caption annotation file (``captions_*.json``); images named by ``file_name``, with
+    COCO's ids (what COCO's evaluation files use)."""
     from captioner.data.coco import read_coco_annotations
 
     try:
         records = read_coco_annotations(path, ".")
     except (OSError, ValueError) as err:
         raise ConvertError(str(err)) from None
-    return [Row(r.filename, c, None, f"{path}: image {r.image_id}")
+    return [Row(r.filename, c, None, f"{path}: image {r.image_id}", image_id=r.image_id)
             for r in records for c in (r.raw or [None])]
 
 
