@@ -14,7 +14,7 @@ from PIL import Image
 
 from captioner.cli import main
 from captioner.data.tokenizers import get_tokenizer
-from captioner.inference import Caption, load_checkpoint
+from captioner.inference import Caption, CaptionPipeline, load_checkpoint
 
 CONFIG = Path(__file__).parent.parent / "configs" / "shapes.yaml"
 
@@ -222,6 +222,8 @@ def test_multilingual_end_to_end_with_the_shipped_config(language: str, tmp_path
     ckpt = run / "checkpoints" / "last.ckpt"
     loaded = load_checkpoint(ckpt)
     assert loaded.tokenizer == "unicode"  # data convert's default, recorded in the split file
+    # the config leaves the length limits to the tokenizer: 50 tokens, not 20 characters
+    assert loaded.decoding["max_length"] is None and CaptionPipeline(loaded).max_length == 50
     vocab = set(loaded.vocab.to_list())
     capsys.readouterr()
     assert main(["caption", "--checkpoint", str(ckpt), "--json", str(images / "0.png"), str(images / "1.png")]) == 0
