@@ -329,6 +329,8 @@ class CaptionPipeline:
         self.decoding = DecodingConfig.from_dict(
             loaded.decoding, beam_size=beam_size, max_length=max_length,
             length_penalty=length_penalty, suppress_unk=suppress_unk, cuda_graph=cuda_graph)
+        if self.decoding.max_length is None:  # trained with the tokenizer's limit: count its tokens
+            self.decoding = replace(self.decoding, max_length=get_tokenizer(loaded.tokenizer).max_length)
         if self.beam_size < 1:
             raise ValueError(f"beam size must be >= 1, got {self.beam_size}")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -95,7 +95,7 @@ class ScstConfig:
     # "mean": the mean reward of the image's other samples (Luo 2020); "greedy": the reward of
     # the greedy caption (Rennie et al. 2017), decoded without dropout
     baseline: Literal["mean", "greedy"] = "mean"
-    max_length: PositiveInt = 16  # most words per sampled caption
+    max_length: PositiveInt | None = None  # most tokens per sampled caption; None: the tokenizer's limit
     temperature: PositiveFloat = 1.0  # sampling temperature (the policy whose log-probabilities are trained)
     ce_weight: NonNegativeFloat = 0.0  # weight of the usual cross-entropy loss on the reference captions
     entropy: NonNegativeFloat = 0.0  # bonus on the words' entropy at each sampled step
@@ -437,7 +437,7 @@ class CaptioningSystem(L.LightningModule):
         (re-scored with gradients by a teacher-forced pass) times reward minus baseline."""
         from captioner.decoding import greedy, sample
 
-        cfg = self.scst
+        cfg = replace(self.scst, max_length=self._length_limit(self.scst.max_length))
         if self._cider is None:
             raise RuntimeError("scst_loss runs inside fit (on_fit_start builds the reward)")
         decoder = self.model.decoder
@@ -500,15 +500,31 @@ class CaptioningSystem(L.LightningModule):
         return logs["loss"]
 
     # -- free-running validation ---------------------------------------------------------------
+    def _length_limit(self, setting: int | None) -> int:
+        """A caption length limit left unset (None): the data's tokenizer's (20 for ``simple``,
+        50 for ``unicode`` and ``char``), so that Japanese captions are not cut at 20 characters."""
+        if setting is not None:
+            return setting
+        from captioner.data.tokenizers import get_tokenizer
+
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        return get_tokenizer(getattr(dm, "tokenizer_name", "simple")).max_length
+
+    @property
+    def decoding_settings(self) -> DecodingConfig:
+        """``decoding`` with its length limit resolved."""
+        return replace(self.decoding, max_length=self._length_limit(self.decoding.max_length))
+
     def generate(self, features: Tensor, beam_size: int | None = None):
-        return generate(self.model.decoder, features, self.decoding, beam_size)
+        return generate(self.model.decoder, features, self.decoding_settings, beam_size)
 
     def _eval_step(self, batch: dict, prefix: str) -> None:
         if not batch:
             return
         features = self.features(batch)
         gen = self.generate(features)
-        tokens = torch.full((features.size(0), self.decoding.max_length), PAD_ID, dtype=torch.long, device=self.device)
+        max_length = self.decoding_settings.max_length
+        tokens = torch.full((features.size(0), max_length), PAD_ID, dtype=torch.long, device=self.device)
         tokens[:, : gen.tokens.size(1)] = gen.tokens
         self._val_outputs.append((batch["image_ids"], tokens))
         out = self.model.decoder(features, batch["captions"], batch["lengths"])
@@ -532,7 +548,7 @@ class CaptioningSystem(L.LightningModule):
         """Predictions of every rank, each image once (the distributed sampler pads with repeats)."""
         if not self._val_outputs:
             ids = torch.zeros(0, dtype=torch.long, device=self.device)
-            toks = torch.zeros(0, self.decoding.max_length, dtype=torch.long, device=self.device)
+            toks = torch.zeros(0, self.decoding_settings.max_length, dtype=torch.long, device=self.device)
         else:
             ids = torch.cat([o[0] for o in self._val_outputs])
             toks = torch.cat([o[1] for o in self._val_outputs])
@@ -562,7 +578,7 @@ class CaptioningSystem(L.LightningModule):
             return
         refs = {i: refs[i] for i in preds}
         scores = validation_scores(preds, refs)
-        tokenizer = get_tokenizer(getattr(dm, "tokenizer", "simple"))
+        tokenizer = get_tokenizer(getattr(dm, "tokenizer_name", "simple"))
         exact = exact_match(preds, {i: [r.split() for r in rs] for i, rs in refs.items()},
                             tokenize=tokenizer.tokenize)
         # Every rank scored the same gathered captions: the mean over ranks is each rank's value,
@@ -603,7 +619,7 @@ class CaptioningSystem(L.LightningModule):
             "vocab": self.vocab.to_list(),
             "preprocessing": self.preprocessing.to_dict(),
             # how captions were split into words, so that captioning writes them back the same way
-            "tokenizer": getattr(self.trainer.datamodule, "tokenizer", "simple"),
+            "tokenizer": getattr(self.trainer.datamodule, "tokenizer_name", "simple"),
         }
         # Dropout and hard attention's samples draw from torch's RNG: resume must continue it.
         rng = {"cpu": torch.get_rng_state()}

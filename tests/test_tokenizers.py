@@ -53,3 +53,20 @@ def test_char_splits_scripts_without_spaces_and_joins_without_spaces() -> None:
 def test_unknown_tokenizer_names_the_registered_ones() -> None:
     with pytest.raises(ValueError, match="unknown data.tokenizer 'bpe'; choose one of char, simple, unicode"):
         get_tokenizer("bpe")
+
+
+@pytest.mark.parametrize("name", TOKENIZERS.names())
+def test_every_tokenizer_normalises_with_nfkc(name: str) -> None:
+    tok = get_tokenizer(name)
+    assert tok.tokenize("ＡＢＣ") == ["abc"]  # full-width letters
+    assert tok.tokenize("a \ufb01sh") == ["a", "fish"]  # the ligature "ﬁ"
+    if name != "simple":
+        assert tok.tokenize("cafe\u0301") == ["café"]  # a decomposed accent composes
+
+
+def test_length_limits_are_per_tokenizer() -> None:
+    # 20 English words; scripts without spaces give a token per character (STAIR Captions' mean
+    # Japanese caption is 23.8 characters), so the tokenizers that split them allow 50
+    assert {n: get_tokenizer(n).max_length for n in TOKENIZERS.names()} == {"simple": 20, "unicode": 50, "char": 50}
+    ja = "茶色い犬が緑の芝生の上で赤いボールを追いかけて走っています"
+    assert 20 < len(get_tokenizer("char").tokenize(ja)) <= get_tokenizer("char").max_length

@@ -79,7 +79,8 @@ def add_decoding_arguments(p) -> None:
     p.add_argument("--beam-size", type=positive_int, default=None,
                    help="beam width (1 = greedy); default: the checkpoint's decoding.beam_size")
     p.add_argument("--max-length", type=positive_int, default=None,
-                   help="most words per caption; default: the checkpoint's decoding.max_length")
+                   help="most tokens per caption; default: the checkpoint's decoding.max_length, else "
+                   "its tokenizer's (20 for simple, 50 for unicode and char)")
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:

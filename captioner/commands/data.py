@@ -32,9 +32,12 @@ def cmd_data_check(a: argparse.Namespace) -> int:
     return 1 if report.problems else 0
 
 
+_DELIMITER_NAMES = {"\\t": "\t", "tab": "\t", "comma": ",", "semicolon": ";", "pipe": "|"}
+
+
 def cmd_data_convert(a: argparse.Namespace) -> int:
     from captioner.data.atomic import atomic_write_json
-    from captioner.data.convert import ConvertError, convert_rows, read_rows
+    from captioner.data.convert import ConvertError, convert_rows, read_rows, table_dialect
 
     image_root = a.image_root or (a.input if a.format == "folder" else None)
     if image_root is None:
@@ -43,6 +46,7 @@ def cmd_data_convert(a: argparse.Namespace) -> int:
         if getattr(a, dest) and a.format != fmt:
             raise UsageError(f"--{dest.replace('_', '-')} is an option of --from {fmt}, not of --from {a.format}")
     published = None
+    encoding, delimiter = a.encoding, _DELIMITER_NAMES.get(a.delimiter, a.delimiter)
     try:
         if a.format in PUBLISHED:
             from captioner.data.published import read_published
@@ -51,7 +55,10 @@ def cmd_data_convert(a: argparse.Namespace) -> int:
                                                             "test": a.test_list}, a.coco_captions)
             rows = published.rows
         else:
-            rows = read_rows(a.format, a.input, a.image_column, a.caption_column)
+            if a.format in ("csv", "tsv") and a.input.is_file():  # sniffed here, to say in the report
+                encoding, delimiter = table_dialect(a.input, encoding, delimiter, "," if a.format == "csv" else "\t",
+                                                    a.image_column, a.caption_column)
+            rows = read_rows(a.format, a.input, a.image_column, a.caption_column, encoding, delimiter)
         dataset, report = convert_rows(rows, image_root, a.tokenizer, a.val_fraction,
                                        a.test_fraction, a.seed)
     except ConvertError as err:
@@ -59,6 +66,8 @@ def cmd_data_convert(a: argparse.Namespace) -> int:
     left_out = published.left_out if published else []
     if published:
         dataset = published.finish(dataset)
+    if a.format in ("csv", "tsv"):
+        report.encoding, report.delimiter = encoding, delimiter
     if report.images == 0:
         print(report.format_text())
         raise UsageError(f"{a.input}: no image with a caption was found; nothing written")
@@ -98,9 +107,14 @@ def register(subparsers) -> None:
     v.add_argument("--image-column", default="image", help="csv/tsv column, jsonl key (default: image)")
     v.add_argument("--caption-column", default="caption",
                    help="csv/tsv column, jsonl key (default: caption; jsonl also takes a list under captions)")
-    v.add_argument("--tokenizer", default="simple", choices=TOKENIZERS, metavar="NAME",
-                   help="simple (English, default), unicode (any alphabet) or char (Chinese, Japanese); "
-                   "train with the same data.tokenizer")
+    v.add_argument("--tokenizer", default="unicode", choices=TOKENIZERS, metavar="NAME",
+                   help="unicode (words of any alphabet, default), char (one token per character: "
+                   "Chinese, Japanese, Thai) or simple (ASCII only: Karpathy's English tokens); "
+                   "recorded in the split file, which training follows")
+    v.add_argument("--encoding", help="the text's encoding, e.g. cp1252, shift_jis, gbk (default: "
+                   "UTF-8 or UTF-16 by their BOM; a table that is not UTF-8 is read as cp1252)")
+    v.add_argument("--delimiter", help="csv/tsv field separator, e.g. ';' or tab (default: the one of "
+                   ", ; tab | that splits the header into the image and caption columns)")
     v.add_argument("--val-fraction", type=float, default=0.1, help="share of images for val (default 0.1)")
     v.add_argument("--test-fraction", type=float, default=0.1, help="share of images for test (default 0.1)")
     v.add_argument("--seed", type=int, default=0, help="the split's shuffle (default 0)")

@@ -18,7 +18,7 @@ from captioner.data.images import ImageLoadError, load_image
 from captioner.data.records import ImageRecord
 from captioner.data.sampling import EpochSampler
 from captioner.data.sources import SOURCES, CocoSource, KarpathySource, ShapesSource, as_source
-from captioner.data.tokenizers import TOKENIZERS, get_tokenizer
+from captioner.data.tokenizers import TOKENIZERS, get_tokenizer, lost_letters_warning
 from captioner.data.transforms import Preprocessing
 from captioner.data.vocab import PAD_ID, Vocabulary
 from captioner.settings import NonNegativeInt, PositiveInt, check_arguments
@@ -190,9 +190,13 @@ class CaptionDataModule(L.LightningDataModule):
         tokenizer: how caption text becomes words, a name from ``captioner.data.tokenizers``:
             ``simple`` (English; Karpathy files' ``tokens`` are used as they are), ``unicode``
             (any alphabet) or ``char`` (Chinese, Japanese); with any but ``simple`` every
-            caption's ``raw`` text is tokenised again. Stored in the checkpoint for captioning.
+            caption's ``raw`` text is tokenised again. None (the default): the one the split
+            file records (``data convert`` writes it), else ``simple``; a name that differs
+            from the split file's is a ``ValueError``. The name used is ``tokenizer_name``,
+            stored in the checkpoint for captioning.
         min_count, max_vocab: vocabulary rule (training split only).
-        max_caption_length: words kept per caption (longer ones are cut).
+        max_caption_length: tokens kept per caption (longer ones are cut); None: the
+            tokenizer's ``max_length`` (20 for ``simple``, 50 for ``unicode`` and ``char``).
         vocab_path: where the vocabulary is cached (default: beside the data, named after the data
             file, the rule and a hash of what it is made from). A file made from other data or
             settings is refused (the default cache is rebuilt instead).
@@ -214,10 +218,10 @@ class CaptionDataModule(L.LightningDataModule):
         shapes: ShapesSource = ShapesSource(),
         karpathy: KarpathySource = KarpathySource(),
         coco: CocoSource = CocoSource(),
-        tokenizer: str = "simple",
+        tokenizer: str | None = None,
         min_count: PositiveInt = 5,
         max_vocab: PositiveInt | None = None,
-        max_caption_length: PositiveInt = 20,
+        max_caption_length: PositiveInt | None = None,
         vocab_path: str | None = None,
         batch_size: PositiveInt = 32,
         eval_batch_size: PositiveInt | None = None,
@@ -233,7 +237,8 @@ class CaptionDataModule(L.LightningDataModule):
         super().__init__()
         # every argument against its annotation (an unknown data.dataset lists the registered ones)
         check_arguments(CaptionDataModule.__init__, "data", locals())
-        TOKENIZERS.get(tokenizer)  # an unknown tokenizer fails here, listing the registered ones
+        if tokenizer is not None:
+            TOKENIZERS.get(tokenizer)  # an unknown tokenizer fails here, listing the registered ones
         # The sections are typed arguments (so LightningCLI can parse and override them), named as
         # the registry names them; mappings become the registered classes here.
         self.sources = {name: as_source(name, value)
@@ -241,10 +246,11 @@ class CaptionDataModule(L.LightningDataModule):
         self.dataset = dataset
         self.source = self.sources[dataset]
         self.source.check()
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer  # the setting; tokenizer_name is the one used
+        self._tokenizer_name: str | None = None
         self.min_count = min_count
         self.max_vocab = max_vocab
-        self.max_caption_length = max_caption_length
+        self._max_caption_length = max_caption_length
         self._vocab_path = vocab_path
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -266,6 +272,31 @@ class CaptionDataModule(L.LightningDataModule):
         self._train_sampler: EpochSampler | None = None
         self._feature_store = None
 
+    # -- the tokenizer ---------------------------------------------------------------------------
+    @property
+    def tokenizer_name(self) -> str:
+        """The tokenizer the captions are split with: ``data.tokenizer`` when set, else the one
+        the split file records, else ``simple``. ``ValueError`` when the two differ."""
+        if self._tokenizer_name is None:
+            recorded = self.source.recorded_tokenizer()
+            if recorded is not None:
+                name, where = recorded
+                if name not in TOKENIZERS:
+                    raise ValueError(f"{where}: unknown tokenizer {name!r} (this version of captioner "
+                                     f"has {', '.join(TOKENIZERS.names())})")
+                if self.tokenizer is not None and self.tokenizer != name:
+                    raise ValueError(f"data.tokenizer {self.tokenizer} differs from the tokenizer {name!r} "
+                                     f"that {where} was made with; leave data.tokenizer unset")
+            self._tokenizer_name = self.tokenizer or (recorded[0] if recorded else "simple")
+        return self._tokenizer_name
+
+    @property
+    def max_caption_length(self) -> int:
+        """Tokens kept per caption: ``data.max_caption_length``, else the tokenizer's limit."""
+        if self._max_caption_length is not None:
+            return self._max_caption_length
+        return get_tokenizer(self.tokenizer_name).max_length
+
     # -- preparing -----------------------------------------------------------------------------
     @property
     def vocab_made_from(self) -> dict:
@@ -273,7 +304,7 @@ class CaptionDataModule(L.LightningDataModule):
         captions' source by content (``training_captions``), the tokenizer, ``min_count`` and
         ``max_vocab``. Not ``max_caption_length``: the words of whole captions are counted."""
         if self._vocab_made_from is None:
-            self._vocab_made_from = {**self.source.training_captions(), "tokenizer": self.tokenizer,
+            self._vocab_made_from = {**self.source.training_captions(), "tokenizer": self.tokenizer_name,
                                      "min_count": self.min_count, "max_vocab": self.max_vocab}
         return self._vocab_made_from
 
@@ -286,7 +317,7 @@ class CaptionDataModule(L.LightningDataModule):
             return Path(self._vocab_path)
         made = self.vocab_made_from
         cap = f"-max{self.max_vocab}" if self.max_vocab else ""
-        tok = "" if self.tokenizer == "simple" else f"-{self.tokenizer}"
+        tok = "" if self.tokenizer_name == "simple" else f"-{self.tokenizer_name}"
         return self.source.vocab_dir() / f"vocab-{Path(made['file']).stem}-min{self.min_count}{cap}{tok}-{sha256_json(made)[:8]}.json"
 
     def prepare_data(self) -> None:
@@ -337,13 +368,20 @@ class CaptionDataModule(L.LightningDataModule):
     @property
     def records(self) -> dict[str, list[ImageRecord]]:
         if self._records is None:
+            tok = get_tokenizer(self.tokenizer_name)
             records = self.source.read()
-            if self.tokenizer != "simple":  # the sources tokenise with `simple`: redo it from raw
-                tok = get_tokenizer(self.tokenizer)
+            if tok.name != "simple":  # the sources tokenise with `simple`: redo it from raw
                 for recs in records.values():
                     for r in recs:
                         if r.raw:
                             r.captions = [tok.tokenize(text) for text in r.raw]
+            captions = ((raw, words) for recs in records.values() for r in recs
+                        for raw, words in zip(r.raw, r.captions))
+            _, warning = lost_letters_warning(
+                tok, captions, "make the split file again with `captioner data convert` (its default "
+                "tokenizer, unicode, keeps every letter; char suits Chinese and Japanese)")
+            if warning:
+                logger.warning("%s", warning)
             self._records = records
         return self._records
 

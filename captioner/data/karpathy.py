@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,28 @@ def read_karpathy(
         out[rec.split].append(rec)
     logger.info("%s: %s", json_path, ", ".join(f"{k} {len(v)}" for k, v in out.items()))
     return out
+
+
+def recorded_tokenizer(json_path: str | os.PathLike) -> str | None:
+    """The ``tokenizer`` a split file records (``data convert`` writes it), None when it has
+    none (Karpathy's own files). Files without the word "tokenizer" are not parsed, so asking a
+    150 MB ``dataset_coco.json`` costs a scan of its bytes."""
+    json_path = Path(json_path)
+    with open(json_path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return None
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            if m.find(b'"tokenizer"') < 0:
+                return None
+    try:
+        with open(json_path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{json_path}: not valid JSON ({e})") from None
+    name = data.get("tokenizer") if isinstance(data, dict) else None
+    if name is not None and not isinstance(name, str):
+        raise ValueError(f"{json_path}: 'tokenizer' must be a tokenizer's name, got {name!r}")
+    return name
 
 
 def _parse_entry(entry: Any, where: str, root: Path) -> ImageRecord:

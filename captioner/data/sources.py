@@ -69,6 +69,11 @@ class DataSource:
         vocabulary cache's key, so two data sets in one folder get a vocabulary each."""
         raise NotImplementedError
 
+    def recorded_tokenizer(self) -> tuple[str, str] | None:
+        """(tokenizer name, file) when the source's file records how its captions were split
+        into words (``data convert`` writes it); None: they are Karpathy's ``simple`` words."""
+        return None
+
     @property
     def grounded_training(self) -> bool:
         """Training batches carry word-region grounding (only ``shapes`` can)."""
@@ -177,6 +182,13 @@ class KarpathySource(DataSource):
     def training_captions(self) -> dict:
         self._need_split_file()
         return {**_file_identity(self.split_file), "restval_to_train": self.restval_to_train}
+
+    def recorded_tokenizer(self) -> tuple[str, str] | None:
+        from captioner.data.karpathy import recorded_tokenizer
+
+        self._need_split_file()
+        name = recorded_tokenizer(self.split_file)
+        return None if name is None else (name, self.split_file)
 
     def _need_split_file(self) -> None:
         if not Path(self.split_file).is_file():

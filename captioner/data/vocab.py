@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
@@ -20,8 +21,9 @@ _TOKEN_RE = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 
 
 def tokenize(text: str) -> list[str]:
-    """Lower-case ``text`` and split it into word tokens, dropping punctuation."""
-    return [t.replace("'", "") for t in _TOKEN_RE.findall(text.lower())]
+    """NFKC-normalise and lower-case ``text`` and split it into word tokens (ASCII letters and
+    digits), dropping punctuation and every other letter."""
+    return [t.replace("'", "") for t in _TOKEN_RE.findall(unicodedata.normalize("NFKC", text).lower())]
 
 
 class Vocabulary:

@@ -18,7 +18,7 @@ class DecodingConfig:
     """Free-running decoding: validation during training, and the checkpoint's default."""
 
     beam_size: PositiveInt = 1
-    max_length: PositiveInt = 20  # most words per caption
+    max_length: PositiveInt | None = None  # most tokens per caption; None: the tokenizer's (simple 20, others 50)
     length_penalty: NonNegativeFloat = 0.0  # beam: scores divided by words ** length_penalty
     suppress_unk: bool = False
     cuda_graph: bool | None = None  # beam search on a GPU: replay its steps as a CUDA graph (None: yes)
@@ -37,7 +37,9 @@ class DecodingConfig:
 
 def generate(decoder: AttentionDecoder, features: Tensor, config: DecodingConfig,
              beam_size: int | None = None) -> Generated:
-    """Greedy when the beam is 1 (beam search of width 1 gives the same caption; on the CPU slower)."""
+    """Greedy when the beam is 1 (beam search of width 1 gives the same caption; on the CPU slower).
+    ``config.max_length`` must be resolved (the caller knows the tokenizer)."""
+    assert config.max_length is not None, "decoding.max_length None: resolve it with the tokenizer's first"
     k = config.beam_size if beam_size is None else beam_size
     if k == 1:
         return greedy(decoder, features, config.max_length, config.suppress_unk, cuda_graph=config.cuda_graph)

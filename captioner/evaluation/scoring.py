@@ -107,6 +107,10 @@ def evaluate_checkpoint(
     grounding (``shapes``: a ``grounding.json`` beside the data) the attention maps are scored too; ``keep_attention``
     keeps every image's maps on the result (for figures).
     """
+    tokenizer = dm.tokenizer_name
+    if tokenizer != pipeline.loaded.tokenizer:
+        raise ValueError(f"the checkpoint's captions are split with the {pipeline.loaded.tokenizer!r} "
+                         f"tokenizer, the data's with {tokenizer!r}; score it on data made with the same one")
     records = dm.split_records(split)
     if not records:
         raise ValueError(f"split {split!r} of the data set has no images")
@@ -125,13 +129,13 @@ def evaluate_checkpoint(
     by_id = {c.image_id: c for c in captions}
     # with another tokenizer than `simple`, the words are scored (joined by spaces), not raw text
     references = references_from_records(records, f"{dm.dataset}:{split}",
-                                         tokenized=dm.tokenizer != "simple")
+                                         tokenized=tokenizer != "simple")
     if len(by_id) < len(records):
         logger.warning("%d of %d images could not be read and are not scored",
                        len(records) - len(by_id), len(records))
         references = references.subset([r.image_id for r in records if r.image_id in by_id])
     predictions = {k: by_id[k].text for k in references.raw}
-    result, exact = _score(predictions, references, meteor, spice, dm.tokenizer)
+    result, exact = _score(predictions, references, meteor, spice, tokenizer)
     grounding = None if grounding_path is None else score_grounding(captions, grounding_path)
 
     settings = {
