@@ -16,6 +16,18 @@ def _seed_and_threads():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _no_cli_log_handler_left():
+    """``captioner.cli.main`` gives the root logger a handler on the test's (captured) stderr;
+    remove it after the test, or a later test's log lines are written to a closed stream."""
+    import logging
+
+    yield
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "_captioner", False)]:
+        root.removeHandler(handler)
+
+
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory) -> Path:
     """80 shapes images at 32 px, made once per test session."""

@@ -119,7 +119,7 @@ def test_the_split_files_tokenizer_is_used_when_data_tokenizer_is_unset(tmp_path
     (caption,) = dm.records["train"][0].captions
     assert caption == get_tokenizer("char").tokenize("茶色い犬が緑の芝生の上で赤いボールを追いかけて走っています")
     assert len(caption) == 29  # not cut at 20
-    assert dm.vocab_path.name.endswith("-char.json") and "茶" in dm.vocab
+    assert "-char-" in dm.vocab_path.name and "茶" in dm.vocab
     assert len(dm.dataset_for("train")[0]["caption"]) == 29 + 2  # <start> 29 characters <end>
 
 
