@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from captioner.data.atomic import DiskFullError, atomic_write, writing
+from captioner.files import DiskFullError, atomic_write, writing
 from captioner.settings import NonNegativeInt, check_arguments
 
 logger = logging.getLogger(__name__)

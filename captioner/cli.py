@@ -64,7 +64,7 @@ def _user_error(err: BaseException) -> bool:
 def _quiet_disk_full_threads() -> Iterator[None]:
     """A writer thread that dies of a full disk (TensorBoard's event writer) would print its
     traceback; the main thread meets the same error at its next write and says it in one line."""
-    from captioner.data.atomic import find_disk_full
+    from captioner.files import find_disk_full
 
     previous = threading.excepthook
 
@@ -96,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"captioner: error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # a full disk, met by any command: one line, exit 2
-        from captioner.data.atomic import find_disk_full
+        from captioner.files import find_disk_full
 
         full = find_disk_full(err)
         if verbose or full is None:
@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(argv: list[str], target, verbose: bool) -> int:
-    from captioner.data.atomic import find_disk_full
+    from captioner.files import find_disk_full
 
     if target is not None:
         words, run = target

@@ -140,7 +140,7 @@ def write_model_folder(out: str | os.PathLike, config: dict[str, Any],
     half-written one that loads. ``out`` must not exist or be an empty folder."""
     from safetensors.torch import save
 
-    from captioner.data.atomic import writing
+    from captioner.files import writing
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Speed and memory benchmarks with random weights; the logic lives in ``captioner.benchmark``.
+"""Speed and memory benchmarks with random weights; they live in the repository's ``benchmarks/``.
 
     python scripts/benchmark.py decoder --json            # training, beam search, greedy
     python scripts/benchmark.py caption --images 32       # encoder alone vs the whole caption path
@@ -9,8 +9,13 @@
 """
 
 import sys
+from pathlib import Path
 
-from captioner.benchmark import main
+# benchmarks/ sits beside scripts/ (it is not part of the installed package); appended, so that
+# an installed captioner still wins over the checkout's as before
+sys.path.append(str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

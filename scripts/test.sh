@@ -14,5 +14,5 @@ if ! command -v chromedriver >/dev/null 2>&1 && command -v apt-get >/dev/null 2>
         || echo "!! could not install chromium; the browser test will be skipped" >&2
 fi
 
-python -m ruff check captioner tests scripts
+python -m ruff check captioner tests scripts benchmarks
 python -m pytest -q "$@"

@@ -106,7 +106,7 @@ class FullDisk:
 
         import pytest
 
-        from captioner.data import atomic
+        from captioner import files
 
         disk = self
         fdopen, real_open, write = os.fdopen, builtins.open, os.write
@@ -163,7 +163,7 @@ class FullDisk:
         self._patch.setattr(builtins, "open", fake_open)
         self._patch.setattr(io, "open", fake_open)  # TensorBoard's event writer opens with io.open
         self._patch.setattr(os, "write", fake_write)
-        self._patch.setattr(atomic, "free_bytes", lambda path: disk.free, raising=False)
+        self._patch.setattr(files, "free_bytes", lambda path: disk.free, raising=False)
         return self
 
     def free_up(self) -> None:

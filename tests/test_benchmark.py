@@ -1,8 +1,10 @@
-"""scripts/benchmark.py at tiny sizes: its figures are the ones its timings and memory samples
-give (never timings against thresholds: speed targets live in benchmarks, not tests)."""
+"""The benchmarks (benchmarks/, run by scripts/benchmark.py) at tiny sizes: their figures are the
+ones their timings and memory samples give (never timings against thresholds: speed targets live
+in benchmarks, not tests). benchmarks/ is imported from the repository's root, as tests/ is."""
 
 from __future__ import annotations
 
+import ast
 import json
 import statistics
 import subprocess
@@ -12,9 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from captioner import benchmark
-from captioner.benchmark import main
+from benchmarks import timing
+from benchmarks.cli import main
 from captioner.models import ATTENTIONS
+
+ROOT = Path(__file__).resolve().parent.parent
 
 MACHINE = {"torch", "threads", "device", "cpu"}
 TINY_DECODER = ["--encoder-dim", "24", "--grid", "3", "--vocab", "40", "--batch", "3", "--embed-dim", "8",
@@ -37,14 +41,14 @@ def timings(monkeypatch) -> list[list[list[float]]]:
     """What each timing loop of the benchmark measured, in order: per timed function, the
     seconds of each round."""
     seen = []
-    measure = benchmark._time_alternating
+    measure = timing.alternating
 
     def spy(fns, repeats, device):
         times = measure(fns, repeats, device)
         seen.append(times)
         return times
 
-    monkeypatch.setattr(benchmark, "_time_alternating", spy)
+    monkeypatch.setattr(timing, "alternating", spy)
     return seen
 
 
@@ -96,7 +100,7 @@ def test_caption_benchmark_ratio_is_the_median_of_the_rounds_ratios(capsys, monk
             fn()
         return [[1.0, 2.0, 4.0], [3.0, 2.0, 20.0]]
 
-    monkeypatch.setattr(benchmark, "_time_alternating", scripted)
+    monkeypatch.setattr(timing, "alternating", scripted)
     report = _run(capsys, "caption", *TINY_CAPTION, "--repeats", "3")
     assert report["ratio"] == pytest.approx(3.0)
     assert report["encoder_ms_per_image"] == pytest.approx(1000 * 2.0 / 3)
@@ -113,6 +117,18 @@ def test_encoder_benchmark_reports_the_timings_it_measured(capsys, timings) -> N
     assert report["split_over_rgb"] == pytest.approx(statistics.median(s / r for r, s in zip(rgb, split)))
 
 
+def test_scst_benchmark_reports_the_timings_it_measured(capsys, timings) -> None:
+    """Its reward is built as fit builds it (on_fit_start, from the data module's references)."""
+    report = _run(capsys, "scst", "--batch", "3", "--samples", "2", "--max-length", "5", "--vocab", "40",
+                  "--grid", "2", "--decoder-dim", "8", "--repeats", "2")
+    (step,), (ce,), (reward,) = timings  # the SCST step, the cross-entropy step, the reward alone
+    assert len(step) == len(ce) == len(reward) == 2
+    assert report["scst_step_s"] == pytest.approx(statistics.median(step))
+    assert report["ce_step_s"] == pytest.approx(statistics.median(ce))
+    assert report["reward_share_of_step"] == pytest.approx(statistics.median(reward) / statistics.median(step))
+    assert report["captions_per_step"] == 6 and 0 < report["mean_sample_words"] <= 5
+
+
 def test_memory_benchmark_stays_flat_while_it_streams(capsys) -> None:
     """Sampled after 100 and 200 images: keeping ~40 kB or more per image fails the bound
     (measured: no growth without a leak, +6 MB with 60 kB kept per image)."""
@@ -125,7 +141,24 @@ def test_memory_benchmark_stays_flat_while_it_streams(capsys) -> None:
 
 
 def test_script_prints_the_machine_with_the_figures(tmp_path) -> None:
-    script = Path(__file__).parent.parent / "scripts" / "benchmark.py"
+    script = ROOT / "scripts" / "benchmark.py"
     out = subprocess.run([sys.executable, str(script), "--threads", "1", "decoder", *TINY_DECODER,
                           "--only", "greedy"], capture_output=True, text=True, check=True).stdout
     assert "threads" in out and "torch" in out and "greedy_images_per_s" in out
+
+
+def test_benchmarks_use_captioner_public_api_only() -> None:
+    """Outside the package, as a user's script: no private name of captioner imported or read
+    (such as a system's reward state), and no benchmark called with positional settings."""
+    private, positional = [], []
+    for path in sorted((ROOT / "benchmarks").glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("captioner"):
+                private += [f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+            elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                private.append(f"{path.name}:{node.lineno}: .{node.attr}")
+            elif isinstance(node, ast.Call) and getattr(node.func, "id", "").startswith("bench_") and node.args:
+                positional.append(f"{path.name}:{node.lineno}")
+    assert not private and not positional, (private, positional)
+    assert not (ROOT / "captioner" / "benchmark.py").exists()  # not shipped in the package

@@ -200,3 +200,15 @@ def test_image_ids_survive_editing_and_reordering_the_table(tmp_path: Path) -> N
     with pytest.raises(ConvertError, match="images '0.png' and '1.png' get the same id 7"):
         convert_rows([Row("0.png", "a", None, "x", image_id=7), Row("1.png", "b", None, "y", image_id=7)],
                      tmp_path / "img")
+
+
+def test_image_suffixes_are_the_image_modules_one_constant() -> None:
+    """The folder reader takes the suffixes `caption` takes (captioner.data.images); the old
+    convert.IMAGE_SUFFIXES stays one release, warning."""
+    from captioner.data import convert
+    from captioner.data.images import IMAGE_EXTENSIONS
+
+    with pytest.warns(DeprecationWarning, match="IMAGE_EXTENSIONS"):
+        assert convert.IMAGE_SUFFIXES is IMAGE_EXTENSIONS
+    with pytest.raises(AttributeError):
+        convert.NO_SUCH_NAME  # noqa: B018

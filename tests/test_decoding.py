@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 import pickle
+import threading
 
 import pytest
 import torch
 
 from captioner.data.vocab import END_ID, PAD_ID, START_ID
-from captioner.decoding import beam_search, greedy, sample
+from captioner.decoding import beam_search, cuda_graph, greedy, sample
+from captioner.decoding.cuda_graph import GRAPHS_KEPT, CaptureFailed, DecoderGraphs
 from captioner.models import ATTENTIONS, AttentionDecoder, DecoderConfig
 
 
@@ -218,6 +220,107 @@ def test_beam_wider_than_the_vocabulary() -> None:
     torch.testing.assert_close(out.token_logprobs.sum(1), out.scores)
     with pytest.raises(ValueError, match="max_length must be >= 1"):
         beam_search(dec, feats, beam_size=2, max_length=0)
+
+
+# -- the recordings' bookkeeping, on the CPU: a stand-in records nothing and runs each step ----------
+class _Replay:
+    """Stands in for a CUDA-graph recording: runs each step it is asked to replay, and notes it."""
+
+    def __init__(self, state, device) -> None:
+        self.state, self.lock, self.replayed = state, threading.Lock(), []
+
+    def run(self, step: int, advance) -> None:
+        self.replayed.append(step)
+        advance(step)
+
+
+@pytest.fixture()
+def recorded(monkeypatch):
+    """Searches on the CPU take the GPU's route: fixed-shape state, kept per decoder and shape."""
+    monkeypatch.setattr(DecoderGraphs, "on_gpu", staticmethod(lambda device: True))
+    monkeypatch.setattr(DecoderGraphs, "recording", _Replay)
+
+
+def _same(fixed, plain) -> None:
+    assert torch.equal(fixed.tokens, plain.tokens) and torch.equal(fixed.lengths, plain.lengths)
+    torch.testing.assert_close(fixed.scores, plain.scores)
+    torch.testing.assert_close(fixed.alphas, plain.alphas)
+    torch.testing.assert_close(fixed.token_logprobs, plain.token_logprobs)
+
+
+def test_replayed_greedy_and_beam_equal_the_plain_loops(decoder, recorded) -> None:
+    """Greedy has its own fixed-shape path (not beam search of width 1); both give the plain
+    loops' captions, on kept state that each new batch of the shape starts afresh."""
+    first, second = torch.randn(5, 9, 12), torch.randn(5, 9, 12)
+    for features in (first, second, first):
+        for min_length in (1, 3):
+            _same(greedy(decoder, features, 12, min_length=min_length),
+                  greedy(decoder, features, 12, min_length=min_length, cuda_graph=False))
+        fixed, plain = beam_search(decoder, features, 3, 12), beam_search(decoder, features, 3, 12, cuda_graph=False)
+        _same(fixed, plain)
+        assert fixed.nbest == plain.nbest
+    kept = [rec for _, rec in DecoderGraphs.of(decoder).kept.values()]
+    assert len(kept) == 2 and all(rec.replayed for rec in kept)
+    assert {type(rec.state).__name__ for rec in kept} == {"_Path", "_Beams"}  # greedy is not beam search
+    assert min(min(rec.replayed) for rec in kept) >= 1  # step 0 runs eagerly
+
+
+def test_recordings_are_kept_per_shape_and_dropped_when_the_weights_change(recorded) -> None:
+    torch.manual_seed(0)
+    dec = AttentionDecoder(DecoderConfig(embed_dim=8, attention_dim=8, decoder_dim=8), 20, 6).eval()
+    graphs = DecoderGraphs.of(dec)
+    batches = {b: torch.randn(b, 4, 6) for b in (2, 3, 4)}
+    for b in (2, 3, 4):
+        greedy(dec, batches[b], 8)
+    assert len(graphs.kept) == GRAPHS_KEPT == 2
+    assert [key[0][1] for key in graphs.kept] == [3, 4]  # the least recently used went
+    three = graphs.kept[next(iter(graphs.kept))][1]
+    greedy(dec, batches[3], 8)
+    assert [key[0][1] for key in graphs.kept] == [4, 3] and graphs.kept[next(reversed(graphs.kept))][1] is three
+    # a search whose recording another thread holds runs on its own state, and right
+    with three.lock:
+        before = len(three.replayed)
+        _same(greedy(dec, batches[3], 8), greedy(dec, batches[3], 8, cuda_graph=False))
+    assert len(three.replayed) == before
+    # new weights (an optimiser step, a load): every recording of the old ones goes
+    with torch.no_grad():
+        dec.out.bias[5:10] += 3.0
+    _same(greedy(dec, batches[3], 8), greedy(dec, batches[3], 8, cuda_graph=False))
+    assert len(graphs.kept) == 1 and graphs.kept[next(iter(graphs.kept))][1] is not three
+    # the recordings stay with the decoder: a copy or a pickle starts with none
+    for other in (copy.deepcopy(dec), pickle.loads(pickle.dumps(dec))):
+        assert DecoderGraphs.of(other) is not graphs and not DecoderGraphs.of(other).kept
+    # no search is recorded where it would not replay
+    assert DecoderGraphs.for_search(dec, False, batches[3].device, 8) is None
+    assert DecoderGraphs.for_search(dec, None, batches[3].device, 3) is None  # all warm-up
+
+
+def test_the_cuda_graph_module_holds_no_state() -> None:
+    """The recordings live with their decoder (DecoderGraphs.of), not in module globals."""
+    mutable = (dict, list, set, type(threading.Lock()))
+    state = [name for name, value in vars(cuda_graph).items() if not name.startswith("__")
+             and (isinstance(value, mutable) or type(value).__module__ == "weakref")]
+    assert state == []
+
+
+@pytest.mark.parametrize("search", ["greedy", "beam search"])
+def test_a_failed_recording_runs_eagerly_for_good(recorded, monkeypatch, caplog, search: str) -> None:
+    class Broken(_Replay):
+        def run(self, step: int, advance) -> None:
+            raise CaptureFailed("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(DecoderGraphs, "recording", Broken)
+    torch.manual_seed(0)
+    dec = AttentionDecoder(DecoderConfig(embed_dim=8, attention_dim=8, decoder_dim=8), 20, 6).eval()
+    features = torch.randn(3, 4, 6)
+    decode = (lambda **kw: greedy(dec, features, 10, **kw)) if search == "greedy" else \
+        (lambda **kw: beam_search(dec, features, 3, 10, **kw))
+    with caplog.at_level("WARNING"):
+        _same(decode(), decode(cuda_graph=False))
+    assert f"{search}: CUDA graph capture failed" in caplog.text
+    graphs = DecoderGraphs.of(dec)
+    assert graphs.failed and not graphs.kept
+    assert DecoderGraphs.for_search(dec, None, features.device, 10) is None
 
 
 # -- CUDA graphs (GPU only) -----------------------------------------------------------------------

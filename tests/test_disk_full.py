@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -215,7 +216,7 @@ def test_shapes_on_a_full_disk_leaves_no_data_set(tmp_path, capsys) -> None:
 def test_a_failed_write_without_errno_is_a_full_disk_only_when_space_is_short(tmp_path, monkeypatch) -> None:
     """torch's zip writer and numpy's tofile say "unexpected pos" / "N requested and M written"
     with no errno: the free space decides."""
-    from captioner.data import atomic
+    from captioner import files
 
     def torn(f):  # fails on the file, not when the size is measured
         f.write(b"x" * 1000)
@@ -223,11 +224,24 @@ def test_a_failed_write_without_errno_is_a_full_disk_only_when_space_is_short(tm
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
 
     for free, full in ((10, True), (10**9, False)):
-        monkeypatch.setattr(atomic, "free_bytes", lambda path, free=free: free)
-        with pytest.raises(atomic.DiskFullError if full else RuntimeError) as err:
-            atomic.atomic_write(tmp_path / "x.ckpt", torn)
-        assert isinstance(err.value, atomic.DiskFullError) == full
+        monkeypatch.setattr(files, "free_bytes", lambda path, free=free: free)
+        with pytest.raises(files.DiskFullError if full else RuntimeError) as err:
+            files.atomic_write(tmp_path / "x.ckpt", torn)
+        assert isinstance(err.value, files.DiskFullError) == full
         if full:
             assert str(err.value).startswith(f"no space left on device writing {tmp_path / 'x.ckpt'} "
                                              "(needs 1.0 kB, 10 bytes free)")
         assert list(tmp_path.iterdir()) == []
+
+
+def test_the_old_atomic_module_warns_and_is_captioner_files(monkeypatch) -> None:
+    """captioner.data.atomic moved to captioner.files: the old name still works for one release,
+    warns, and is the module itself (a patch through it reaches the writers)."""
+    import importlib
+
+    from captioner import files
+
+    monkeypatch.delitem(sys.modules, "captioner.data.atomic", raising=False)
+    with pytest.warns(DeprecationWarning, match="captioner.files"):
+        old = importlib.import_module("captioner.data.atomic")
+    assert old is files and old.DiskFullError is files.DiskFullError

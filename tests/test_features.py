@@ -437,7 +437,7 @@ def test_a_disk_too_small_for_the_cache_fails_before_any_image_is_encoded(shapes
     import errno
     import os
 
-    from captioner.data.atomic import DiskFullError
+    from captioner.files import DiskFullError
 
     def full(fd, offset, size):
         raise OSError(errno.ENOSPC, "No space left on device")

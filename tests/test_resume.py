@@ -14,8 +14,8 @@ import torch
 
 from captioner.checkpointing import atomic_torch_save
 from captioner.data import sampling
-from captioner.data.atomic import atomic_write_json
 from captioner.data.sampling import EpochSampler
+from captioner.files import atomic_write_json
 from tests.conftest import fit_args
 
 ROOT = Path(__file__).resolve().parent.parent

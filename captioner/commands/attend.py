@@ -20,8 +20,8 @@ logger = logging.getLogger(__name__)
 def cmd_attend(a: argparse.Namespace) -> int:
     from matplotlib import colormaps
 
-    from captioner.data.atomic import atomic_write_json
     from captioner.data.images import ImageLoadError, load_image
+    from captioner.files import atomic_write_json
     from captioner.viz import attention_json, save_attention_figure, save_attention_gif
 
     if a.cmap is not None and a.cmap not in colormaps:

@@ -124,7 +124,7 @@ class PartFile:
         self.writer = RowWriter(fmt, self._write, header=fresh)
 
     def _write(self, data: bytes) -> None:
-        from captioner.data.atomic import DiskFullError, writing
+        from captioner.files import DiskFullError, writing
 
         view = memoryview(data)
         try:
@@ -136,7 +136,7 @@ class PartFile:
             raise
 
     def finish(self) -> None:
-        from captioner.data.atomic import publish
+        from captioner.files import publish
 
         os.close(self.fd)
         publish(self.part, self.path)
@@ -212,7 +212,7 @@ class ChunkRows:
         return {json.loads(line)["image"] for chunk in self._chunks() for line in chunk.read_bytes().splitlines()}
 
     def write(self, rank: int, results: list) -> None:
-        from captioner.data.atomic import atomic_write
+        from captioner.files import atomic_write
 
         lines = []
         for i, captions, error in results:

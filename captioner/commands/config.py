@@ -41,8 +41,8 @@ from captioner.checkpointing import (
     RunTensorBoardLogger,
 )
 from captioner.commands.common import CONFIG_NAME, UsageError
-from captioner.data.atomic import atomic_write, exception_chain, find_disk_full
 from captioner.data.datamodule import RENAMED_DATA_KEYS, CaptionDataModule
+from captioner.files import atomic_write, exception_chain, find_disk_full
 from captioner.settings import SettingError, accepts, check_arguments, is_choice
 from captioner.system import CaptioningSystem
 

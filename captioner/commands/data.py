@@ -36,8 +36,8 @@ _DELIMITER_NAMES = {"\\t": "\t", "tab": "\t", "comma": ",", "semicolon": ";", "p
 
 
 def cmd_data_convert(a: argparse.Namespace) -> int:
-    from captioner.data.atomic import atomic_write_json
     from captioner.data.convert import ConvertError, convert_rows, read_rows, table_dialect
+    from captioner.files import atomic_write_json
 
     image_root = a.image_root or (a.input if a.format == "folder" else None)
     if image_root is None:

@@ -172,9 +172,9 @@ def run(args: Sequence[str], prog: str = "captioner evaluate") -> int:
 
 
 def report(a, cli) -> int:
-    from captioner.data.atomic import atomic_write_json
     from captioner.data.images import ImageLoadError
     from captioner.evaluation import ImageIdMismatch, find_metrics_csv, results_json, write_report
+    from captioner.files import atomic_write_json
     from captioner.metrics import format_grounding_table, format_table
 
     try:

@@ -36,7 +36,6 @@ from captioner.data.tokenizers import get_tokenizer, lost_letters_warning, norma
 logger = logging.getLogger(__name__)
 
 FORMATS = ("csv", "tsv", "jsonl", "folder", "coco")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 _SPLITS = ("train", "val", "test", "restval")
 DELIMITERS = (",", ";", "\t", "|")
 # Scripts a caption's letters are counted in (Unicode Script property); the rest is "other".
@@ -254,8 +253,10 @@ def read_folder(folder: str | os.PathLike, encoding: str | None = None) -> list[
     folder = Path(folder)
     if not folder.is_dir():
         raise ConvertError(f"{folder}: not a folder")
+    from captioner.data.images import IMAGE_EXTENSIONS, is_image_path  # here: PIL only for folders
+
     rows: list[Row] = []
-    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    images = sorted(p for p in folder.rglob("*") if is_image_path(p) and p.is_file())
     for image in images:
         rel = image.relative_to(folder).as_posix()
         txt = image.with_suffix(".txt")
@@ -270,7 +271,7 @@ def read_folder(folder: str | os.PathLike, encoding: str | None = None) -> list[
         if not any(line.strip() for line in lines):
             rows.append(Row(rel, None, None, str(txt)))
     for txt in sorted(folder.rglob("*.txt")):
-        if not any(txt.with_suffix(s).is_file() for s in (*IMAGE_SUFFIXES, *map(str.upper, IMAGE_SUFFIXES))):
+        if not any(txt.with_suffix(s).is_file() for s in (*IMAGE_EXTENSIONS, *map(str.upper, IMAGE_EXTENSIONS))):
             rows.append(Row(txt.relative_to(folder).with_suffix("").as_posix() + ".*", "?", None, str(txt)))
     return rows
 
@@ -396,3 +397,16 @@ def convert_rows(rows: Iterable[Row], image_root: str | os.PathLike, tokenizer: 
 __all__ = ["DELIMITERS", "FORMATS", "ConvertError", "ConvertReport", "Row", "assign_splits",
            "convert_rows", "dominant_script", "path_image_id", "read_coco", "read_folder", "read_jsonl",
            "read_rows", "read_table", "sniff_encoding", "table_dialect"]
+
+
+def __getattr__(name: str):
+    # Deprecated for one release: the image suffixes live in captioner.data.images.
+    if name == "IMAGE_SUFFIXES":
+        import warnings
+
+        from captioner.data.images import IMAGE_EXTENSIONS
+
+        warnings.warn("captioner.data.convert.IMAGE_SUFFIXES is captioner.data.images.IMAGE_EXTENSIONS; import "
+                      "that (the old name goes in the next release)", DeprecationWarning, stacklevel=2)
+        return IMAGE_EXTENSIONS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -47,11 +47,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from captioner.data.atomic import DiskFullError, atomic_write_json, free_bytes
 from captioner.data.fingerprint import differences, sha256_json
 from captioner.data.images import ImageLoadError, load_image
 from captioner.data.records import ImageRecord, blocks
 from captioner.data.transforms import Preprocessing
+from captioner.files import DiskFullError, atomic_write_json, free_bytes
 
 logger = logging.getLogger(__name__)
 

@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from captioner.data.atomic import DiskFullError, atomic_write_json, write_file
+from captioner.files import DiskFullError, atomic_write_json, write_file
 
 logger = logging.getLogger(__name__)
 

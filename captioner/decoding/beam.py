@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import threading
-import weakref
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -13,15 +9,8 @@ from torch import Tensor
 
 from captioner.data.vocab import END_ID, PAD_ID, START_ID
 from captioner.decoding.common import Generated, ban_tokens, word_lengths
+from captioner.decoding.cuda_graph import DecoderGraphs, Steps
 from captioner.models.decoder import AttentionDecoder
-
-logger = logging.getLogger(__name__)
-
-# Steps run eagerly before a graph is first recorded: the warm-up that capture needs (lazy
-# initialisation, cuBLAS workspaces) happens on real steps rather than thrown-away ones.
-GRAPH_WARMUP_STEPS = 2
-# Recorded searches kept per decoder (one per batch shape; each holds its buffers on the GPU).
-GRAPHS_KEPT = 2
 
 
 @torch.no_grad()
@@ -75,36 +64,18 @@ def beam_search(
         scores[:, :v], tok[:, :v] = logp.topk(v, dim=-1)
     h, c = (s.repeat_interleave(k, 0) for s in state)  # (B*K, H)
 
-    graph = _recorded(decoder, cache, h, alpha0.dtype, (b, k, n, v, max_length, suppress_unk)) \
-        if graph_replay(cuda_graph, dev, max_length, decoder) else None
-    beams = graph.beams if graph is not None else _Beams.allocate(cache, h, alpha0.dtype, k, n, max_length)
-    run = lambda step: beams.advance(decoder, step, suppress_unk, min_length)  # noqa: E731
-    steps = 1
+    graphs = DecoderGraphs.for_search(decoder, cuda_graph, dev, max_length)
+    search = Steps(graphs, decoder, (b, k, n, v, max_length, suppress_unk), cache, h, alpha0.dtype,
+                   lambda held: _Beams.allocate(held, h, alpha0.dtype, k, n, max_length), "beam search")
+    beams = search.state
     try:
         beams.begin(cache, h, c, tok, scores)
-        for step in range(1, max_length):
-            if early_stop and bool(beams.done.all()):
-                break
-            # ban_tokens depends on the step before min_length; the graph replays later steps
-            if graph is None or step < min_length:
-                run(step)
-            else:
-                try:
-                    graph.run(step, run)
-                except _CaptureFailed as err:
-                    logger.warning("beam search: CUDA graph capture failed (%s); running steps eagerly", err)
-                    with _KEPT_LOCK:
-                        _FAILED.add(decoder)  # for good: do not try again
-                        _KEPT.pop(decoder, None)
-                    graph.lock.release()
-                    graph = None
-                    run(step)
-            steps += 1
+        steps = search.run(lambda step: beams.advance(decoder, step, suppress_unk, min_length), beams.done,
+                           max_length, min_length, early_stop)
         tokens, alphas, logps = _backtrack(beams, steps, alpha0)  # (B, K, T), (B, K, T, N), (B, K, T)
         scores = beams.scores.clone()
     finally:
-        if graph is not None:
-            graph.lock.release()
+        search.release()
     t = tokens.size(-1)
     lengths = word_lengths(tokens.view(b * k, t)).view(b, k)
     final = scores
@@ -221,89 +192,3 @@ def _backtrack(beams: _Beams, steps: int, alpha0: Tensor) -> tuple[Tensor, Tenso
     later = maps[1:].gather(2, ancestor[:-1].unsqueeze(-1).expand(-1, -1, -1, n))  # (T-1, B, K, N)
     alphas = torch.cat([alpha0.view(1, b, 1, n).expand(1, b, k, n), later]).permute(1, 2, 0, 3)
     return tokens, alphas, logps
-
-
-# Recorded searches per decoder, outside the module so that copying or pickling a decoder never
-# meets a CUDA graph or a lock; entries go with their decoder.
-_KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_FAILED: weakref.WeakSet = weakref.WeakSet()  # decoders whose capture failed: eager for good
-_KEPT_LOCK = threading.Lock()
-
-
-def graph_replay(cuda_graph: bool | None, device: torch.device, max_length: int, decoder) -> bool:
-    """Whether beam search would replay its steps as a CUDA graph here."""
-    if device.type != "cuda" or cuda_graph is False or decoder in _FAILED:
-        return False
-    # Autocast caches its casts of the weights for one forward pass; a graph recorded with them
-    # would replay reads of freed memory. bf16 decoding (slower than fp32 here) stays eager.
-    if torch.is_autocast_enabled("cuda"):
-        return False
-    return max_length > GRAPH_WARMUP_STEPS + 1  # steps left to replay
-
-
-class _Recorded:
-    """One batch shape's search buffers and, once recorded, the CUDA graph of a step on them."""
-
-    def __init__(self, beams: _Beams, device: torch.device) -> None:
-        self.beams = beams
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.device = device
-        self.stream = torch.cuda.Stream(device)
-        self.lock = threading.Lock()  # one search at a time on these buffers
-        self.warm = 0
-
-    def run(self, step: int, advance) -> None:
-        """Run step ``step``: eagerly while warming up, else by replaying the graph (recorded
-        first if need be; _CaptureFailed if that fails)."""
-        if self.graph is None:
-            current = torch.cuda.current_stream(self.device)
-            if self.warm < GRAPH_WARMUP_STEPS:  # on a side stream, as capture wants
-                self.stream.wait_stream(current)
-                with torch.cuda.stream(self.stream):
-                    advance(step)
-                current.wait_stream(self.stream)  # the caller reads `done` on its stream
-                self.warm += 1
-                return
-            graph = torch.cuda.CUDAGraph()
-            try:
-                # thread_local: only this thread is held to capture's rules, so a server's other
-                # threads keep using the GPU meanwhile
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                    advance(step)  # recorded, not run
-            except RuntimeError as err:
-                raise _CaptureFailed(str(err).splitlines()[0] if str(err) else type(err).__name__) from err
-            self.graph = graph
-        self.graph.replay()
-
-
-class _CaptureFailed(RuntimeError):
-    pass
-
-
-def _recorded(decoder: AttentionDecoder, cache: tuple[Tensor, ...], h: Tensor, map_dtype: torch.dtype,
-              shape: tuple) -> _Recorded | None:
-    """The kept search for this batch shape and these weights (a new one when there is none),
-    locked for this call; None when it is busy (another thread) or the weights are inference
-    tensors (no version counter to tell whether they changed since the recording)."""
-    params = list(decoder.parameters())
-    if any(p.is_inference() for p in params):
-        return None
-    # The graph reads the weights where they were when it was recorded; an optimiser step or a
-    # load changes their versions (and the decoder's cached copies), so the key holds them.
-    weights = tuple((p.data_ptr(), p._version) for p in params)
-    key = (shape, tuple((x.shape, x.dtype, x.device) for x in cache), h.dtype, map_dtype,
-           torch.is_inference_mode_enabled())
-    with _KEPT_LOCK:
-        kept: OrderedDict = _KEPT.setdefault(decoder, OrderedDict())
-        for old in [key_ for key_, rec in kept.items() if rec[0] != weights]:
-            del kept[old]
-        entry = kept.get(key)
-        if entry is None:
-            _b, k, n, _v, max_length, _ = shape
-            beams = _Beams.allocate(tuple(torch.empty_like(x) for x in cache), h, map_dtype, k, n, max_length)
-            entry = kept[key] = (weights, _Recorded(beams, cache[0].device))
-            while len(kept) > GRAPHS_KEPT:
-                kept.popitem(last=False)
-        kept.move_to_end(key)
-        rec = entry[1]
-        return rec if rec.lock.acquire(blocking=False) else None

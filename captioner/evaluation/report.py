@@ -8,8 +8,8 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from captioner.data.atomic import atomic_write, atomic_write_json
 from captioner.evaluation.scoring import Evaluation
+from captioner.files import atomic_write, atomic_write_json
 from captioner.metrics import format_grounding_table, format_table, percent
 
 # How many folders above the checkpoint's folder are searched for training logs.

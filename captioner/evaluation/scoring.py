@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from captioner.data.atomic import finite_json
 from captioner.data.datamodule import CaptionDataModule
 from captioner.data.records import ImageRecord
 from captioner.data.tokenizers import get_tokenizer
@@ -27,6 +26,7 @@ from captioner.evaluation.references import (
     load_results,
     references_from_records,
 )
+from captioner.files import finite_json
 from captioner.inference import CaptionPipeline
 from captioner.metrics import EvalResult, exact_match, score_captions
 

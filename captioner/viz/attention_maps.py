@@ -20,7 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
-from captioner.data.atomic import atomic_write
+from captioner.files import atomic_write
 
 # Images smaller than this (the 64 px shapes) are enlarged for display so blocks and words stay legible.
 MIN_DISPLAY_SIZE = 224

@@ -12,7 +12,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from captioner.data.atomic import atomic_write
+from captioner.files import atomic_write
 from captioner.viz.attention_maps import figure_png_bytes
 
 

@@ -1,0 +1,165 @@
+"""The command line of the benchmarks: ``python scripts/benchmark.py BENCHMARK [options]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from benchmarks.caption import bench_caption
+from benchmarks.common import machine_info
+from benchmarks.decoder import PARTS, bench_decoder
+from benchmarks.encoder import bench_encoder
+from benchmarks.memory import bench_memory
+from benchmarks.scst import bench_scst
+from captioner.inference import JPEG_DECODE
+from captioner.models import ATTENTIONS
+from captioner.models.quantize import QUANTIZE
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="benchmark.py",
+                                description="Speed and memory benchmarks with random weights (``scripts/benchmark.py``).")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    sub = p.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+
+    def common(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--threads", type=int, default=argparse.SUPPRESS,
+                       help="torch intra-op threads (default: torch's)")
+        q.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
+    def decoding_options(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--quantize", default="none", choices=QUANTIZE, help="int8: decode with int8 weights (CPU)")
+        q.add_argument("--cuda-graph", default="auto", choices=("auto", "off"),
+                       help="beam search on a GPU: replay its step as a CUDA graph (auto) or not")
+
+    d = sub.add_parser("decoder", help="decoder training step, beam search and greedy decoding")
+    common(d)
+    d.add_argument("--encoder-dim", type=int, default=2048)
+    d.add_argument("--grid", type=int, default=14)
+    d.add_argument("--vocab", type=int, default=10000)
+    d.add_argument("--batch", type=int, default=32)
+    d.add_argument("--embed-dim", type=int, default=512)
+    d.add_argument("--attention-dim", type=int, default=512)
+    d.add_argument("--decoder-dim", type=int, default=512)
+    d.add_argument("--caption-length", type=int, default=22, help="tokens per caption, <start>/<end> included")
+    d.add_argument("--beam-size", type=int, default=5)
+    d.add_argument("--max-steps", type=int, default=20, help="decoding steps (always all of them)")
+    d.add_argument("--attention", default="soft", choices=ATTENTIONS.names())
+    d.add_argument("--repeats", type=int, default=3)
+    d.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    d.add_argument("--compile", action="store_true", help="torch.compile the decoder")
+    d.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16: autocast")
+    decoding_options(d)
+    d.add_argument("--only", nargs="+", choices=PARTS, default=None, help="run only these parts")
+
+    c = sub.add_parser("caption", help="encoder alone vs the whole `captioner caption` path")
+    common(c)
+    c.add_argument("--encoder", default="resnet101")
+    c.add_argument("--image-size", type=int, default=256)
+    c.add_argument("--beam-size", type=int, default=5)
+    c.add_argument("--max-length", type=int, default=20)
+    c.add_argument("--images", type=int, default=32)
+    c.add_argument("--batch-size", type=int, default=16)
+    c.add_argument("--vocab", type=int, default=10000)
+    c.add_argument("--decoder-dim", type=int, default=512)
+    c.add_argument("--source-size", default="640x480", help="WxH of the generated JPEG files")
+    c.add_argument("--repeats", type=int, default=3)
+    c.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    c.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    c.add_argument("--num-workers", type=int, default=None,
+                   help="image-reading threads (default: as `captioner caption`, 0 on CPU, 4 on GPU)")
+    decoding_options(c)
+    c.add_argument("--jpeg-decode", default="auto", choices=JPEG_DECODE,
+                   help="as `captioner caption --jpeg-decode` (auto: on the device when it is a GPU)")
+
+    r = sub.add_parser("scst", help="the CIDEr-D reward against a whole self-critical training step (CPU)")
+    common(r)
+    r.add_argument("--batch", type=int, default=64, help="images per step")
+    r.add_argument("--samples", type=int, default=5, help="sampled captions per image")
+    r.add_argument("--max-length", type=int, default=16, help="most words per sample")
+    r.add_argument("--vocab", type=int, default=10000)
+    r.add_argument("--grid", type=int, default=14)
+    r.add_argument("--decoder-dim", type=int, default=512)
+    r.add_argument("--attention", default="soft", choices=ATTENTIONS.names())
+    r.add_argument("--baseline", default="mean", choices=("mean", "greedy"))
+    r.add_argument("--repeats", type=int, default=3)
+    e = sub.add_parser("encoder", help="an encoder's training step with stem: rgb against stem: split")
+    common(e)
+    e.add_argument("--encoder", default="shapes_cnn")
+    e.add_argument("--image-size", type=int, default=64)
+    e.add_argument("--grid", type=int, default=8)
+    e.add_argument("--channels", type=int, default=64, help="shapes_cnn width")
+    e.add_argument("--batch", type=int, default=64)
+    e.add_argument("--trainable-blocks", type=int, default=-1, help="as model.encoder.trainable_blocks")
+    e.add_argument("--repeats", type=int, default=5)
+    e.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    m = sub.add_parser("memory", help="resident memory while captioning many images in a stream")
+    common(m)
+    m.add_argument("--images", type=int, default=1000)
+    m.add_argument("--batch-size", type=int, default=16)
+    return p
+
+
+def _graph(choice: str) -> bool | None:
+    return None if choice == "auto" else False
+
+
+def run(a: argparse.Namespace) -> dict:
+    if a.bench == "decoder":
+        figures = bench_decoder(
+            encoder_dim=a.encoder_dim, grid=a.grid, vocab=a.vocab, batch=a.batch, embed_dim=a.embed_dim,
+            attention_dim=a.attention_dim, decoder_dim=a.decoder_dim, caption_length=a.caption_length,
+            beam_size=a.beam_size, max_steps=a.max_steps, attention=a.attention, repeats=a.repeats,
+            device=a.device, compile=a.compile, parts=a.only or PARTS, precision=a.precision,
+            quantize=a.quantize, cuda_graph=_graph(a.cuda_graph),
+        )
+    elif a.bench == "caption":
+        w, _, h = a.source_size.partition("x")
+        figures = bench_caption(
+            encoder=a.encoder, image_size=a.image_size, beam_size=a.beam_size, images=a.images,
+            batch_size=a.batch_size, max_length=a.max_length, vocab=a.vocab, decoder_dim=a.decoder_dim,
+            source_size=(int(w), int(h)), repeats=a.repeats, device=a.device, precision=a.precision,
+            num_workers=a.num_workers, jpeg_decode=a.jpeg_decode, quantize=a.quantize,
+            cuda_graph=_graph(a.cuda_graph),
+        )
+    elif a.bench == "scst":
+        figures = bench_scst(batch=a.batch, samples=a.samples, max_length=a.max_length, vocab=a.vocab, grid=a.grid,
+                             decoder_dim=a.decoder_dim, attention=a.attention, baseline=a.baseline,
+                             repeats=a.repeats)
+    elif a.bench == "encoder":
+        figures = bench_encoder(encoder=a.encoder, image_size=a.image_size, grid=a.grid, channels=a.channels,
+                                batch=a.batch, trainable_blocks=a.trainable_blocks, repeats=a.repeats,
+                                device=a.device)
+    else:
+        marks = [c for c in (100, 500, 1000) if c < a.images] + [a.images]
+        figures = bench_memory(images=a.images, checkpoints=marks, batch_size=a.batch_size)
+    settings = {k: v for k, v in vars(a).items() if k not in ("json", "bench")}
+    return {"benchmark": a.bench, "machine": machine_info(getattr(a, "device", "cpu")),
+            "settings": settings, **figures}
+
+
+def format_report(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"{report['benchmark']}: torch {m['torch']}, {m['threads']} threads, {m['device']}"
+             f" ({m.get('gpu') or m['cpu']})"]
+    for key, value in report.items():
+        if key in ("benchmark", "machine", "settings"):
+            continue
+        lines.append(f"  {key:24s} {round(value, 2) if isinstance(value, float) else value}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if getattr(a, "device", "cpu") == "cuda" and not torch.cuda.is_available():
+        print("benchmark.py: error: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    report = run(a)
+    print(json.dumps(report) if a.json else format_report(report))
+    return 0
