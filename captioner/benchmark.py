@@ -279,7 +279,7 @@ def random_model(
     device: str = "cpu",
 ):
     """A ``LoadedModel`` with random weights, as ``load_checkpoint`` would return it."""
-    from captioner.inference import LoadedModel
+    from captioner.checkpoint import LoadedModel
 
     torch.manual_seed(0)
     enc = EncoderConfig(name=encoder, image_size=image_size, grid=grid or 14, channels=channels)
