@@ -58,7 +58,7 @@ from captioner.model_folder import (
 from captioner.models import Captioner, DecoderConfig, EncoderConfig
 
 __all__ = ["CHECKPOINT_FORMAT", "FOLDER_FORMAT", "FOLDER_FORMAT_VERSION", "CheckpointError", "LoadedModel",
-           "export_model_folder", "load_checkpoint", "read_checkpoint", "read_trained", "stored_settings",
+           "export_model_folder", "load_checkpoint", "read_checkpoint", "StoredModel", "read_trained", "stored_settings",
            "stored_vocab", "write_entry"]
 
 logger = logging.getLogger(__name__)

@@ -77,6 +77,7 @@ def test_a_version_1_checkpoint_is_migrated(tiny_checkpoint, tmp_path, stored, e
     assert checkpoint.read_trained(old).tokenizer == expected
     want = load_checkpoint(tiny_checkpoint).model.state_dict()
     assert all(torch.equal(v, want[k]) for k, v in loaded.model.state_dict().items())
+    assert read_checkpoint(old)["captioner"]["format"] == 1  # migrated as read, nothing written back
 
 
 @pytest.mark.parametrize("version, says", [(0, "checkpoint format 0 is older than this captioner reads (it reads 1 to 2)"),
