@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
+from captioner.checkpoint import LoadedModel
 from captioner.data.vocab import END_ID, SPECIALS, START_ID, Vocabulary
-from captioner.inference import LoadedModel
 from captioner.models import Captioner, DecoderConfig, EncoderConfig
 
 

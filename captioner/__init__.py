@@ -6,16 +6,20 @@
 
 __version__ = "0.1.0"
 
-# The public API, all defined in captioner.inference.
+# The public API, defined in captioner.inference (captioning) and captioner.checkpoint (loading).
 _LAZY = ("Caption", "CaptionPipeline", "CheckpointError", "load_checkpoint")
 __all__ = [*_LAZY, "__version__"]
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
+    if name in ("Caption", "CaptionPipeline"):
         import captioner.inference
 
         return getattr(captioner.inference, name)
+    if name in ("CheckpointError", "load_checkpoint"):
+        import captioner.checkpoint
+
+        return getattr(captioner.checkpoint, name)
     raise AttributeError(f"module 'captioner' has no attribute {name!r}")
 
 

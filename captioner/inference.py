@@ -1,11 +1,10 @@
-"""Loading checkpoints safely and captioning images with them (used by the CLI and the server)."""
+"""Captioning images with a loaded model (used by the CLI and the server); loading is captioner.checkpoint's."""
 
 from __future__ import annotations
 
 import logging
 import math
 import os
-import pickle
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -17,176 +16,25 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from captioner.data.tokenizers import TOKENIZERS, get_tokenizer
+import captioner.checkpoint as _checkpoint
+from captioner.data.tokenizers import get_tokenizer
 from captioner.data.transforms import Preprocessing
-from captioner.data.vocab import END_ID, Vocabulary
+from captioner.data.vocab import END_ID
 from captioner.decoding import DecodingConfig, Generated, beam_search, generate, sample
-from captioner.hub import download, hub_repo_id
-from captioner.model_folder import (
-    CONFIG_FILE,
-    FOLDER_FORMAT,
-    FOLDER_FORMAT_VERSION,
-    WEIGHTS_FILE,
-    CheckpointError,
-    check_shapes,
-    model_card,
-    read_model_folder,
-    with_aliases,
-    write_model_folder,
-)
-from captioner.models import Captioner, DecoderConfig, EncoderConfig
 from captioner.models.quantize import quantize_decoder
 
 logger = logging.getLogger(__name__)
 
-
-def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """``torch.load(weights_only=True)``: tensors and plain containers only, never code."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        with warnings.catch_warnings():
-            # a file pickled outside torch.save: torch notes its protocol, then refuses it below
-            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning,
-                                    module=r"torch\._weights_only_unpickler")
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"{path}: refused to load: the file holds pickled objects or code that a safe "
-            f"(weights_only) load does not allow; only load checkpoints you trust. ({str(err).splitlines()[0]})"
-        ) from None
-    except Exception as err:  # truncated file, not a torch file at all, ...
-        raise CheckpointError(f"{path}: not a readable checkpoint: {err}") from None
+# Moved to captioner.checkpoint; kept here, deprecated, for one release.
+_MOVED = ("CheckpointError", "LoadedModel", "export_model_folder", "load_checkpoint", "read_checkpoint")
 
 
-# What load_checkpoint reads: top-level entries, and those inside the dicts they name.
-_CHECKPOINT_KEYS = {"state_dict": (), "hyper_parameters": ("encoder", "decoder"),
-                   "captioner": ("vocab", "preprocessing")}
-
-
-def _checkpoint_lacks(ckpt: dict) -> list[str]:
-    """The keys of :data:`_CHECKPOINT_KEYS` that ``ckpt`` lacks (``captioner.vocab``, ...)."""
-    missing = []
-    for key, inner in _CHECKPOINT_KEYS.items():
-        value = ckpt.get(key)
-        if not isinstance(value, dict):
-            missing.append(key)
-        else:
-            missing += [f"{key}.{k}" for k in inner if k not in value]
-    return missing
-
-
-@dataclass
-class LoadedModel:
-    model: Captioner
-    vocab: Vocabulary
-    preprocessing: Preprocessing
-    hparams: dict
-    path: Path
-    tokenizer: str = "simple"  # captioner.data.tokenizers name; checkpoints before it: simple
-
-    @property
-    def decoding(self) -> dict:
-        return self.hparams.get("decoding", {})
-
-
-def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuild a trained model (in eval mode) from a ``.ckpt`` written by ``captioner fit``, a
-    model folder written by ``captioner export``, or a Hub id (``hf://owner/name``, or a bare
-    ``owner/name`` that is no local path; needs ``captioner[hub]``). Nothing is unpickled but a
-    ``.ckpt``'s tensors and plain containers."""
-    repo_id = hub_repo_id(path)
-    if repo_id is not None:
-        return _load_folder(download(repo_id), device)
-    if Path(path).is_dir():
-        return _load_folder(Path(path), device)
-    ckpt = read_checkpoint(path)
-    meta = ckpt.get("captioner")
-    hp = ckpt.get("hyper_parameters")
-    missing = _checkpoint_lacks(ckpt)
-    if missing:
-        raise CheckpointError(f"{path}: not a captioner checkpoint: it lacks {', '.join(missing)}")
-    try:
-        vocab = Vocabulary(meta["vocab"])
-        model = Captioner(_encoder_to_load(hp["encoder"]), DecoderConfig(**hp["decoder"]), len(vocab),
-                          vocab.to_list())
-        state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-        model.load_state_dict(state)
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"{path}: checkpoint does not match this version of captioner: {err}") from None
-    model.eval().to(device)
-    tokenizer = meta.get("tokenizer", "simple")
-    if tokenizer not in TOKENIZERS:
-        raise CheckpointError(f"{path}: unknown tokenizer {tokenizer!r} (this version of captioner has "
-                              f"{', '.join(TOKENIZERS.names())})")
-    return LoadedModel(model, vocab, Preprocessing.from_dict(meta["preprocessing"]), hp, Path(path),
-                       tokenizer)
-
-
-def _encoder_to_load(settings: dict) -> EncoderConfig:
-    """The encoder of a saved model, built without its pretrained weights: the saved state replaces
-    them, so loading never downloads (an offline machine can caption with a timm/CLIP checkpoint)."""
-    return EncoderConfig(**{**settings, "pretrained": False, "weights_path": None})
-
-
-def _load_folder(folder: Path, device: str | torch.device) -> LoadedModel:
-    config, state = read_model_folder(folder)
-    try:
-        vocab = Vocabulary(config["vocab"])
-        model = Captioner(_encoder_to_load(config["encoder"]), DecoderConfig(**config["decoder"]), len(vocab),
-                          vocab.to_list())
-        preprocessing = Preprocessing.from_dict(config["preprocessing"])
-        DecodingConfig.from_dict(config["decoding"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{folder / CONFIG_FILE}: settings this version of captioner cannot "
-                              f"build a model from: {err}") from None
-    expected = model.state_dict()
-    state = with_aliases(state, expected)
-    check_shapes(state, expected, str(folder / WEIGHTS_FILE), len(vocab))
-    model.load_state_dict(state)
-    model.eval().to(device)
-    hp = {k: config[k] for k in ("encoder", "decoder", "decoding")}
-    tokenizer = config.get("tokenizer", "simple")
-    if tokenizer not in TOKENIZERS:
-        raise CheckpointError(f"{folder / CONFIG_FILE}: unknown tokenizer {tokenizer!r} (this version "
-                              f"of captioner has {', '.join(TOKENIZERS.names())})")
-    return LoadedModel(model, vocab, preprocessing, hp, folder, tokenizer)
-
-
-def export_model_folder(
-    checkpoint: str | os.PathLike, out: str | os.PathLike, *, metrics: dict | None = None,
-    run_config: str | os.PathLike | None = None,
-) -> Path:
-    """Write the model of a ``.ckpt`` as a model folder (``model.safetensors``, ``config.json``,
-    ``README.md``; see :mod:`captioner.model_folder`). ``metrics``: a ``captioner evaluate
-    --output`` dictionary for the card; ``run_config``: the run's ``config.yaml``, whose ``data``
-    and ``model`` sections the card quotes. Raises CheckpointError, FileExistsError (``out`` is
-    not empty) or ValueError (an unreadable ``run_config``)."""
-    import yaml
-
-    path = Path(checkpoint)
-    if path.is_dir() or hub_repo_id(path) is not None:
-        raise CheckpointError(f"{checkpoint}: export takes a .ckpt written by `captioner fit`")
-    loaded = load_checkpoint(path)  # checks it builds before anything is written
-    config = {
-        "format": FOLDER_FORMAT, "format_version": FOLDER_FORMAT_VERSION,
-        "encoder": loaded.hparams["encoder"], "decoder": loaded.hparams["decoder"],
-        "decoding": loaded.hparams.get("decoding", {}),
-        "preprocessing": loaded.preprocessing.to_dict(),
-        "tokenizer": loaded.tokenizer,
-        "vocab": loaded.vocab.to_list(),
-    }
-    run = None
-    if run_config is not None:
-        try:
-            run = yaml.safe_load(Path(run_config).read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as err:
-            raise ValueError(f"{run_config}: not a readable config: {err}") from None
-        if not isinstance(run, dict):
-            raise ValueError(f"{run_config}: not a run config (no sections)")
-    card = model_card(config, name=Path(out).name, metrics=metrics, run_config=run)
-    return write_model_folder(out, config, loaded.model.state_dict(), card)
+def __getattr__(name: str):
+    if name in _MOVED:
+        warnings.warn(f"captioner.inference.{name} is deprecated: use captioner.checkpoint.{name}",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(_checkpoint, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -304,7 +152,7 @@ class CaptionPipeline:
 
     def __init__(
         self,
-        loaded: LoadedModel,
+        loaded: _checkpoint.LoadedModel,
         beam_size: int | None = None,
         max_length: int | None = None,
         length_penalty: float | None = None,
@@ -340,7 +188,7 @@ class CaptionPipeline:
         """A pipeline for a model folder, a Hub id (``hf://owner/name`` or ``owner/name``) or a
         ``.ckpt``; ``device``: ``cpu``, ``cuda`` or ``auto``; ``options``: the constructor's
         (``beam_size``, ``max_length``, ``precision``, ...)."""
-        return cls(load_checkpoint(path_or_repo_id, resolve_device(device)), **options)
+        return cls(_checkpoint.load_checkpoint(path_or_repo_id, resolve_device(device)), **options)
 
     def __call__(self, images, beam_size: int | None = None, batch_size: int = 16):
         """Caption one image or many: a path, a PIL image or a tensor -> one :class:`Caption`;

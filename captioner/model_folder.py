@@ -2,14 +2,8 @@
 
 What ``captioner export`` writes and what every ``--checkpoint`` also accepts. Loading one reads
 JSON and safetensors only, never a pickle, so a downloaded folder cannot run code. This module
-knows the files; :func:`captioner.inference.load_checkpoint` builds the model from them.
-
-``config.json`` (``format_version`` 1)::
-
-    {"format": "captioner-model", "format_version": 1,
-     "encoder": {...}, "decoder": {...}, "decoding": {...},   # the dataclasses' settings
-     "preprocessing": {"image_size": ..., "mean": [...], "std": [...], "interpolation": "bicubic"},
-     "tokenizer": "simple", "vocab": ["<pad>", "<start>", "<end>", "<unk>", ...]}
+knows the files and their bytes; :mod:`captioner.checkpoint` knows what ``config.json`` holds and
+builds the model from them.
 
 ``model.safetensors`` holds the ``Captioner`` module's state dict (no ``model.`` prefix), each
 tensor once: a torchvision encoder's frozen blocks are registered twice (``encoder.blocks.*`` and
@@ -32,21 +26,17 @@ import torch
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "README.md"
-FOLDER_FORMAT = "captioner-model"
-FOLDER_FORMAT_VERSION = 1
-# What a loader needs from config.json; the rest (a card's details) is optional.
-REQUIRED_KEYS = ("encoder", "decoder", "decoding", "preprocessing", "vocab")
 
 
 class CheckpointError(Exception):
     """A checkpoint or model folder that is missing, unsafe, damaged or not a captioner model.
-    (Defined here, below ``captioner.inference``, which re-exports it.)"""
+    (Defined here, at the bottom of the checkpoint modules; :mod:`captioner.checkpoint` is its home.)"""
 
 
-def read_model_folder(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(config, state dict) of a model folder; CheckpointError naming the file and the problem."""
+def read_folder_config(path: str | os.PathLike) -> Any:
+    """The JSON of a model folder's ``config.json``; CheckpointError naming the file."""
     folder = Path(path)
-    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    config_path = folder / CONFIG_FILE
     if not config_path.is_file():
         raise CheckpointError(f"{config_path}: missing: {folder} is not a model folder "
                               "(written by `captioner export`)")
@@ -54,29 +44,22 @@ def read_model_folder(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{config_path}: not readable JSON: {err}") from None
-    if not isinstance(config, dict) or config.get("format") != FOLDER_FORMAT:
-        raise CheckpointError(f"{config_path}: not a captioner model config "
-                              f"(no \"format\": \"{FOLDER_FORMAT}\")")
-    version = config.get("format_version")
-    if not isinstance(version, int) or version < 1:
-        raise CheckpointError(f"{config_path}: format_version {version!r} is not a version number")
-    if version > FOLDER_FORMAT_VERSION:
-        raise CheckpointError(f"{config_path}: format version {version} is newer than this captioner "
-                              f"reads ({FOLDER_FORMAT_VERSION}); upgrade captioner")
-    missing = [k for k in REQUIRED_KEYS if k not in config]
-    if missing:
-        raise CheckpointError(f"{config_path}: lacks {', '.join(missing)}")
+    return config
+
+
+def read_folder_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a model folder's ``model.safetensors``; CheckpointError naming the file."""
+    weights_path = Path(path) / WEIGHTS_FILE
     if not weights_path.is_file():
         raise CheckpointError(f"{weights_path}: missing")
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
-        state = load_file(weights_path, device="cpu")
+        return load_file(weights_path, device="cpu")
     except (SafetensorError, OSError, ValueError) as err:  # truncated, empty, not safetensors
         raise CheckpointError(f"{weights_path}: not a readable safetensors file "
                               f"(truncated or damaged?): {err}") from None
-    return config, state
 
 
 def _memory(t: torch.Tensor) -> tuple | None:
@@ -169,51 +152,3 @@ def write_model_folder(out: str | os.PathLike, config: dict[str, Any],
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _table(metrics: Mapping[str, Any]) -> list[str]:
-    """The scores of a ``captioner evaluate --output`` file as a Markdown table."""
-    rows = [(k, v) for k, v in metrics.items()
-            if isinstance(v, int | float) and not isinstance(v, bool) and k not in (
-                "num_images", "beam_size", "max_length", "length_penalty", "nltk_corpus_bleu4")]
-    lines = ["| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in rows]
-    how = ", ".join(f"{k} {metrics[k]}" for k in ("split", "num_images", "beam_size") if k in metrics)
-    if how:
-        lines += ["", f"Scored by `captioner evaluate` ({how})."]
-    return lines
-
-
-def model_card(config: Mapping[str, Any], *, name: str, metrics: Mapping[str, Any] | None = None,
-               run_config: Mapping[str, Any] | None = None) -> str:
-    """A ``README.md`` model card: front matter for the Hub, the data set, the scores, the
-    training settings (the run's ``data`` and ``model`` sections) and how to use it."""
-    import yaml
-
-    data = (run_config or {}).get("data") or {}
-    dataset = data.get("dataset", "unknown") if isinstance(data, dict) else "unknown"
-    enc, dec = config["encoder"], config["decoder"]
-    lines = [
-        "---", "library_name: captioner", "pipeline_tag: image-to-text",
-        "tags: [image-captioning, show-attend-tell]", "---", "",
-        f"# {name}", "",
-        "An image captioning model (Show, Attend and Tell) exported by `captioner export`: "
-        f"encoder `{enc.get('name', '?')}`, {dec.get('attention', 'soft')} attention, "
-        f"{len(config['vocab'])} words, images resized to {config['preprocessing']['image_size']} px.",
-        "", f"Data set: `{dataset}`.", "", "## Scores", "",
-    ]
-    lines += _table(metrics) if metrics else ["Not evaluated at export (`captioner export --metrics`)."]
-    lines += ["", "## Training", ""]
-    if run_config is not None:
-        quoted = {k: run_config[k] for k in ("data", "model") if k in run_config}
-        lines += ["Trained with `captioner fit --config config.yaml`, where the run's `config.yaml` "
-                  "had these `data` and `model` sections:", "", "```yaml",
-                  yaml.safe_dump(quoted, sort_keys=False).rstrip(), "```"]
-    else:
-        lines += ["The run's `config.yaml` was not found beside the checkpoint."]
-    lines += ["", "## Use", "", "```bash", "pip install 'captioner[hub]'",
-              "captioner caption --checkpoint hf://OWNER/NAME photo.jpg   # or this folder's path",
-              "```", "", "```python", "from captioner import CaptionPipeline", "",
-              'pipe = CaptionPipeline.from_pretrained("hf://OWNER/NAME")',
-              'print(pipe("photo.jpg").text)', "```", ""]
-    return "\n".join(lines)

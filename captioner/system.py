@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Annotated, Literal
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from captioner.checkpoint import CheckpointError, read_trained, stored_vocab, write_entry
 from captioner.data.grounding import cell_shares
 from captioner.data.transforms import Preprocessing
 from captioner.data.vocab import END_ID, PAD_ID, START_ID, Vocabulary
@@ -32,7 +34,15 @@ from captioner.settings import (
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
+
+def __getattr__(name: str):
+    if name == "CHECKPOINT_FORMAT":  # moved with the format; kept, deprecated, for one release
+        warnings.warn("captioner.system.CHECKPOINT_FORMAT is deprecated: use captioner.checkpoint.CHECKPOINT_FORMAT",
+                      DeprecationWarning, stacklevel=2)
+        from captioner.checkpoint import CHECKPOINT_FORMAT
+
+        return CHECKPOINT_FORMAT
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # the optimisers and schedules a run can name (model.optim.optimizer, model.optim.scheduler)
@@ -257,23 +267,17 @@ class CaptioningSystem(L.LightningModule):
     def _init_from(self, path: str) -> None:
         """The weights of a finished run (a fine-tuning stage's start); its vocabulary must be
         the data's. Optimiser, schedule and step start afresh."""
-        from captioner.inference import CheckpointError, read_checkpoint
-
         if not Path(path).is_file():
             raise FileNotFoundError(f"model.init_from: {path}: checkpoint not found")
         try:
-            ckpt = read_checkpoint(path)
+            trained = read_trained(path)
         except CheckpointError as err:
             raise ValueError(f"model.init_from: {err}") from None
-        meta, state = ckpt.get("captioner"), ckpt.get("state_dict")
-        if not isinstance(meta, dict) or not isinstance(state, dict) or "vocab" not in meta:
-            raise ValueError(f"model.init_from: {path}: not a captioner checkpoint (no vocabulary or weights)")
-        if differ := self._vocab_differs(meta["vocab"]):
+        if differ := self._vocab_differs(trained.vocab):
             raise ValueError(f"model.init_from: {path}: {differ}: fine-tune on the data (and data.min_count, "
                              "data.vocab_path) the checkpoint was trained with")
-        weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
         try:
-            self.model.load_state_dict(weights)
+            self.model.load_state_dict(trained.weights)
         except RuntimeError as err:
             first = " ".join(str(err).split())[:300]
             raise ValueError(f"model.init_from: {path}: its model differs from model.encoder/model.decoder "
@@ -614,13 +618,8 @@ class CaptioningSystem(L.LightningModule):
 
     # -- checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["captioner"] = {
-            "format": CHECKPOINT_FORMAT,
-            "vocab": self.vocab.to_list(),
-            "preprocessing": self.preprocessing.to_dict(),
-            # how captions were split into words, so that captioning writes them back the same way
-            "tokenizer": getattr(self.trainer.datamodule, "tokenizer_name", "simple"),
-        }
+        write_entry(checkpoint, self.vocab, self.preprocessing,
+                    getattr(self.trainer.datamodule, "tokenizer_name", "simple"))
         # Dropout and hard attention's samples draw from torch's RNG: resume must continue it.
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -632,8 +631,8 @@ class CaptioningSystem(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # --ckpt_path: the embedding's rows are words; another vocabulary of the same size would
         # load without a word and give each row another meaning
-        meta = checkpoint.get("captioner")
-        if isinstance(meta, dict) and "vocab" in meta and (differ := self._vocab_differs(meta["vocab"])):
+        words = stored_vocab(checkpoint)
+        if words is not None and (differ := self._vocab_differs(words)):
             raise ValueError(f"ckpt_path: {differ}: resume with the data (and data.min_count, "
                              "data.vocab_path) the checkpoint was trained with")
         self._pending_rng = checkpoint.get("rng_state")

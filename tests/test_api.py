@@ -21,7 +21,7 @@ def _images(shapes_dir: Path, n: int) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def folder(tiny_checkpoint, tmp_path_factory) -> Path:
-    from captioner.inference import export_model_folder
+    from captioner.checkpoint import export_model_folder
 
     return export_model_folder(tiny_checkpoint, tmp_path_factory.mktemp("api") / "model")
 

@@ -78,7 +78,8 @@ def test_caption_json_reports_bad_files_and_captions_the_rest(tiny_checkpoint, m
 def test_reading_threads_give_the_same_stream_in_input_order(tiny_checkpoint, mixed_folder):
     """caption_paths with reader threads: same captions and per-file errors, in input order,
     as reading inline; a batch smaller than the read-ahead window is fine."""
-    from captioner.inference import CaptionPipeline, load_checkpoint
+    from captioner.checkpoint import load_checkpoint
+    from captioner.inference import CaptionPipeline
 
     folder, good, bad = mixed_folder
     paths = sorted([*good, *bad]) * 3  # longer than the read-ahead window (2 batches)
@@ -249,7 +250,7 @@ def attention_checkpoint(request, tiny_checkpoint, shapes_dir, tmp_path_factory)
     """The session checkpoint for soft attention; one epoch of training for the others."""
     if request.param == "soft":
         return tiny_checkpoint
-    from captioner.inference import read_checkpoint
+    from captioner.checkpoint import read_checkpoint
 
     root = tmp_path_factory.mktemp(request.param)
     assert main(fit_args(shapes_dir, root, "--trainer.max_epochs", "1",
@@ -262,7 +263,7 @@ def attention_checkpoint(request, tiny_checkpoint, shapes_dir, tmp_path_factory)
 
 
 def test_attend_png_and_json(attention_checkpoint, shapes_dir, tmp_path, capsys):
-    from captioner.inference import load_checkpoint
+    from captioner.checkpoint import load_checkpoint
 
     image = sorted((shapes_dir / "images").glob("*.png"))[0]
     out = tmp_path / "att.png"

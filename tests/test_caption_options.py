@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from captioner.checkpoint import load_checkpoint
 from captioner.cli import main
-from captioner.inference import CaptionOptions, CaptionPipeline, OptionError, load_checkpoint
+from captioner.inference import CaptionOptions, CaptionPipeline, OptionError
 
 AWKWARD = ["a, b", 'say "cheese"', "two  spaces", "café ünïcode", "tab\there"]
 

@@ -15,8 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
+from captioner.checkpoint import CheckpointError, load_checkpoint
 from captioner.cli import main
-from captioner.inference import CaptionPipeline, CheckpointError, load_checkpoint
+from captioner.inference import CaptionPipeline
 from captioner.model_folder import CONFIG_FILE, WEIGHTS_FILE
 
 ROOT = Path(__file__).parent.parent
@@ -139,7 +140,6 @@ def test_a_torchvision_encoders_shared_blocks_are_stored_once_and_loaded_back(tm
     With ``stem: split`` (the encoder wrapped, its first convolution split) the same holds."""
     from safetensors.torch import load_file
 
-    from captioner.inference import _load_folder
     from captioner.model_folder import write_model_folder
     from captioner.models import Captioner, DecoderConfig, EncoderConfig
 
@@ -155,7 +155,7 @@ def test_a_torchvision_encoders_shared_blocks_are_stored_once_and_loaded_back(tm
     out = write_model_folder(tmp_path / "m", _folder_config(model, enc, dec, vocab), model.state_dict(), "card")
     stored = load_file(out / WEIGHTS_FILE)
     assert not any(".frozen." in k for k in stored) and len(stored) < len(model.state_dict())
-    loaded = _load_folder(out, "cpu").model.state_dict()
+    loaded = load_checkpoint(out).model.state_dict()
     assert loaded.keys() == model.state_dict().keys()
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
 
@@ -314,7 +314,7 @@ def test_push_to_hub_uploads_the_folder(run, monkeypatch, tmp_path, capsys):
 def test_a_model_with_grounded_words_and_a_split_stem_loads_back_and_decodes_the_same(tmp_path):
     """The grounded head is saved, its word ids are rebuilt from the folder's vocabulary (they are
     no weights), and the split stem's colour path comes back: same log-probabilities after loading."""
-    from captioner.inference import _load_folder
+
     from captioner.model_folder import write_model_folder
     from captioner.models import Captioner, DecoderConfig, EncoderConfig
 
@@ -324,7 +324,7 @@ def test_a_model_with_grounded_words_and_a_split_stem_loads_back_and_decodes_the
     vocab = ["<pad>", "<start>", "<end>", "<unk>", "a", "red", "dog", "blue", "cat"]
     model = Captioner(enc, dec, len(vocab), vocab).eval()
     out = write_model_folder(tmp_path / "m", _folder_config(model, enc, dec, vocab), model.state_dict(), "card")
-    loaded = _load_folder(out, "cpu").model
+    loaded = load_checkpoint(out).model
     assert loaded.decoder.grounded.ids.tolist() == [5, 7, 6, 8]
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

@@ -136,7 +136,8 @@ def test_from_uint8_rejects_bad_tensors():
 def test_caption_paths_on_device_decoding(tiny_checkpoint, tmp_path, shapes_dir, device):
     """jpeg_decode="device": PNGs and unusual JPEGs still go through PIL, bad files are named as
     on the PIL path, every good image is captioned, in input order."""
-    from captioner.inference import CaptionPipeline, load_checkpoint
+    from captioner.checkpoint import load_checkpoint
+    from captioner.inference import CaptionPipeline
 
     folder = tmp_path / "mixed"
     folder.mkdir()
@@ -179,7 +180,8 @@ def test_a_jpeg_the_device_cannot_decode_goes_through_pil(tiny_checkpoint, jpegs
     """If the device decoder fails on a file read_jpeg accepted, PIL reads it (or names the
     problem); the other images of the batch are unaffected."""
     import captioner.data.jpeg as jpeg
-    from captioner.inference import CaptionPipeline, load_checkpoint
+    from captioner.checkpoint import load_checkpoint
+    from captioner.inference import CaptionPipeline
 
     real = jpeg.decode_jpegs
 

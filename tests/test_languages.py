@@ -12,9 +12,10 @@ import regex
 import torch
 from PIL import Image
 
+from captioner.checkpoint import load_checkpoint
 from captioner.cli import main
 from captioner.data.tokenizers import get_tokenizer
-from captioner.inference import Caption, CaptionPipeline, load_checkpoint
+from captioner.inference import Caption, CaptionPipeline
 
 CONFIG = Path(__file__).parent.parent / "configs" / "shapes.yaml"
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+from captioner.checkpoint import load_checkpoint
 from captioner.data.vocab import END_ID, START_ID
 from captioner.decoding import beam_search, greedy
-from captioner.inference import CaptionPipeline, load_checkpoint
+from captioner.inference import CaptionPipeline
 from captioner.models import ATTENTIONS, AttentionDecoder, DecoderConfig
 from captioner.models.quantize import (
     QUANTIZE,

@@ -19,7 +19,7 @@ pytest.importorskip("httpx")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from captioner.inference import load_checkpoint  # noqa: E402
+from captioner.checkpoint import load_checkpoint  # noqa: E402
 from captioner.serve import create_app  # noqa: E402
 from tests.helpers import live_server  # noqa: E402
 

@@ -7,8 +7,9 @@ import pickle
 import pytest
 import torch
 
+from captioner.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
 from captioner.data.vocab import SPECIALS
-from captioner.inference import CaptionPipeline, CheckpointError, load_checkpoint, read_checkpoint
+from captioner.inference import CaptionPipeline
 from captioner.models import ATTENTIONS, DecoderConfig, EncoderConfig
 from captioner.models.attention import HardAttention
 from captioner.models.decoder import DecoderOutput

@@ -93,7 +93,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_model(checkpoint: Path, device: str):
     """A checkpoint on ``auto|cpu|cuda`` -> LoadedModel, or UsageError (exit 2) with one line."""
-    from captioner.inference import CheckpointError, load_checkpoint, resolve_device
+    from captioner.checkpoint import CheckpointError, load_checkpoint
+    from captioner.inference import resolve_device
 
     try:
         return load_checkpoint(checkpoint, resolve_device(device))

@@ -361,13 +361,13 @@ class CaptionerCLI(LightningCLI):
         path = config.get("ckpt_path") if config is not None else None
         if not path or not Path(path).is_file():  # Lightning's names (last, hpc) and errors
             return
-        from captioner.inference import CheckpointError, read_checkpoint
+        from captioner.checkpoint import CheckpointError, stored_settings
 
         try:
-            ckpt = read_checkpoint(path)
+            stored, step = stored_settings(path)
         except CheckpointError as err:
             raise ConfigError(f"--ckpt_path: {err}") from None
-        taken, differ = resume_settings(_as_dict(config.model), ckpt.get("hyper_parameters") or {})
+        taken, differ = resume_settings(_as_dict(config.model), stored)
         conflicts = [(key, mine, value) for key, mine, value, given in differ if given]
         if conflicts and subcommand == "fit":
             said = ", ".join(f"{key} is {mine!r} here but {value!r} in the checkpoint"
@@ -381,7 +381,7 @@ class CaptionerCLI(LightningCLI):
             logger.info("%s: %s %r from the checkpoint (%s %r)", subcommand, key, value,
                         "not the" if given else "this config leaves it at its default", mine)
         logger.info("%s --ckpt_path %s (step %s): model.%s from the checkpoint; the rest from this command",
-                    subcommand, path, ckpt.get("global_step", "?"), ", ".join(KEPT_ON_RESUME))
+                    subcommand, path, step, ", ".join(KEPT_ON_RESUME))
         if taken:
             self.config = self.parser.parse_object({subcommand: {"model": taken}}, self.config)
 

@@ -30,8 +30,8 @@ def _metrics(path: Path | None) -> dict | None:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
+    from captioner.checkpoint import CheckpointError, export_model_folder
     from captioner.hub import upload
-    from captioner.inference import CheckpointError, export_model_folder
 
     metrics = _metrics(a.metrics)
     config = run_config(a.checkpoint) if a.checkpoint.is_file() else None

@@ -29,15 +29,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from torch import Tensor
 
+from captioner.checkpoint import LoadedModel, load_checkpoint
 from captioner.data import images as image_io
-from captioner.inference import (
-    Caption,
-    CaptionOptions,
-    CaptionPipeline,
-    LoadedModel,
-    OptionError,
-    load_checkpoint,
-)
+from captioner.inference import Caption, CaptionOptions, CaptionPipeline, OptionError
 
 logger = logging.getLogger(__name__)
 
