@@ -43,7 +43,7 @@ from captioner.models import (
     create_encoder,
 )
 from captioner.models.quantize import QUANTIZE, quantize_decoder
-from captioner.system import LossConfig, caption_loss
+from captioner.training import LossConfig, caption_loss
 
 logger = logging.getLogger(__name__)
 
@@ -223,8 +223,8 @@ def bench_scst(
     training does once per image."""
     import random
 
-    from captioner.metrics.cider import CiderD
     from captioner.system import CaptioningSystem, ScstConfig
+    from captioner.training import objective_for
 
     torch.manual_seed(0)
     words = random_vocab(vocab)
@@ -239,15 +239,16 @@ def bench_scst(
     pool = words.to_list()[len(SPECIALS):]
     refs = {i: [" ".join(rng.choices(pool[:1000], k=reference_length)) for _ in range(references)]
             for i in range(batch)}
-    system._cider = CiderD(refs)
+    scst = system.objective
+    scst.use_references(refs)
     g = torch.Generator().manual_seed(0)
     features = torch.randn(batch, grid * grid, 2048, generator=g)
     captions, lengths = random_captions(batch, reference_length + 2, vocab, g)
     data = {"features": features, "captions": captions, "lengths": lengths, "image_ids": torch.arange(batch)}
     opt = torch.optim.Adam(system.model.decoder.parameters(), lr=5e-5)
 
-    def step(loss_fn=system.scst_loss) -> None:
-        loss = loss_fn(data)["loss"]
+    def step(objective=scst) -> None:
+        loss = objective.loss(system, data)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -256,12 +257,13 @@ def bench_scst(
         tokens = sample(system.model.decoder, features.repeat_interleave(samples, 0), max_length).tokens
     ids = [i for i in range(batch) for _ in range(samples)]
     start = time.perf_counter()
-    system.rewards(tokens, ids)
+    scst.rewards(system.vocab, tokens, ids)
     cold = time.perf_counter() - start
     step_s = _time(step, repeats, torch.device("cpu"))
     # the cross-entropy step it replaces: one teacher-forced pass over the batch's references
-    ce_step_s = _time(lambda: step(system.compute_loss), repeats, torch.device("cpu"))
-    reward_s = _time(lambda: system.rewards(tokens, ids), repeats, torch.device("cpu"))
+    ce = objective_for(system.loss_config, ScstConfig(), system.model.decoder.attention.stochastic)
+    ce_step_s = _time(lambda: step(ce), repeats, torch.device("cpu"))
+    reward_s = _time(lambda: scst.rewards(system.vocab, tokens, ids), repeats, torch.device("cpu"))
     return {"scst_step_s": step_s, "ce_step_s": ce_step_s, "scst_over_ce": step_s / ce_step_s,
             "reward_s": reward_s, "reward_cold_s": cold,
             "reward_share_of_step": reward_s / step_s, "captions_per_step": batch * samples,

@@ -171,6 +171,7 @@ LAYERS = [
     {"models"},
     {"decoding"},
     {"metrics", "viz"},
+    {"training"},
     {"system", "inference", "model_folder", "hub", "callbacks", "checkpointing", "predict"},
     {"evaluation", "serve", "benchmark"},
     {"commands"},
