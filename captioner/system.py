@@ -10,7 +10,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from captioner.data.transforms import Preprocessing
@@ -25,7 +24,7 @@ from captioner.training.objectives import (
     objective_for,
 )
 from captioner.training.optim import OptimConfig, build_optimizer
-from captioner.training.validation import EpochCaptions, score_epoch
+from captioner.training.validation import EpochCaptions, score_epoch, teacher_forced_ce
 
 logger = logging.getLogger(__name__)
 
@@ -194,9 +193,7 @@ class CaptioningSystem(L.LightningModule):
         features = batch_features(self.model, batch)
         gen = self.generate(features)
         self._captions.add(batch["image_ids"], gen.tokens, self.decoding_settings.max_length)
-        out = self.model.decoder(features, batch["captions"], batch["lengths"])
-        mask = out.mask
-        ce = F.cross_entropy(out.logits.float()[mask], batch["captions"][:, 1:][mask])
+        ce = teacher_forced_ce(self.model.decoder(features, batch["captions"], batch["lengths"]), batch["captions"])
         self.log(f"{prefix}/ce_teacher_forced", ce, batch_size=features.size(0), sync_dist=True)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

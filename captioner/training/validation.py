@@ -7,14 +7,23 @@ import logging
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from captioner.data.vocab import PAD_ID, Vocabulary
+from captioner.models.decoder import DecoderOutput
 
 if TYPE_CHECKING:
     import lightning as L
 
 logger = logging.getLogger(__name__)
+
+
+def teacher_forced_ce(out: DecoderOutput, captions: Tensor) -> Tensor:
+    """The mean cross-entropy per word of a teacher-forced ``out`` of ``captions`` (B, L): how well
+    the model predicts the references, next to how well its own captions score."""
+    mask = out.mask  # (B, T)
+    return F.cross_entropy(out.logits.float()[mask], captions[:, 1:][mask])
 
 
 class EpochCaptions:
