@@ -151,8 +151,11 @@ class CaptioningSystem(L.LightningModule):
 
     # -- training ------------------------------------------------------------------------------
     def compute_loss(self, batch: dict) -> dict[str, Tensor]:
-        """The objective's values on ``batch``, ``"loss"`` (minimised) among them."""
-        return self.objective.loss(self, batch)
+        """Teacher-forced training on ``batch`` whatever ``model.scst`` says (cross-entropy, and
+        REINFORCE for an attention that samples): the values it logs, ``"loss"`` among them.
+        A training step minimises ``self.objective``'s loss (the same one unless SCST is on)."""
+        stochastic = self.model.decoder.attention.stochastic
+        return objective_for(self.loss_config, ScstConfig(), stochastic).loss(self, batch)
 
     def _anneal_semi_sampling(self) -> bool:
         """The attention's warm-up at this optimiser step (hard attention: the expectation's
@@ -166,7 +169,7 @@ class CaptioningSystem(L.LightningModule):
         if not batch:  # every image of the batch was unreadable and skipped
             return None
         annealing = self._anneal_semi_sampling()
-        logs = self.compute_loss(batch)
+        logs = self.objective.loss(self, batch)
         if annealing:
             logs["semi_sampling"] = torch.tensor(self.model.decoder.attention.semi_sampling)
         bs = batch["captions"].size(0)

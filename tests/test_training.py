@@ -101,6 +101,20 @@ def test_the_settings_choose_the_objective() -> None:
     assert type(_system("hard", baseline="expectation").objective) is ExpectationReinforce
 
 
+def test_compute_loss_is_teacher_forced_whatever_scst_says() -> None:
+    """An SCST system's training step minimises the self-critical loss; compute_loss stays the
+    cross-entropy it replaces (what the SCST benchmark compares against)."""
+    from captioner.system import CaptioningSystem
+
+    plain = _system("soft")
+    system = CaptioningSystem(encoder=plain.encoder_config, decoder=plain.decoder_config, vocab=VOCAB,
+                              scst=ScstConfig(enabled=True, n_samples=2))
+    system.load_state_dict(plain.state_dict())
+    assert type(system.objective) is SelfCritical
+    batch = _batch()
+    torch.testing.assert_close(system.compute_loss(batch), plain.compute_loss(batch))
+
+
 def test_the_moving_average_baseline_is_checkpoint_state_under_its_old_keys() -> None:
     """Old checkpoints resume: the moving average lives in the buffers ``reward_baseline`` and
     ``baseline_initialised`` of every system (soft ones too: the keys of every checkpoint)."""
