@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import warnings
 from dataclasses import asdict, replace
@@ -30,22 +31,19 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
 
-# moved to captioner.training (issue 30); kept, deprecated, for one release
+# moved out of the system (issue 30); kept, deprecated, for one release: name -> its module now
 _MOVED = {
-    "CaptionLoss": "objectives", "caption_loss": "objectives", "attention_supervision_loss": "objectives",
-    "scst_advantage": "objectives", "scst_policy_loss": "objectives",
-    "OPTIMIZERS": "optim", "Optimizer": "optim", "Scheduler": "optim",
+    **dict.fromkeys(["CaptionLoss", "caption_loss", "attention_supervision_loss", "scst_advantage",
+                     "scst_policy_loss"], "captioner.training.objectives"),
+    **dict.fromkeys(["OPTIMIZERS", "Optimizer", "Scheduler"], "captioner.training.optim"),
 }
 
 
 def __getattr__(name: str):
     if name not in _MOVED:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module = f"captioner.training.{_MOVED[name]}"
-    warnings.warn(f"captioner.system.{name} is deprecated: use {module}.{name}", DeprecationWarning, stacklevel=2)
-    import importlib
-
-    return getattr(importlib.import_module(module), name)
+    warnings.warn(f"captioner.system.{name} is deprecated: use {_MOVED[name]}.{name}", DeprecationWarning, stacklevel=2)
+    return getattr(importlib.import_module(_MOVED[name]), name)
 
 
 def _deprecated(old: str, new: str) -> None:
