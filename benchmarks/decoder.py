@@ -12,7 +12,7 @@ from captioner.decoding import beam_search, greedy
 from captioner.inference import autocast
 from captioner.models import AttentionDecoder, DecoderConfig
 from captioner.models.quantize import quantize_decoder
-from captioner.system import LossConfig, caption_loss
+from captioner.training import LossConfig, caption_loss
 
 PARTS = ("train", "beam", "greedy")
 

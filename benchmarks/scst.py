@@ -78,7 +78,7 @@ def bench_scst(
     data = {"features": features, "captions": captions, "lengths": lengths, "image_ids": torch.arange(batch)}
     opt = torch.optim.Adam(system.model.decoder.parameters(), lr=5e-5)
 
-    def step(loss_fn=system.scst_loss) -> None:
+    def step(loss_fn=lambda batch: system.objective.loss(system, batch)) -> None:
         loss = loss_fn(data)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -88,13 +88,13 @@ def bench_scst(
         tokens = sample(system.model.decoder, features.repeat_interleave(samples, 0), max_length).tokens
     ids = [i for i in range(batch) for _ in range(samples)]
     start = time.perf_counter()
-    system.rewards(tokens, ids)
+    system.objective.rewards(system.vocab, tokens, ids)
     cold = time.perf_counter() - start
     cpu = torch.device("cpu")
     step_s = timing.median_seconds(step, repeats, cpu)
     # the cross-entropy step it replaces: one teacher-forced pass over the batch's references
     ce_step_s = timing.median_seconds(lambda: step(system.compute_loss), repeats, cpu)
-    reward_s = timing.median_seconds(lambda: system.rewards(tokens, ids), repeats, cpu)
+    reward_s = timing.median_seconds(lambda: system.objective.rewards(system.vocab, tokens, ids), repeats, cpu)
     return {"scst_step_s": step_s, "ce_step_s": ce_step_s, "scst_over_ce": step_s / ce_step_s,
             "reward_s": reward_s, "reward_cold_s": cold,
             "reward_share_of_step": reward_s / step_s, "captions_per_step": batch * samples,

@@ -171,7 +171,7 @@ LAYERS = [
     {"models"},
     {"decoding"},
     {"metrics", "viz"},
-    {"checkpoint", "model_folder", "hub"},
+    {"checkpoint", "model_folder", "hub", "training"},
     {"system", "inference", "callbacks", "checkpointing", "predict"},
     {"evaluation", "serve"},
     {"commands"},

@@ -14,7 +14,7 @@ from captioner.data.shapes import COLOURS, SHAPES, SIZES, object_mask
 from captioner.data.transforms import Preprocessing
 from captioner.data.vocab import END_ID, PAD_ID
 from captioner.metrics.attention_correctness import attention_correctness
-from captioner.system import attention_supervision_loss
+from captioner.training.objectives import attention_supervision_loss
 from tests.test_system import _batch, _system
 
 

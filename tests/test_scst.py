@@ -15,7 +15,8 @@ from captioner.cli import main
 from captioner.data.vocab import END_ID, PAD_ID, START_ID
 from captioner.decoding import greedy, sample
 from captioner.models import DecoderConfig, EncoderConfig
-from captioner.system import CaptioningSystem, ScstConfig, scst_advantage, scst_policy_loss
+from captioner.system import CaptioningSystem
+from captioner.training.objectives import ScstConfig, scst_advantage, scst_policy_loss
 from tests.conftest import fit_args
 
 

@@ -126,7 +126,7 @@ def test_python_callers_get_the_same_checks() -> None:
 def test_choices_and_the_code_behind_them_agree() -> None:
     """Each Literal is the one list of its choices: the code it selects covers exactly those."""
     from captioner.models.encoder import STEMS, EncoderConfig
-    from captioner.system import OPTIMIZERS, OptimConfig
+    from captioner.training.optim import OPTIMIZERS, OptimConfig
 
     assert set(OPTIMIZERS) == set(get_args(get_type_hints(OptimConfig)["optimizer"]))
     assert set(STEMS) == set(get_args(get_type_hints(EncoderConfig)["stem"]))

@@ -13,7 +13,8 @@ from captioner.inference import CaptionPipeline
 from captioner.models import ATTENTIONS, DecoderConfig, EncoderConfig
 from captioner.models.attention import HardAttention
 from captioner.models.decoder import DecoderOutput
-from captioner.system import CaptioningSystem, LossConfig, caption_loss
+from captioner.system import CaptioningSystem
+from captioner.training.objectives import LossConfig, caption_loss, reinforce_loss, returns
 from tests.conftest import fit_args
 from tests.helpers import record_fits
 
@@ -62,7 +63,7 @@ def test_reinforce_moves_the_attention_parameters() -> None:
     nll = ce.sum(1)
     system.reward_baseline.fill_(5.0)
     system.baseline_initialised.fill_(True)
-    loss, logs = system._reinforce(out, ce, mask)
+    loss, logs = system.objective.reinforce(system, out, ce, mask)
     loss.backward()
     att = system.model.decoder.attention
     for p in (att.encoder_proj.weight, att.hidden_proj.weight, att.score.weight):
@@ -209,7 +210,8 @@ def test_reward_to_go_credits_a_location_with_later_words_only(to_go: bool) -> N
                         log_p, torch.ones(b, t, dtype=torch.bool), torch.zeros(b, t))
     ce = torch.zeros(b, t)
     ce[:, 1] = 3.0  # only the second word is badly predicted, under the sampled locations
-    loss, _ = system._reinforce(out, ce, torch.ones(b, t), baseline_ce=torch.zeros(b, t))
+    loss, _ = reinforce_loss(out, returns(ce, to_go), returns(torch.zeros(b, t), to_go), torch.ones(b, t),
+                             system.loss_config)
     loss.backward()
     grad = log_p.grad[0]  # d loss / d log p(s_t): positive pushes s_t down
     assert (grad[:2] > 0).all()

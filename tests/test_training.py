@@ -1,0 +1,185 @@
+"""captioner.training: the objectives chosen by the settings, the optimiser builder on its own, the
+validation captions, and the aliases the moved names keep for one release."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from captioner.data.vocab import PAD_ID, Vocabulary
+from captioner.models import Captioner, DecoderConfig, EncoderConfig
+from captioner.training.objectives import (
+    OBJECTIVES,
+    CrossEntropy,
+    ExpectationReinforce,
+    LossConfig,
+    MovingAverageReinforce,
+    ScstConfig,
+    SelfCritical,
+    objective_for,
+)
+from captioner.training.optim import OptimConfig, build_optimizer
+from captioner.training.validation import EpochCaptions, score_epoch
+from tests.test_system import VOCAB, _batch, _system
+
+ENCODER = EncoderConfig(name="shapes_cnn", grid=4, channels=16, image_size=32)
+
+
+def _model(frozen_encoder: bool = False) -> Captioner:
+    torch.manual_seed(0)
+    model = Captioner(ENCODER, DecoderConfig(embed_dim=16, attention_dim=16, decoder_dim=16), len(VOCAB), VOCAB)
+    if frozen_encoder:
+        model.encoder.requires_grad_(False)
+    return model
+
+
+def _never() -> float:
+    raise AssertionError("only the cosine schedule asks for the run's length")
+
+
+# -- the optimiser builder -----------------------------------------------------------------------
+def test_build_optimizer_gives_the_decoder_lr_and_the_encoder_its_own() -> None:
+    model = _model()
+    opt = build_optimizer(model, OptimConfig(lr=1e-3, encoder_lr=1e-4, optimizer="adamw", weight_decay=0.01), _never)
+    assert isinstance(opt, torch.optim.AdamW)  # no schedule, no warm-up: the optimiser alone
+    dec, enc = opt.param_groups
+    assert (dec["lr"], enc["lr"], dec["weight_decay"]) == (1e-3, 1e-4, 0.01)
+    assert {id(p) for p in dec["params"]} == {id(p) for p in model.decoder.parameters()}
+    assert {id(p) for p in enc["params"]} == {id(p) for p in model.encoder.parameters()}
+    # a frozen encoder has no group; encoder_lr unset is lr
+    frozen = build_optimizer(_model(frozen_encoder=True), OptimConfig(optimizer="rmsprop"), _never)
+    assert isinstance(frozen, torch.optim.RMSprop) and len(frozen.param_groups) == 1
+    assert build_optimizer(model, OptimConfig(lr=2e-3), _never).param_groups[1]["lr"] == 2e-3
+
+
+def test_build_optimizer_schedules() -> None:
+    model = _model()
+    plateau = build_optimizer(model, OptimConfig(scheduler="plateau", gamma=0.5), _never)
+    assert isinstance(plateau["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.ReduceLROnPlateau)
+    assert plateau["lr_scheduler"]["monitor"] == "val/CIDEr"
+    step = build_optimizer(model, OptimConfig(scheduler="step", step_size=3), _never)
+    assert step["lr_scheduler"]["interval"] == "epoch" and step["lr_scheduler"]["scheduler"].step_size == 3
+    # warm-up alone: linear to lr, then constant; the run's length is not asked for
+    warm = build_optimizer(model, OptimConfig(lr=1.0, warmup_steps=4), _never)
+    assert warm["lr_scheduler"]["interval"] == "step"
+    assert _lrs(warm, 7) == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0])
+    # cosine: warm-up, then down to min_lr_ratio at the run's last step (12 here)
+    cosine = build_optimizer(model, OptimConfig(lr=1.0, scheduler="cosine", warmup_steps=2, min_lr_ratio=0.1),
+                             lambda: 12.0)
+    lrs = _lrs(cosine, 14)
+    assert lrs[:3] == pytest.approx([0.5, 1.0, 1.0])
+    assert lrs[7] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay
+    assert lrs[12:] == pytest.approx([0.1, 0.1])
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+
+
+def _lrs(built: dict, steps: int) -> list[float]:
+    opt, sched = built["optimizer"], built["lr_scheduler"]["scheduler"]
+    out = []
+    for _ in range(steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+# -- the objectives ------------------------------------------------------------------------------
+def test_the_settings_choose_the_objective() -> None:
+    assert set(OBJECTIVES.names()) == {"cross_entropy", "reinforce_moving_average", "reinforce_expectation", "scst"}
+    expect = LossConfig(baseline="expectation")
+    assert type(objective_for(LossConfig(), ScstConfig(), False)) is CrossEntropy
+    assert type(objective_for(expect, ScstConfig(), False)) is CrossEntropy  # no samples, no REINFORCE
+    assert type(objective_for(LossConfig(), ScstConfig(), True)) is MovingAverageReinforce
+    assert type(objective_for(expect, ScstConfig(), True)) is ExpectationReinforce
+    assert type(objective_for(expect, ScstConfig(enabled=True), True)) is SelfCritical
+    # the system asks the attention whether it samples, not its name
+    assert type(_system("soft").objective) is CrossEntropy
+    assert type(_system("multihead").objective) is CrossEntropy
+    assert type(_system("hard").objective) is MovingAverageReinforce
+    assert type(_system("hard", baseline="expectation").objective) is ExpectationReinforce
+
+
+def test_compute_loss_is_teacher_forced_whatever_scst_says() -> None:
+    """An SCST system's training step minimises the self-critical loss; compute_loss stays the
+    cross-entropy it replaces (what the SCST benchmark compares against)."""
+    from captioner.system import CaptioningSystem
+
+    plain = _system("soft")
+    system = CaptioningSystem(encoder=plain.encoder_config, decoder=plain.decoder_config, vocab=VOCAB,
+                              scst=ScstConfig(enabled=True, n_samples=2))
+    system.load_state_dict(plain.state_dict())
+    assert type(system.objective) is SelfCritical
+    batch = _batch()
+    torch.testing.assert_close(system.compute_loss(batch), plain.compute_loss(batch))
+
+
+def test_the_moving_average_baseline_is_checkpoint_state_under_its_old_keys() -> None:
+    """Old checkpoints resume: the moving average lives in the buffers ``reward_baseline`` and
+    ``baseline_initialised`` of every system (soft ones too: the keys of every checkpoint)."""
+    assert {"reward_baseline", "baseline_initialised"} <= set(_system("soft").state_dict())
+    system = _system("hard").train()
+    for _ in range(2):
+        system.compute_loss(_batch())
+    state = system.state_dict()
+    assert bool(state["baseline_initialised"]) and state["reward_baseline"].item() != 0.0
+    resumed = _system("hard").train()
+    resumed.load_state_dict(state)  # strict: the same keys
+    torch.manual_seed(3)
+    expected = system.compute_loss(_batch())["baseline"]
+    torch.manual_seed(3)
+    # the resumed run continues the average (a fresh one would restart it at the batch's reward)
+    torch.testing.assert_close(resumed.compute_loss(_batch())["baseline"], expected)
+
+
+def test_scst_start_builds_the_reward_once_from_the_data_or_the_checkpoint() -> None:
+    refs = {0: ["w1 w2 w3"], 1: ["w4 w5"], 2: ["w1 w5"]}
+    data = SimpleNamespace(references=lambda split: refs if split == "train" else {}, tokenizer_name="simple")
+    scst = SelfCritical(LossConfig(), ScstConfig(enabled=True))
+    scst.start(data, None)
+    assert scst.cider.documents == 3 and scst.max_length == 20  # the tokenizer's limit, max_length unset
+    saved = scst.cider.state_dict()
+    first = scst.cider
+    scst.start(data, None)
+    assert scst.cider is first  # made once per run
+    resumed = SelfCritical(LossConfig(), ScstConfig(enabled=True))
+    resumed.start(SimpleNamespace(references=lambda split: {0: ["w1"]}), saved)
+    assert resumed.cider.documents == 3  # the checkpoint's document frequencies, not the data's
+    tokens = torch.tensor([[VOCAB.index("w1"), 2, PAD_ID], [VOCAB.index("w7"), VOCAB.index("w8"), 2]])
+    reward = resumed.rewards(Vocabulary(VOCAB), tokens, [0, 0])  # (B,): CIDEr-D against image 0's "w1"
+    assert reward.shape == (2,) and reward[0] > 0 and reward[1] == 0
+    with pytest.raises(ValueError, match="model.scst needs the training split's reference captions"):
+        SelfCritical(LossConfig(), ScstConfig(enabled=True)).start(SimpleNamespace(), None)
+
+
+def test_the_moved_names_keep_deprecated_aliases() -> None:
+    import captioner.system as system_module
+    from captioner.training import objectives, optim
+
+    for name, module in [("caption_loss", objectives), ("scst_policy_loss", objectives), ("OPTIMIZERS", optim)]:
+        with pytest.warns(DeprecationWarning, match=f"use {module.__name__}.{name}"):
+            assert getattr(system_module, name) is getattr(module, name)
+    with pytest.raises(AttributeError):
+        system_module.no_such_name  # noqa: B018
+    system = _system("soft")
+    batch = _batch()
+    with pytest.warns(DeprecationWarning, match="batch_features"):
+        torch.testing.assert_close(system.features(batch), system.model.encode(batch["images"])[0])
+
+
+# -- validation ----------------------------------------------------------------------------------
+def test_epoch_captions_pad_gather_each_image_once_and_start_afresh() -> None:
+    vocab = Vocabulary(VOCAB)
+    w = [VOCAB.index(f"w{i}") for i in range(4)]
+    captions = EpochCaptions()
+    captions.add(torch.tensor([7, 8]), torch.tensor([[w[0], w[1], 2], [w[2], 2, PAD_ID]]), max_length=5)
+    captions.add(torch.tensor([7]), torch.tensor([[w[3], 2]]), max_length=5)  # a repeat (sampler padding)
+    module = SimpleNamespace(device=torch.device("cpu"), trainer=SimpleNamespace(world_size=1))
+    assert captions.gather(module, vocab, 5) == {7: "w0 w1", 8: "w2"}
+    assert captions.gather(module, vocab, 5) == {}
+    # no references for the split: nothing to score
+    assert score_epoch({7: "w0 w1"}, SimpleNamespace(references=lambda split: {}), "val", "validation") == {}
+    assert score_epoch({7: "w0 w1"}, None, "val", "validation") == {}
+    scores = score_epoch({7: "w0 w1", 9: "w3"}, SimpleNamespace(references=lambda split: {7: ["w0 w1"]}), "val", "val")
+    assert set(scores) == {"CIDEr", "Bleu_4", "exact_match"} and scores["exact_match"] == 1.0
