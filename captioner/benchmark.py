@@ -328,7 +328,7 @@ def bench_caption(
     quantize: str = "none",
     cuda_graph: bool | None = None,
 ) -> dict:
-    """Per image: the encoder's forward pass alone vs ``CaptionPipeline.caption_paths`` (read +
+    """Per image: the encoder's forward pass alone vs ``CaptionPipeline.stream`` (read +
     preprocess + encode + beam search), on ``images`` generated JPEG files."""
     from captioner.inference import CaptionPipeline
 
@@ -350,9 +350,8 @@ def bench_caption(
                     model.encode(x.to(dev))
 
         def whole_path() -> None:
-            for _path, caption, error in pipeline.caption_paths(paths, batch_size=batch_size, num_workers=threads,
-                                                                jpeg_decode=jpeg_decode):
-                assert caption is not None, error
+            for result in pipeline.stream(paths, batch_size=batch_size, num_workers=threads, jpeg_decode=jpeg_decode):
+                assert isinstance(result, list), result
 
         # Alternated, so that a machine that slows down or speeds up during the run moves both
         # timings alike: the ratio is the median of the per-round ratios.
@@ -371,7 +370,7 @@ def bench_caption(
 # -- memory: streaming -------------------------------------------------------------------------
 def bench_memory(images: int = 1000, checkpoints: Sequence[int] = (100, 500, 1000), batch_size: int = 16,
                  image_size: int = 32) -> dict:
-    """Resident memory while ``caption_paths`` streams ``images`` small images through a tiny
+    """Resident memory while ``CaptionPipeline.stream`` takes ``images`` small images through a tiny
     random model; sampled after the given numbers of images. Flat figures mean streaming."""
     from captioner.inference import CaptionPipeline
 
@@ -381,9 +380,9 @@ def bench_memory(images: int = 1000, checkpoints: Sequence[int] = (100, 500, 100
     rss, peak = {}, {}
     with tempfile.TemporaryDirectory(prefix="captioner-mem-") as tmp:
         paths = write_images(Path(tmp), images, (image_size, image_size), fmt="PNG")
-        stream = pipeline.caption_paths(iter(paths), batch_size=batch_size)
-        for done, (_path, caption, error) in enumerate(stream, start=1):
-            assert caption is not None, error
+        stream = pipeline.stream(iter(paths), batch_size=batch_size)
+        for done, result in enumerate(stream, start=1):
+            assert isinstance(result, list), result
             if done in marks:
                 rss[str(done)] = round(current_rss_mb(), 1)
                 peak[str(done)] = round(peak_rss_mb(), 1)

@@ -15,10 +15,10 @@ import argparse
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from captioner.commands.caption_output import FORMATS
 from captioner.commands.common import (
     JPEG_DECODE,
     UsageError,
@@ -65,18 +65,9 @@ def processes(trainer) -> int:
 
 def caption(a, cli) -> int:
     """``captioner caption`` once parsed: ``a`` its options, ``cli`` the parser (the trainer)."""
-    from tqdm import tqdm
-
-    from captioner.commands.caption_output import (
-        ChunkRows,
-        PartFile,
-        RowWriter,
-        StreamRows,
-        finished_images,
-    )
+    from captioner.commands.caption_output import RESUME_TEXT, PartFile, RowWriter
     from captioner.data.images import iter_image_paths
     from captioner.inference import resolve_device
-    from captioner.predict import CaptionPredictor, ChunkWriter, predict, speed
 
     if a.json and a.format not in (None, "jsonl"):
         raise UsageError(f"--json is --format jsonl; it cannot go with --format {a.format}")
@@ -84,7 +75,7 @@ def caption(a, cli) -> int:
     if a.resume and a.output is None:
         raise UsageError("--resume continues an --output file: give --output")
     if a.resume and fmt == "text":
-        raise UsageError("--resume needs --format jsonl, csv or tsv (text lines do not say which images failed)")
+        raise UsageError(RESUME_TEXT)
     try:
         resolve_device(a.device)  # --device cuda without one: one line, before any work
     except ValueError as err:
@@ -92,7 +83,7 @@ def caption(a, cli) -> int:
     paths = list(iter_image_paths(a.paths))  # Paths only: cheap even for many thousands
     if not paths:
         raise UsageError("no image files found in " + ", ".join(str(p) for p in a.paths))
-    # loaded on the CPU: Lightning moves it to each process's device
+    # loaded on the CPU: moved to the device below, or by Lightning to each process's
     pipeline = load_pipeline(a.checkpoint, "cpu", a.quantize, beam_size=a.beam_size, max_length=a.max_length)
     options = caption_options(a, pipeline)
     trainer = cli.prediction_trainer(a.device)
@@ -102,7 +93,52 @@ def caption(a, cli) -> int:
     if many and a.output is None:
         raise UsageError("with more than one process (--trainer.devices, --trainer.num_nodes) the captions "
                          "go to a file: give --output FILE")
+    if many or a.resume or trainer.precision not in ("32-true", "32"):
+        return _caption_resumable(a, fmt, paths, pipeline, options, trainer)
 
+    # One process, from the start: the pipeline's stream, straight to stdout or OUT.part.
+    out = PartFile(a.output, fmt, resume=False) if a.output is not None else None
+    writer = out.writer if out is not None else RowWriter(fmt, _stdout, header=True)
+    pipeline.loaded.model.to(trainer.strategy.root_device)
+    failed, started = 0, time.monotonic()
+    try:
+        with _progress(a, len(paths)) as bar:
+            for result in pipeline.stream(paths, options, batch_size=a.batch_size, num_workers=a.num_workers,
+                                          jpeg_decode=a.jpeg_decode):
+                if isinstance(result, list):
+                    writer.rows([c.to_dict() for c in result])
+                else:
+                    failed += 1
+                    if writer.keeps_errors:
+                        writer.rows([result.to_dict()])
+                    else:  # text rows say nothing of failures: stderr does
+                        bar.write(f"{result.image}\tERROR: {result.reason}", file=sys.stderr)
+                bar.update(1)
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 1
+    except BaseException:
+        if out is not None:
+            out.close()  # stopped: FILE.part stays for --resume
+        raise
+    return _finish(a, out, failed, len(paths), time.monotonic() - started, 1)
+
+
+def _caption_resumable(a, fmt: str, paths: list[Path], pipeline, options, trainer) -> int:
+    """``Trainer.predict`` over the same stream's blocks (:mod:`captioner.predict`): many
+    processes, or a resumed ``--output``; each process's rows in chunks (many) or streamed."""
+    from tqdm import tqdm
+
+    from captioner.commands.caption_output import (
+        ChunkRows,
+        PartFile,
+        RowWriter,
+        StreamRows,
+        finished_images,
+    )
+    from captioner.predict import CaptionPredictor, ChunkWriter, predict
+
+    many = processes(trainer) > 1
     out = None
     if many:
         store = ChunkRows(a.output, fmt, paths, a.resume)
@@ -132,22 +168,42 @@ def caption(a, cli) -> int:
         failed = predict(trainer, module, writer)
         finished = True
     except BrokenPipeError:
-        # `captioner caption DIR | head`: stop quietly; keep Python from complaining at exit
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _quiet_stdout()
         return 1
     finally:
-        if out is not None and finished:
-            out.finish()
-        elif out is not None:
+        if out is not None and not finished:
             out.close()  # stopped: FILE.part stays for --resume
     if failed is None:  # not the first process: it merges and reports
         return 0
+    return _finish(a, out, failed, len(paths), writer.seconds, processes(trainer), len(todo))
+
+
+def _finish(a, out, failed: int, total: int, seconds: float | None, procs: int, captioned: int | None = None) -> int:
+    """The end of a run: OUT.part renamed over OUT, the log lines, the exit status."""
+    if out is not None:
+        out.finish()
     if a.output is not None:
-        took = speed(writer, len(todo), processes(trainer))
+        from captioner.inference import throughput
+
+        took = throughput(total if captioned is None else captioned, seconds, procs)
         logger.info("wrote %s%s", a.output, f" ({took})" if took else "")
     if failed:
-        logger.warning("%d of %d images could not be captioned", failed, len(paths))
+        logger.warning("%d of %d images could not be captioned", failed, total)
     return 1 if failed else 0
+
+
+def _quiet_stdout() -> None:
+    """`captioner caption DIR | head`: stop quietly; keep Python from complaining at exit."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _progress(a, n: int):
+    """A tqdm bar on stderr (``--progress``; default: for ``PROGRESS_MIN_IMAGES`` or more
+    images when stderr is a terminal), disabled otherwise."""
+    from tqdm import tqdm
+
+    show = a.progress if a.progress is not None else (n >= PROGRESS_MIN_IMAGES and sys.stderr.isatty())
+    return tqdm(total=n, unit="img", file=sys.stderr, leave=False, dynamic_ncols=True, disable=not show)
 
 
 def run(args: Sequence[str], prog: str = "captioner caption") -> int:
@@ -167,6 +223,8 @@ DESCRIPTION = (
 
 def add_options(p) -> None:
     """The options of ``caption`` beside the ``trainer`` section."""
+    from captioner.commands.caption_output import FORMATS
+
     add_model_arguments(p)
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass")
     p.add_argument("--num-workers", type=int, default=None,

@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from captioner.data.atomic import DiskFullError, atomic_write_json, free_bytes
 from captioner.data.fingerprint import differences, sha256_json
-from captioner.data.images import ImageLoadError, load_image
+from captioner.data.images import read_image
 from captioner.data.records import ImageRecord, blocks
 from captioner.data.transforms import Preprocessing
 
@@ -149,16 +149,6 @@ def _reserve(fd: int, size: int, path: Path) -> None:
     except OSError as err:
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DiskFullError(path, size, free_bytes(path.parent)) from None
-
-
-def read_image(path: str | os.PathLike, preprocessing: Preprocessing) -> tuple[Tensor | None, str | None]:
-    """(the preprocessed image (3, S, S), None), or (None, why the file could not be read)."""
-    try:
-        return preprocessing(load_image(path)), None
-    except ImageLoadError as err:
-        return None, err.reason
-    except Exception as err:  # never let one file end the run
-        return None, f"{type(err).__name__}: {err}"
 
 
 def unique_records(splits: Mapping[str, Sequence[ImageRecord]]) -> list[ImageRecord]:

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -31,6 +31,7 @@ from torch import Tensor
 
 from captioner.data import images as image_io
 from captioner.inference import (
+    API_FIELDS,
     Caption,
     CaptionOptions,
     CaptionPipeline,
@@ -204,7 +205,8 @@ class Batcher:
     def _run_model(self, images: list[Tensor], options: CaptionOptions) -> list[list[Caption]]:
         import torch
 
-        return self.pipeline.captions_for_tensors(torch.stack(images), options)  # (B, 3, S, S)
+        caps = self.pipeline(torch.stack(images), options=options)  # (B, 3, S, S)
+        return [c if isinstance(c, list) else [c] for c in caps]
 
     async def close(self) -> None:
         if self._task is not None:
@@ -226,22 +228,12 @@ def model_name(loaded: LoadedModel) -> str:
     return f"{enc} + {att} attention"
 
 
-def caption_json(cap: Caption, beam_size: int, rank: int = 1) -> dict:
-    """One caption: its words, their attention maps and probabilities, its scores."""
-    h, w = cap.grid
-    # Six decimals keep the payload small; each map still sums to 1 within ~1e-4.
-    attention = [[[round(v, 6) for v in row] for row in m] for m in cap.alphas.tolist()]
-    return {
-        "caption": cap.text,
-        "words": list(cap.words),
-        "attention": attention,  # (T, h, w)
-        "grid": [h, w],
-        "score": round(float(cap.score), 6),  # summed log-probability (words and <end>)
-        "mean_logprob": round(cap.mean_logprob, 6),  # per token
-        "word_probs": [round(p, 6) for p in cap.word_probs],  # one per word
-        "rank": rank,
-        "beam_size": beam_size,
-    }
+def caption_json(cap: Caption, beam_size: int, rank: int | None = None) -> dict:
+    """One caption: its words, their attention maps and probabilities, its scores
+    (:data:`API_FIELDS`), and the beam size asked for."""
+    if rank is not None and rank != cap.rank:
+        cap = replace(cap, rank=rank)
+    return {**cap.to_dict(API_FIELDS), "beam_size": beam_size}
 
 
 def captions_json(caps: list[Caption], options: CaptionOptions) -> dict:
@@ -250,7 +242,7 @@ def captions_json(caps: list[Caption], options: CaptionOptions) -> dict:
     beam = options.beam_size
     out = caption_json(caps[0], beam)
     out["sample"] = options.sample
-    out["alternatives"] = [caption_json(c, beam, rank) for rank, c in enumerate(caps[1:], 2)]
+    out["alternatives"] = [caption_json(c, beam) for c in caps[1:]]
     return out
 
 
