@@ -10,7 +10,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -294,23 +294,45 @@ class OptionError(ValueError):
         self.field = field_name
 
 
+def _option(default, kind: type, help: str | None = None, *, metavar: str | None = None,
+            minimum: float | None = None, maximum: float | None = None, exclusive_minimum: float | None = None,
+            api_max: int | None = None, sampling: bool = False):
+    """A field of :class:`CaptionOptions` with what the CLI flags, the web form and the OpenAPI
+    schema are made from: ``kind`` (int, float, bool), ``help`` (the flag's; None: no flag of
+    its own), ``metavar``, the limits (``api_max``: the server's bound on a request's work),
+    ``sampling``: an option of sampling only."""
+    return field(default=default, metadata={
+        "kind": kind, "help": help, "metavar": metavar, "minimum": minimum, "maximum": maximum,
+        "exclusive_minimum": exclusive_minimum, "api_max": api_max, "sampling": sampling})
+
+
 @dataclass(frozen=True)
 class CaptionOptions:
     """How to caption each image: the best caption of a beam search (the default), its ``n_best``
     best (distinct, best first), or ``num_samples`` drawn ones (``sample=True``: each word drawn
     from the model's distribution at ``temperature``, within its ``top_k`` words and the ``top_p``
     nucleus; ``seed`` makes the draws repeat, from a generator of their own, never the global
-    random state). ``beam_size``/``max_length`` None: the pipeline's."""
+    random state). ``beam_size``/``max_length`` None: the pipeline's.
 
-    beam_size: int | None = None
-    max_length: int | None = None
-    n_best: int = 1
-    sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    num_samples: int = 1
-    seed: int | None = None
+    Declared once: ``captioner caption``'s flags, the server's form and its OpenAPI schema are
+    made from these fields (:func:`option_fields`)."""
+
+    beam_size: int | None = _option(None, int, minimum=1, api_max=10)
+    max_length: int | None = _option(None, int, minimum=1, api_max=50)
+    n_best: int = _option(
+        1, int, "the N best distinct captions of the beam search, best first (N <= beam size)",
+        metavar="N", minimum=1, api_max=10)
+    sample: bool = _option(False, bool, "draw captions from the model instead of searching for the most likely")
+    num_samples: int = _option(1, int, "--sample: captions drawn per image (default 1)", metavar="N",
+                               minimum=1, api_max=10, sampling=True)
+    temperature: float = _option(1.0, float, "--sample: > 1 flattens the distribution, < 1 sharpens it (default 1)",
+                                 metavar="T", exclusive_minimum=0, sampling=True)
+    top_k: int = _option(0, int, "--sample: draw among the K most likely words only (default 0: all)",
+                         metavar="K", minimum=0, sampling=True)
+    top_p: float = _option(1.0, float, "--sample: draw among the most likely words that together reach P (0 < P <= 1)",
+                           metavar="P", exclusive_minimum=0, maximum=1, sampling=True)
+    seed: int | None = _option(None, int, "--sample: the same seed, inputs and --batch-size give the same captions",
+                               minimum=0, api_max=2**63 - 1, sampling=True)
 
     @property
     def count(self) -> int:
@@ -345,6 +367,23 @@ class CaptionOptions:
                     raise OptionError(name, f"{name} is an option of sampling: it needs sample")
             if self.n_best > beam:
                 raise OptionError("n_best", f"n_best ({self.n_best}) must be <= the beam size ({beam})")
+
+
+def option_fields() -> tuple:
+    """The fields of :class:`CaptionOptions` (``dataclasses.Field``, their ``metadata`` as
+    :func:`_option` made it), in order."""
+    return fields(CaptionOptions)
+
+
+def option_schema(f) -> dict:
+    """The OpenAPI (JSON schema) of one option as a form field: its type and limits."""
+    m = f.metadata
+    schema = {"type": {int: "integer", float: "number", bool: "boolean"}[m["kind"]]}
+    for key, value in (("minimum", m["minimum"]), ("exclusiveMinimum", m["exclusive_minimum"]),
+                       ("maximum", m["api_max"] if m["api_max"] is not None else m["maximum"])):
+        if value is not None and abs(value) <= 2**53:  # beyond, a JSON number is not exact (the seed's 2**63 - 1)
+            schema[key] = value
+    return schema
 
 
 def resolve_device(device: str) -> torch.device:

@@ -299,3 +299,28 @@ def test_attend_rank_draws_the_kth_caption(tiny_checkpoint, shapes_dir, tmp_path
     rc = main(["attend", "--checkpoint", str(tiny_checkpoint), str(image), "-o", str(tmp_path / "x.png"),
                "--beam-size", "3", "--rank", "4"])
     assert rc == 2 and "--rank: 4 is more than the beam size (3)" in capsys.readouterr().err
+
+
+# -- the options, declared once ------------------------------------------------------------------
+def test_cli_flags_and_api_schema_come_from_caption_options(tiny_checkpoint, capsys):
+    """Every option of CaptionOptions with a help text is a `caption` flag with that help; every
+    option is a field of the API's form, with the limits its metadata declares."""
+    from dataclasses import fields
+
+    from fastapi.testclient import TestClient
+
+    from captioner.inference import load_checkpoint
+    from captioner.serve.app import create_app
+
+    assert main(["caption", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    for f in fields(CaptionOptions):
+        if f.metadata["help"] is not None:
+            assert f"--{f.name.replace('_', '-')}" in help_text and f.metadata["help"] in help_text, f.name
+    with TestClient(create_app(load_checkpoint(tiny_checkpoint))) as client:
+        schema = client.get("/openapi.json").json()["paths"]["/api/caption"]["post"]["requestBody"]
+        form = schema["content"]["multipart/form-data"]["schema"]["properties"]
+        assert set(form) == {"image"} | {f.name for f in fields(CaptionOptions)}
+        assert form["n_best"]["maximum"] == fields(CaptionOptions)[2].metadata["api_max"] == 10
+        r = client.post("/api/caption", files={"image": ("a.png", b"x", "image/png")}, data={"n_best": "11"})
+        assert r.status_code == 422 and r.json()["error"] == "n_best must be from 1 to 10, got 11"

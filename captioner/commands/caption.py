@@ -42,15 +42,13 @@ def _stdout(data: bytes) -> None:
 def caption_options(a: argparse.Namespace, pipeline):
     """The caption options of the command line, checked against the pipeline (UsageError naming
     the flag)."""
-    from captioner.inference import CaptionOptions, OptionError
+    from captioner.inference import CaptionOptions, OptionError, option_fields
 
+    given = {f.name: getattr(a, f.name) for f in option_fields() if f.metadata["sampling"]}
     if not a.sample:
-        for flag, value in (("--temperature", a.temperature), ("--top-k", a.top_k), ("--top-p", a.top_p),
-                            ("--seed", a.seed), ("--num-samples", a.num_samples)):
+        for name, value in given.items():
             if value is not None:
-                raise UsageError(f"{flag} is an option of sampling: add --sample")
-    given = {"temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p, "seed": a.seed,
-             "num_samples": a.num_samples}
+                raise UsageError(f"--{name.replace('_', '-')} is an option of sampling: add --sample")
     try:
         return pipeline.options(CaptionOptions(), n_best=a.n_best, sample=a.sample,
                                 **{k: v for k, v in given.items() if v is not None})
@@ -224,6 +222,7 @@ DESCRIPTION = (
 def add_options(p) -> None:
     """The options of ``caption`` beside the ``trainer`` section."""
     from captioner.commands.caption_output import FORMATS
+    from captioner.inference import option_fields
 
     add_model_arguments(p)
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass")
@@ -235,20 +234,18 @@ def add_options(p) -> None:
                    "torchvision (nvJPEG on a GPU), or with PIL on the CPU (auto: the device when it "
                    "is a GPU). Other formats always go through PIL")
     g = p.add_argument_group("more than one caption per image")
-    g.add_argument("--n-best", type=positive_int, default=1, metavar="N",
-                   help="the N best distinct captions of the beam search, best first (N <= beam size)")
-    g.add_argument("--sample", action="store_true",
-                   help="draw captions from the model instead of searching for the most likely")
-    g.add_argument("--num-samples", type=positive_int, default=None, metavar="N",
-                   help="--sample: captions drawn per image (default 1)")
-    g.add_argument("--temperature", type=float, default=None, metavar="T",
-                   help="--sample: > 1 flattens the distribution, < 1 sharpens it (default 1)")
-    g.add_argument("--top-k", type=int, default=None, metavar="K",
-                   help="--sample: draw among the K most likely words only (default 0: all)")
-    g.add_argument("--top-p", type=float, default=None, metavar="P",
-                   help="--sample: draw among the most likely words that together reach P (0 < P <= 1)")
-    g.add_argument("--seed", type=int, default=None,
-                   help="--sample: the same seed, inputs and --batch-size give the same captions")
+    for f in option_fields():  # declared once, in CaptionOptions (beam size and length: the model's)
+        m = f.metadata
+        if m["help"] is None:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if m["kind"] is bool:
+            g.add_argument(flag, action="store_true", help=m["help"])
+            continue
+        kind = positive_int if m["kind"] is int and m["minimum"] == 1 else m["kind"]
+        # a sampling option's default is None: given or not tells whether it needs --sample
+        g.add_argument(flag, type=kind, default=None if m["sampling"] else f.default, help=m["help"],
+                       **({"metavar": m["metavar"]} if m["metavar"] else {}))
     o = p.add_argument_group("output")
     o.add_argument("--format", choices=FORMATS, default=None,
                    help="text (default): path<TAB>caption, errors on stderr; jsonl, csv, tsv: one row "

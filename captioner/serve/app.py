@@ -38,16 +38,20 @@ from captioner.inference import (
     LoadedModel,
     OptionError,
     load_checkpoint,
+    option_fields,
+    option_schema,
 )
 
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
-MAX_BEAM_SIZE = 10
-# Limits of the other caption options of POST /api/caption: each bounds the work of one request.
-MAX_N_BEST = 10
-MAX_LENGTH = 50
-MAX_SAMPLES = 10
+# Limits of the caption options of POST /api/caption (each bounds the work of one request):
+# declared with the options, in CaptionOptions.
+_LIMITS = {f.name: f.metadata["api_max"] for f in option_fields()}
+MAX_BEAM_SIZE = _LIMITS["beam_size"]
+MAX_N_BEST = _LIMITS["n_best"]
+MAX_LENGTH = _LIMITS["max_length"]
+MAX_SAMPLES = _LIMITS["num_samples"]
 # Room for the multipart boundaries, part headers and the small form fields around the image.
 MULTIPART_OVERHEAD = 64 * 1024
 
@@ -421,17 +425,8 @@ def create_app(
         return value
 
     def parse_options(form) -> CaptionOptions:
-        fields = {
-            "beam_size": parse_field(form, "beam_size", int, 1, MAX_BEAM_SIZE),
-            "max_length": parse_field(form, "max_length", int, 1, MAX_LENGTH),
-            "n_best": parse_field(form, "n_best", int, 1, MAX_N_BEST),
-            "sample": parse_field(form, "sample", bool),
-            "temperature": parse_field(form, "temperature", float),
-            "top_k": parse_field(form, "top_k", int, 0),
-            "top_p": parse_field(form, "top_p", float),
-            "num_samples": parse_field(form, "num_samples", int, 1, MAX_SAMPLES),
-            "seed": parse_field(form, "seed", int, 0, 2**63 - 1),
-        }
+        fields = {f.name: parse_field(form, f.name, f.metadata["kind"], f.metadata["minimum"], f.metadata["api_max"])
+                  for f in option_fields()}
         given = {k: v for k, v in fields.items() if v is not None}
         given.setdefault("beam_size", default_beam)
         try:
@@ -449,15 +444,7 @@ def create_app(
         openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
             "type": "object", "required": ["image"],
             "properties": {"image": {"type": "string", "format": "binary"},
-                           "beam_size": {"type": "integer", "minimum": 1, "maximum": MAX_BEAM_SIZE},
-                           "max_length": {"type": "integer", "minimum": 1, "maximum": MAX_LENGTH},
-                           "n_best": {"type": "integer", "minimum": 1, "maximum": MAX_N_BEST},
-                           "sample": {"type": "boolean"},
-                           "temperature": {"type": "number", "exclusiveMinimum": 0},
-                           "top_k": {"type": "integer", "minimum": 0},
-                           "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-                           "num_samples": {"type": "integer", "minimum": 1, "maximum": MAX_SAMPLES},
-                           "seed": {"type": "integer", "minimum": 0}},
+                           **{f.name: option_schema(f) for f in option_fields()}},
         }}}}},
     )
     async def caption(request: Request) -> JSONResponse:
