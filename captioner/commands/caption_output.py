@@ -27,6 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from captioner.commands.common import UsageError
+from captioner.data.chunks import ChunkFolder
 from captioner.inference import COLUMNS, ImageError, row_cells
 
 FORMATS = ("jsonl", "csv", "tsv", "text")
@@ -193,40 +194,32 @@ class ChunkRows:
         if not path.parent.is_dir():
             raise UsageError(f"--output: folder {path.parent} does not exist")
         self.path, self.fmt, self.paths, self.resume = path, fmt, paths, resume
-        self.folder = path.with_name(path.name + ".parts")
+        self.chunks = ChunkFolder(path.with_name(path.name + ".parts"), "jsonl")
+        self.folder = self.chunks.folder
 
     def start(self, fresh: bool) -> None:
-        if fresh and self.folder.exists():
-            shutil.rmtree(self.folder)
-        self.folder.mkdir(exist_ok=True)
-
-    def _chunks(self) -> list[Path]:
-        return sorted(self.folder.glob("chunk-*.jsonl")) if self.folder.is_dir() else []
+        self.chunks.start(fresh)
 
     def done(self) -> set[str]:
         """The images the chunks have rows for."""
-        return {json.loads(line)["image"] for chunk in self._chunks() for line in chunk.read_bytes().splitlines()}
+        return {json.loads(line)["image"] for chunk in self.chunks.files() for line in chunk.read_bytes().splitlines()}
 
     def write(self, rank: int, results: list) -> None:
-        from captioner.data.atomic import atomic_write
-
         lines = []
         for i, captions, error in results:
             path = self.paths[i]
             rows = caption_rows(path, captions) if error is None else [error_row(path, error)]
             lines.append(json.dumps({"image": str(path), "rows": rows}) + "\n")
-        data = "".join(lines).encode()
-        first = min(i for i, _, _ in results)
-        atomic_write(self.folder / f"chunk-{first:09d}-{len(results):06d}.jsonl", lambda f: f.write(data))
+        self.chunks.write(min(i for i, _, _ in results), len(results), "".join(lines).encode())
 
     def written(self) -> int:
-        return sum(int(p.stem.rsplit("-", 1)[1]) for p in self._chunks())
+        return self.chunks.written()
 
     def merge(self) -> int:
         """The chunks -> ``OUT`` (and the chunks removed); the number of images that could not be
         read. An image with no rows anywhere (a process that died) -> RuntimeError, chunks kept."""
         rows: dict[str, list[dict]] = {}
-        for chunk in self._chunks():
+        for chunk in self.chunks.files():
             for line in chunk.read_bytes().splitlines():
                 item = json.loads(line)
                 rows[item["image"]] = item["rows"]
@@ -250,7 +243,7 @@ class ChunkRows:
             out.close()
             raise
         out.finish()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        self.chunks.remove()
         return failed
 
 
