@@ -543,12 +543,8 @@ class CaptionPipeline:
         return next(self.loaded.model.parameters()).device
 
     def reader_threads(self, requested: int | None = None) -> int:
-        """Image-reading threads of :meth:`stream`: as asked, else 4 when the model runs on a
-        GPU and 0 on the CPU (measured on 2 cores: reader threads competing with the model's own
-        threads gain nothing)."""
-        if requested is not None:
-            return max(0, requested)
-        return 4 if self.device.type == "cuda" else 0
+        """Image-reading threads of :meth:`stream` (:func:`reader_threads` on the model's device)."""
+        return reader_threads(self.device, requested)
 
     def options(self, options: CaptionOptions | None = None, **kw) -> CaptionOptions:
         """``options`` (default: the pipeline's decoding) with ``kw`` replacing its fields, checked
@@ -737,6 +733,15 @@ def _as_triple(result: list[Caption] | ImageError) -> tuple[Path, list[Caption] 
     if isinstance(result, ImageError):
         return result.image, None, result.reason
     return result[0].image, result, None
+
+
+def reader_threads(device: torch.device, requested: int | None = None) -> int:
+    """Image readers (threads, or a DataLoader's processes) while a model captions on ``device``:
+    as asked, else 4 on a GPU and 0 on the CPU (measured on 2 cores: readers competing with the
+    model's own threads gain nothing)."""
+    if requested is not None:
+        return max(0, requested)
+    return 4 if device.type == "cuda" else 0
 
 
 def throughput(images: int, seconds: float | None, processes: int) -> str:

@@ -1,10 +1,12 @@
 """``captioner caption``: caption images and folders of images, one line per image on stdout.
 
-Runs ``Trainer.predict`` (:mod:`captioner.predict`) batch by batch, so memory stays flat for any
-number of images; a file that cannot be read is reported by path and every other image is still
-captioned. On one process the rows go out as each batch is done; on many (``--trainer.devices N
---trainer.strategy ddp``, torchrun, SLURM) each image is captioned once, by one process, and the
-rows are merged into ``--output`` in the input's order (:mod:`captioner.commands.caption_output`).
+Runs the pipeline's stream (:meth:`captioner.inference.CaptionPipeline.stream`) batch by batch, so
+memory stays flat for any number of images; a file that cannot be read is reported by path and
+every other image is still captioned. On one process the rows go out as each batch is done. On
+many (``--trainer.devices N --trainer.strategy ddp``, torchrun, SLURM), or to continue an
+``--output`` with ``--resume``, ``Trainer.predict`` (:mod:`captioner.predict`) runs the same
+stream's blocks: each image is captioned once, by one process, and the rows are merged into
+``--output`` in the input's order (:mod:`captioner.commands.caption_output`).
 The options are parsed by the parser of ``fit`` (``captioner.commands.config``).
 Exit status: 0 all captioned, 1 some files failed, 2 bad arguments or an unusable checkpoint.
 """
@@ -134,6 +136,7 @@ def _caption_resumable(a, fmt: str, paths: list[Path], pipeline, options, traine
         StreamRows,
         finished_images,
     )
+    from captioner.inference import reader_threads
     from captioner.predict import CaptionPredictor, ChunkWriter, predict
 
     many = processes(trainer) > 1
@@ -157,8 +160,7 @@ def _caption_resumable(a, fmt: str, paths: list[Path], pipeline, options, traine
     writer = ChunkWriter(store, a.chunk_size if many else 1, len(todo), fresh=not a.resume, progress=show,
                          errors=report if fmt == "text" else None)
     trainer.callbacks.insert(0, writer)  # before the user's: a chunk is written before they see the batch
-    on_gpu = trainer.strategy.root_device.type == "cuda"
-    readers = max(0, a.num_workers) if a.num_workers is not None else (4 if on_gpu else 0)
+    readers = reader_threads(trainer.strategy.root_device, a.num_workers)
     module = CaptionPredictor(pipeline, paths, options, todo, a.batch_size, num_workers=readers,
                               jpeg_decode=a.jpeg_decode)
     finished = False
