@@ -19,21 +19,20 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from captioner.data.features import encode, read_image
+from captioner.data.features import encode
+from captioner.data.images import read_image
 from captioner.data.records import ImageRecord, blocks
 from captioner.data.transforms import Preprocessing
-from captioner.inference import CaptionOptions, CaptionPipeline
+from captioner.inference import CaptionOptions, CaptionPipeline, ImageError, block_seed, throughput  # noqa: F401 (block_seed: here before)
 
 logger = logging.getLogger(__name__)
 
@@ -203,16 +202,7 @@ def predict(trainer: L.Trainer, module: ImagePredictor, writer: ChunkWriter) -> 
 def speed(writer: ChunkWriter, images: int, processes: int) -> str:
     """``images`` in the time from every process up to every image written (merge not included),
     as a log line says it; empty when nothing was run."""
-    if writer.seconds is None or not images:
-        return ""
-    return (f"{images} images in {writer.seconds:.1f} s on {processes} process(es): "
-            f"{images / max(writer.seconds, 1e-9):.1f} images/s")
-
-
-def block_seed(seed: int, block: int) -> int:
-    """The seed of one block's sampling: from ``seed`` and the block's number, so that a block's
-    captions do not depend on which rank draws them, nor on what was drawn before."""
-    return int(np.random.SeedSequence([seed, block]).generate_state(1)[0])
+    return throughput(images, writer.seconds, processes)
 
 
 class CaptionPredictor(ImagePredictor):
@@ -236,15 +226,13 @@ class CaptionPredictor(ImagePredictor):
         return super().predict_dataloader()
 
     def read(self, i: int) -> tuple[Tensor | bytes | None, str | None]:
-        return self.pipeline.read_file(self.paths[i], self.on_device)
+        return self.pipeline.read(self.paths[i], self.on_device)
 
     def predict_block(self, positions: list[int], items: list) -> list[Result]:
-        options = self.options
-        if options.sample and options.seed is not None:
-            options = replace(options, seed=block_seed(options.seed, positions[0] // self.block_size))
+        """A block of the pipeline's stream (:meth:`CaptionPipeline.caption_block`)."""
         files = [(self.paths[i], data, error) for i, (data, error) in zip(positions, items)]
-        done = self.pipeline.captions_for_files(files, options, self.pipeline.generator(options))
-        return [(i, captions, error) for i, (_path, captions, error) in zip(positions, done)]
+        done = self.pipeline.caption_block(files, self.options, positions[0] // self.block_size)
+        return [(i, None, r.reason) if isinstance(r, ImageError) else (i, r, None) for i, r in zip(positions, done)]
 
 
 class FeaturePredictor(ImagePredictor):

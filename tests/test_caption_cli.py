@@ -76,16 +76,20 @@ def test_caption_json_reports_bad_files_and_captions_the_rest(tiny_checkpoint, m
 
 
 def test_reading_threads_give_the_same_stream_in_input_order(tiny_checkpoint, mixed_folder):
-    """caption_paths with reader threads: same captions and per-file errors, in input order,
+    """pipeline.stream with reader threads: same captions and per-file errors, in input order,
     as reading inline; a batch smaller than the read-ahead window is fine."""
     from captioner.checkpoint import load_checkpoint
-    from captioner.inference import CaptionPipeline
+    from captioner.inference import CaptionPipeline, ImageError
 
     folder, good, bad = mixed_folder
     paths = sorted([*good, *bad]) * 3  # longer than the read-ahead window (2 batches)
     pipeline = CaptionPipeline(load_checkpoint(tiny_checkpoint, device="cpu"), beam_size=2)
-    inline = list(pipeline.caption_paths(paths, batch_size=2, num_workers=0))
-    threaded = list(pipeline.caption_paths(iter(paths), batch_size=2, num_workers=3))
+    def triples(results):
+        return [(r.image, None, r.reason) if isinstance(r, ImageError) else (r[0].image, r[0], None)
+                for r in results]
+
+    inline = triples(pipeline.stream(paths, batch_size=2, num_workers=0))
+    threaded = triples(pipeline.stream(iter(paths), batch_size=2, num_workers=3))
     assert [p for p, _, _ in threaded] == paths
     for (p1, c1, e1), (p2, c2, e2) in zip(threaded, inline, strict=True):
         assert (p1, e1) == (p2, e2)
@@ -321,3 +325,22 @@ def test_attend_bad_checkpoint_and_output_folder_exit_2(tiny_checkpoint, shapes_
     rc = main(["attend", "--checkpoint", str(tiny_checkpoint), str(image), "-o", str(tmp_path / "a.png"),
                "--cmap", "nonsense"])
     assert rc == 2 and "unknown colour map" in capsys.readouterr().err
+
+
+def test_one_process_captions_through_the_stream_not_trainer_predict(tiny_checkpoint, tmp_path, shapes_dir,
+                                                                     capsys, monkeypatch):
+    """`caption` on one process without --resume is the pipeline's stream: Trainer.predict is
+    never called, and the rows are those of the resumable (Trainer.predict) path, byte for byte."""
+    import lightning as L
+
+    good = _good_images(tmp_path / "imgs", shapes_dir, n=5)
+    args = ["caption", "--checkpoint", str(tiny_checkpoint), "--json", "--beam-size", "2", "--batch-size", "2",
+            *map(str, good)]
+    real = L.Trainer.predict
+    monkeypatch.setattr(L.Trainer, "predict", lambda *a, **k: pytest.fail("Trainer.predict was called"))
+    assert main(args) == 0
+    streamed = capsys.readouterr().out
+    monkeypatch.setattr(L.Trainer, "predict", real)
+    out = tmp_path / "out.jsonl"
+    assert main([*args, "--output", str(out), "--resume"]) == 0  # --resume: Trainer.predict
+    assert out.read_text() == streamed and len(streamed.splitlines()) == len(good)

@@ -152,13 +152,13 @@ def _same_rows(a: list[tuple], b: list[tuple]) -> None:
 
 def _count_images(monkeypatch) -> list[int]:
     seen: list[int] = []
-    real = CaptionPipeline.captions_for_tensors
+    real = CaptionPipeline._caption_tensors
 
     def counting(self, images, *args, **kwargs):
         seen.append(images.size(0))
         return real(self, images, *args, **kwargs)
 
-    monkeypatch.setattr(CaptionPipeline, "captions_for_tensors", counting)
+    monkeypatch.setattr(CaptionPipeline, "_caption_tensors", counting)
     return seen
 
 
@@ -242,8 +242,8 @@ def _images(shapes_dir: Path, n: int = 3) -> list[Image.Image]:
 
 def test_api_n_best_and_default(pipeline, shapes_dir):
     images = _images(shapes_dir)
-    best = pipeline.caption_images(images)
-    nbest = pipeline.captions(images, n_best=3)
+    best = pipeline(images)
+    nbest = pipeline(images, n_best=3)
     assert len(nbest) == 3
     for one, caps in zip(best, nbest, strict=True):
         assert caps[0].words == one.words and caps[0].score == pytest.approx(one.score)
@@ -258,9 +258,9 @@ def test_api_n_best_and_default(pipeline, shapes_dir):
 def test_api_seeded_samples(pipeline, shapes_dir):
     images = _images(shapes_dir)
     opts = CaptionOptions(sample=True, num_samples=4, seed=7, temperature=1.3)
-    a = pipeline.captions(images, opts)
-    b = pipeline.captions(images, sample=True, num_samples=4, seed=7, temperature=1.3)
-    c = pipeline.captions(images, opts, seed=8)
+    a = pipeline(images, options=opts)
+    b = pipeline(images, sample=True, num_samples=4, seed=7, temperature=1.3)
+    c = pipeline(images, options=opts, seed=8)
     assert [len(x) for x in a] == [4, 4, 4]
     assert [[x.words for x in caps] for caps in a] == [[x.words for x in caps] for caps in b]
     assert [[x.words for x in caps] for caps in a] != [[x.words for x in caps] for caps in c]
@@ -276,7 +276,7 @@ def test_api_seeded_samples(pipeline, shapes_dir):
 ])
 def test_api_option_errors_name_the_field(pipeline, shapes_dir, kw, field):
     with pytest.raises(OptionError) as err:
-        pipeline.captions(_images(shapes_dir, 1), **kw)
+        pipeline(_images(shapes_dir, 1), **kw)
     assert err.value.field == field
 
 
@@ -293,10 +293,35 @@ def test_attend_rank_draws_the_kth_caption(tiny_checkpoint, shapes_dir, tmp_path
         maps = json.loads(out.with_suffix(".json").read_text())
         assert maps["caption"] == texts[rank] and maps["rank"] == rank
         assert len(maps["word_probs"]) == len(maps["words"]) == len(maps["maps"])
-    caps = CaptionPipeline(load_checkpoint(tiny_checkpoint), beam_size=3).captions(
-        [Image.open(image).convert("RGB")], n_best=2)[0]
+    caps = CaptionPipeline(load_checkpoint(tiny_checkpoint), beam_size=3)(
+        Image.open(image).convert("RGB"), n_best=2)
     assert [texts[1], texts[2]] == [c.text for c in caps]
     assert texts[1] != texts[2]
     rc = main(["attend", "--checkpoint", str(tiny_checkpoint), str(image), "-o", str(tmp_path / "x.png"),
                "--beam-size", "3", "--rank", "4"])
     assert rc == 2 and "--rank: 4 is more than the beam size (3)" in capsys.readouterr().err
+
+
+# -- the options, declared once ------------------------------------------------------------------
+def test_cli_flags_and_api_schema_come_from_caption_options(tiny_checkpoint, capsys):
+    """Every option of CaptionOptions with a help text is a `caption` flag with that help; every
+    option is a field of the API's form, with the limits its metadata declares."""
+    from dataclasses import fields
+
+    from fastapi.testclient import TestClient
+
+    from captioner.checkpoint import load_checkpoint
+    from captioner.serve.app import create_app
+
+    assert main(["caption", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    for f in fields(CaptionOptions):
+        if f.metadata["help"] is not None:
+            assert f"--{f.name.replace('_', '-')}" in help_text and f.metadata["help"] in help_text, f.name
+    with TestClient(create_app(load_checkpoint(tiny_checkpoint))) as client:
+        schema = client.get("/openapi.json").json()["paths"]["/api/caption"]["post"]["requestBody"]
+        form = schema["content"]["multipart/form-data"]["schema"]["properties"]
+        assert set(form) == {"image"} | {f.name for f in fields(CaptionOptions)}
+        assert form["n_best"]["maximum"] == fields(CaptionOptions)[2].metadata["api_max"] == 10
+        r = client.post("/api/caption", files={"image": ("a.png", b"x", "image/png")}, data={"n_best": "11"})
+        assert r.status_code == 422 and r.json()["error"] == "n_best must be from 1 to 10, got 11"

@@ -74,7 +74,7 @@ def test_a_folder_captions_and_scores_as_its_checkpoint(folder, run, shapes_dir)
     for beam in (1, 3):
         a = CaptionPipeline(load_checkpoint(run / "checkpoints" / "best.ckpt"), beam_size=beam)
         b = CaptionPipeline(load_checkpoint(folder), beam_size=beam)
-        for x, y in zip(a.caption_images(images), b.caption_images(images), strict=True):
+        for x, y in zip(a(images), b(images), strict=True):
             assert x.words == y.words and x.score == y.score
             assert torch.equal(x.alphas, y.alphas)
 

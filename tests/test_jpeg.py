@@ -159,8 +159,8 @@ def test_caption_paths_on_device_decoding(tiny_checkpoint, tmp_path, shapes_dir,
     assert pipeline.jpeg_on_device("auto") == (device == "cuda")  # PIL on a CPU unless asked
     with pytest.raises(ValueError, match="jpeg_decode must be one of"):
         pipeline.jpeg_on_device("gpu")
-    cpu = list(pipeline.caption_paths(paths, batch_size=3, jpeg_decode="cpu"))
-    dev = list(pipeline.caption_paths(paths, batch_size=3, jpeg_decode="device", num_workers=2))
+    cpu = _triples(pipeline.stream(paths, batch_size=3, jpeg_decode="cpu"))
+    dev = _triples(pipeline.stream(paths, batch_size=3, jpeg_decode="device", num_workers=2))
     assert [p for p, _, _ in dev] == paths
     errors = {p.name: e for p, _, e in dev if e is not None}
     assert set(errors) == {"cut.jpg", "notes.jpg"}
@@ -192,7 +192,14 @@ def test_a_jpeg_the_device_cannot_decode_goes_through_pil(tiny_checkpoint, jpegs
 
     monkeypatch.setattr(jpeg, "decode_jpegs", failing_second)
     pipeline = CaptionPipeline(load_checkpoint(tiny_checkpoint, device="cpu"), beam_size=1)
-    dev = list(pipeline.caption_paths(jpegs, batch_size=len(jpegs), jpeg_decode="device"))
-    pil = list(pipeline.caption_paths(jpegs, batch_size=len(jpegs), jpeg_decode="cpu"))
+    dev = _triples(pipeline.stream(jpegs, batch_size=len(jpegs), jpeg_decode="device"))
+    pil = _triples(pipeline.stream(jpegs, batch_size=len(jpegs), jpeg_decode="cpu"))
     assert [p for p, _, _ in dev] == jpegs and all(e is None for _, _, e in dev)
     assert dev[1][1].words == pil[1][1].words and dev[1][1].score == pil[1][1].score
+
+
+def _triples(results):
+    """pipeline.stream's results as (path, first caption or None, error or None)."""
+    from captioner.inference import ImageError
+
+    return [(r.image, None, r.reason) if isinstance(r, ImageError) else (r[0].image, r[0], None) for r in results]

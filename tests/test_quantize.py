@@ -116,7 +116,7 @@ def test_pipeline_decodes_through_the_int8_decoder(tiny_checkpoint) -> None:
     pipe = CaptionPipeline(loaded, beam_size=2, quantize="int8")
     assert isinstance(pipe.decoder, Int8Decoder) and pipe.decoder.decoder is loaded.model.decoder
     images = torch.randn(4, 3, 32, 32)
-    exact, fast = CaptionPipeline(loaded, beam_size=2).caption_tensors(images), pipe.caption_tensors(images)
+    exact, fast = CaptionPipeline(loaded, beam_size=2)(images), pipe(images)
     # (a barely trained model: captions may differ; the trained decoder above pins them down)
     for c, e in zip(fast, exact, strict=True):
         assert c.words and c.alphas.shape[1:] == e.alphas.shape[1:] and c.alphas.shape[0] == len(c.words)

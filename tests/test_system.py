@@ -128,7 +128,7 @@ def test_checkpoint_round_trip_gives_identical_captions(tiny_checkpoint, shapes_
     system.eval()
     images = sorted((shapes_dir / "images").glob("*.png"))[:4]
     x = torch.stack([loaded.preprocessing(load_image(p)) for p in images])
-    caps = CaptionPipeline(loaded, beam_size=3).caption_tensors(x)
+    caps = CaptionPipeline(loaded, beam_size=3)(x)
     with torch.no_grad():
         gen = system.generate(system.model.encode(x)[0], beam_size=3)
     for i, c in enumerate(caps):

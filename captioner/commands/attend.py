@@ -40,7 +40,8 @@ def cmd_attend(a: argparse.Namespace) -> int:
         print(f"captioner: error: {err}", file=sys.stderr)
         return 1
 
-    (captions,) = pipeline.captions([image], n_best=a.rank)
+    captions = pipeline(image, n_best=a.rank)
+    captions = captions if isinstance(captions, list) else [captions]
     if len(captions) < a.rank:
         print(f"captioner: error: the beam search found {len(captions)} distinct captions, "
               f"fewer than --rank {a.rank}", file=sys.stderr)
@@ -55,8 +56,8 @@ def cmd_attend(a: argparse.Namespace) -> int:
     written = [a.output]
     if a.json:
         maps = attention_json(caption.words, caption.alphas, caption.grid)
-        maps.update(image=str(a.image), rank=a.rank, score=caption.score, mean_logprob=caption.mean_logprob,
-                    word_probs=caption.word_probs)
+        caption.image = a.image
+        maps.update(caption.to_dict(("image", "rank", "score", "mean_logprob", "word_probs"), digits=None))
         written.append(atomic_write_json(a.output.with_suffix(".json"), maps, newline=True))
     print(caption.text)
     logger.info("wrote %s", ", ".join(str(p) for p in written))

@@ -1,10 +1,12 @@
 """``captioner caption``: caption images and folders of images, one line per image on stdout.
 
-Runs ``Trainer.predict`` (:mod:`captioner.predict`) batch by batch, so memory stays flat for any
-number of images; a file that cannot be read is reported by path and every other image is still
-captioned. On one process the rows go out as each batch is done; on many (``--trainer.devices N
---trainer.strategy ddp``, torchrun, SLURM) each image is captioned once, by one process, and the
-rows are merged into ``--output`` in the input's order (:mod:`captioner.commands.caption_output`).
+Runs the pipeline's stream (:meth:`captioner.inference.CaptionPipeline.stream`) batch by batch, so
+memory stays flat for any number of images; a file that cannot be read is reported by path and
+every other image is still captioned. On one process the rows go out as each batch is done. On
+many (``--trainer.devices N --trainer.strategy ddp``, torchrun, SLURM), or to continue an
+``--output`` with ``--resume``, ``Trainer.predict`` (:mod:`captioner.predict`) runs the same
+stream's blocks: each image is captioned once, by one process, and the rows are merged into
+``--output`` in the input's order (:mod:`captioner.commands.caption_output`).
 The options are parsed by the parser of ``fit`` (``captioner.commands.config``).
 Exit status: 0 all captioned, 1 some files failed, 2 bad arguments or an unusable checkpoint.
 """
@@ -15,10 +17,10 @@ import argparse
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from captioner.commands.caption_output import FORMATS
 from captioner.commands.common import (
     JPEG_DECODE,
     UsageError,
@@ -42,15 +44,13 @@ def _stdout(data: bytes) -> None:
 def caption_options(a: argparse.Namespace, pipeline):
     """The caption options of the command line, checked against the pipeline (UsageError naming
     the flag)."""
-    from captioner.inference import CaptionOptions, OptionError
+    from captioner.inference import CaptionOptions, OptionError, option_fields
 
+    given = {f.name: getattr(a, f.name) for f in option_fields() if f.metadata["sampling"]}
     if not a.sample:
-        for flag, value in (("--temperature", a.temperature), ("--top-k", a.top_k), ("--top-p", a.top_p),
-                            ("--seed", a.seed), ("--num-samples", a.num_samples)):
+        for name, value in given.items():
             if value is not None:
-                raise UsageError(f"{flag} is an option of sampling: add --sample")
-    given = {"temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p, "seed": a.seed,
-             "num_samples": a.num_samples}
+                raise UsageError(f"--{name.replace('_', '-')} is an option of sampling: add --sample")
     try:
         return pipeline.options(CaptionOptions(), n_best=a.n_best, sample=a.sample,
                                 **{k: v for k, v in given.items() if v is not None})
@@ -65,18 +65,9 @@ def processes(trainer) -> int:
 
 def caption(a, cli) -> int:
     """``captioner caption`` once parsed: ``a`` its options, ``cli`` the parser (the trainer)."""
-    from tqdm import tqdm
-
-    from captioner.commands.caption_output import (
-        ChunkRows,
-        PartFile,
-        RowWriter,
-        StreamRows,
-        finished_images,
-    )
+    from captioner.commands.caption_output import RESUME_TEXT, PartFile, RowWriter
     from captioner.data.images import iter_image_paths
     from captioner.inference import resolve_device
-    from captioner.predict import CaptionPredictor, ChunkWriter, predict, speed
 
     if a.json and a.format not in (None, "jsonl"):
         raise UsageError(f"--json is --format jsonl; it cannot go with --format {a.format}")
@@ -84,7 +75,7 @@ def caption(a, cli) -> int:
     if a.resume and a.output is None:
         raise UsageError("--resume continues an --output file: give --output")
     if a.resume and fmt == "text":
-        raise UsageError("--resume needs --format jsonl, csv or tsv (text lines do not say which images failed)")
+        raise UsageError(RESUME_TEXT)
     try:
         resolve_device(a.device)  # --device cuda without one: one line, before any work
     except ValueError as err:
@@ -92,7 +83,7 @@ def caption(a, cli) -> int:
     paths = list(iter_image_paths(a.paths))  # Paths only: cheap even for many thousands
     if not paths:
         raise UsageError("no image files found in " + ", ".join(str(p) for p in a.paths))
-    # loaded on the CPU: Lightning moves it to each process's device
+    # loaded on the CPU: moved to the device below, or by Lightning to each process's
     pipeline = load_pipeline(a.checkpoint, "cpu", a.quantize, beam_size=a.beam_size, max_length=a.max_length)
     options = caption_options(a, pipeline)
     trainer = cli.prediction_trainer(a.device)
@@ -102,7 +93,53 @@ def caption(a, cli) -> int:
     if many and a.output is None:
         raise UsageError("with more than one process (--trainer.devices, --trainer.num_nodes) the captions "
                          "go to a file: give --output FILE")
+    if many or a.resume or trainer.precision not in ("32-true", "32"):
+        return _caption_resumable(a, fmt, paths, pipeline, options, trainer)
 
+    # One process, from the start: the pipeline's stream, straight to stdout or OUT.part.
+    out = PartFile(a.output, fmt, resume=False) if a.output is not None else None
+    writer = out.writer if out is not None else RowWriter(fmt, _stdout, header=True)
+    pipeline.loaded.model.to(trainer.strategy.root_device)
+    failed, started = 0, time.monotonic()
+    try:
+        with _progress(a, len(paths)) as bar:
+            for result in pipeline.stream(paths, options, batch_size=a.batch_size, num_workers=a.num_workers,
+                                          jpeg_decode=a.jpeg_decode):
+                if isinstance(result, list):
+                    writer.rows([c.to_dict() for c in result])
+                else:
+                    failed += 1
+                    if writer.keeps_errors:
+                        writer.rows([result.to_dict()])
+                    else:  # text rows say nothing of failures: stderr does
+                        bar.write(f"{result.image}\tERROR: {result.reason}", file=sys.stderr)
+                bar.update(1)
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 1
+    except BaseException:
+        if out is not None:
+            out.close()  # stopped: FILE.part stays for --resume
+        raise
+    return _finish(a, out, failed, len(paths), time.monotonic() - started, 1)
+
+
+def _caption_resumable(a, fmt: str, paths: list[Path], pipeline, options, trainer) -> int:
+    """``Trainer.predict`` over the same stream's blocks (:mod:`captioner.predict`): many
+    processes, or a resumed ``--output``; each process's rows in chunks (many) or streamed."""
+    from tqdm import tqdm
+
+    from captioner.commands.caption_output import (
+        ChunkRows,
+        PartFile,
+        RowWriter,
+        StreamRows,
+        finished_images,
+    )
+    from captioner.inference import reader_threads
+    from captioner.predict import CaptionPredictor, ChunkWriter, predict
+
+    many = processes(trainer) > 1
     out = None
     if many:
         store = ChunkRows(a.output, fmt, paths, a.resume)
@@ -123,8 +160,7 @@ def caption(a, cli) -> int:
     writer = ChunkWriter(store, a.chunk_size if many else 1, len(todo), fresh=not a.resume, progress=show,
                          errors=report if fmt == "text" else None)
     trainer.callbacks.insert(0, writer)  # before the user's: a chunk is written before they see the batch
-    on_gpu = trainer.strategy.root_device.type == "cuda"
-    readers = max(0, a.num_workers) if a.num_workers is not None else (4 if on_gpu else 0)
+    readers = reader_threads(trainer.strategy.root_device, a.num_workers)
     module = CaptionPredictor(pipeline, paths, options, todo, a.batch_size, num_workers=readers,
                               jpeg_decode=a.jpeg_decode)
     finished = False
@@ -132,22 +168,42 @@ def caption(a, cli) -> int:
         failed = predict(trainer, module, writer)
         finished = True
     except BrokenPipeError:
-        # `captioner caption DIR | head`: stop quietly; keep Python from complaining at exit
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _quiet_stdout()
         return 1
     finally:
-        if out is not None and finished:
-            out.finish()
-        elif out is not None:
+        if out is not None and not finished:
             out.close()  # stopped: FILE.part stays for --resume
     if failed is None:  # not the first process: it merges and reports
         return 0
+    return _finish(a, out, failed, len(paths), writer.seconds, processes(trainer), len(todo))
+
+
+def _finish(a, out, failed: int, total: int, seconds: float | None, procs: int, captioned: int | None = None) -> int:
+    """The end of a run: OUT.part renamed over OUT, the log lines, the exit status."""
+    if out is not None:
+        out.finish()
     if a.output is not None:
-        took = speed(writer, len(todo), processes(trainer))
+        from captioner.inference import throughput
+
+        took = throughput(total if captioned is None else captioned, seconds, procs)
         logger.info("wrote %s%s", a.output, f" ({took})" if took else "")
     if failed:
-        logger.warning("%d of %d images could not be captioned", failed, len(paths))
+        logger.warning("%d of %d images could not be captioned", failed, total)
     return 1 if failed else 0
+
+
+def _quiet_stdout() -> None:
+    """`captioner caption DIR | head`: stop quietly; keep Python from complaining at exit."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _progress(a, n: int):
+    """A tqdm bar on stderr (``--progress``; default: for ``PROGRESS_MIN_IMAGES`` or more
+    images when stderr is a terminal), disabled otherwise."""
+    from tqdm import tqdm
+
+    show = a.progress if a.progress is not None else (n >= PROGRESS_MIN_IMAGES and sys.stderr.isatty())
+    return tqdm(total=n, unit="img", file=sys.stderr, leave=False, dynamic_ncols=True, disable=not show)
 
 
 def run(args: Sequence[str], prog: str = "captioner caption") -> int:
@@ -167,6 +223,9 @@ DESCRIPTION = (
 
 def add_options(p) -> None:
     """The options of ``caption`` beside the ``trainer`` section."""
+    from captioner.commands.caption_output import FORMATS
+    from captioner.inference import option_fields
+
     add_model_arguments(p)
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass")
     p.add_argument("--num-workers", type=int, default=None,
@@ -177,20 +236,18 @@ def add_options(p) -> None:
                    "torchvision (nvJPEG on a GPU), or with PIL on the CPU (auto: the device when it "
                    "is a GPU). Other formats always go through PIL")
     g = p.add_argument_group("more than one caption per image")
-    g.add_argument("--n-best", type=positive_int, default=1, metavar="N",
-                   help="the N best distinct captions of the beam search, best first (N <= beam size)")
-    g.add_argument("--sample", action="store_true",
-                   help="draw captions from the model instead of searching for the most likely")
-    g.add_argument("--num-samples", type=positive_int, default=None, metavar="N",
-                   help="--sample: captions drawn per image (default 1)")
-    g.add_argument("--temperature", type=float, default=None, metavar="T",
-                   help="--sample: > 1 flattens the distribution, < 1 sharpens it (default 1)")
-    g.add_argument("--top-k", type=int, default=None, metavar="K",
-                   help="--sample: draw among the K most likely words only (default 0: all)")
-    g.add_argument("--top-p", type=float, default=None, metavar="P",
-                   help="--sample: draw among the most likely words that together reach P (0 < P <= 1)")
-    g.add_argument("--seed", type=int, default=None,
-                   help="--sample: the same seed, inputs and --batch-size give the same captions")
+    for f in option_fields():  # declared once, in CaptionOptions (beam size and length: the model's)
+        m = f.metadata
+        if m["help"] is None:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if m["kind"] is bool:
+            g.add_argument(flag, action="store_true", help=m["help"])
+            continue
+        kind = positive_int if m["kind"] is int and m["minimum"] == 1 else m["kind"]
+        # a sampling option's default is None: given or not tells whether it needs --sample
+        g.add_argument(flag, type=kind, default=None if m["sampling"] else f.default, help=m["help"],
+                       **({"metavar": m["metavar"]} if m["metavar"] else {}))
     o = p.add_argument_group("output")
     o.add_argument("--format", choices=FORMATS, default=None,
                    help="text (default): path<TAB>caption, errors on stderr; jsonl, csv, tsv: one row "

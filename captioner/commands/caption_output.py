@@ -21,32 +21,32 @@ import io
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from captioner.commands.common import UsageError
+from captioner.data.chunks import ChunkFolder
+from captioner.inference import COLUMNS, ImageError, row_cells
 
 FORMATS = ("jsonl", "csv", "tsv", "text")
-# The columns of CSV and TSV, in order; JSON lines use the same keys (an error row has only
-# image and error, a caption row all but error).
-COLUMNS = ("image", "rank", "caption", "score", "mean_logprob", "word_probs", "error")
-DIGITS = 6
-
-
-def caption_row(path: Path, rank: int, caption) -> dict:
-    """``rank``: 1-based, best first (samples: in the order drawn). ``score``: summed
-    log-probability; ``mean_logprob``: per token (words and <end>); ``word_probs``: one per word."""
-    return {"image": str(path), "rank": rank, "caption": caption.text, "score": round(caption.score, DIGITS),
-            "mean_logprob": round(caption.mean_logprob, DIGITS),
-            "word_probs": [round(p, DIGITS) for p in caption.word_probs]}
+RESUME_TEXT = "--resume needs --format jsonl, csv or tsv (text lines do not say which images failed)"  # the one message of --resume with text
 
 
 def caption_rows(path: Path, captions: Sequence) -> list[dict]:
-    return [caption_row(path, r, c) for r, c in enumerate(captions, 1)]
+    """An image's captions as rows (:meth:`captioner.inference.Caption.to_dict`), ``path`` their image."""
+    return [c.to_dict() if c.image == path else replace(c, image=path).to_dict() for c in captions]
+
+
+def caption_row(path: Path, rank: int, caption) -> dict:
+    """Deprecated: ``caption.to_dict()`` (the caption knows its image and rank)."""
+    warnings.warn("caption_row is deprecated; use Caption.to_dict()", DeprecationWarning, stacklevel=2)
+    return replace(caption, image=path, rank=rank).to_dict()
 
 
 def error_row(path: Path, message: str) -> dict:
-    return {"image": str(path), "error": message}
+    return ImageError(path, message).to_dict()
 
 
 class RowWriter:
@@ -84,10 +84,7 @@ class RowWriter:
             out = csv.writer(buf, delimiter="," if self.fmt == "csv" else "\t", lineterminator="\n")
             if header:
                 out.writerow(COLUMNS)
-            for row in rows:
-                probs = row.get("word_probs")
-                out.writerow([(" ".join(map(str, probs)) if probs is not None else "") if c == "word_probs"
-                              else row.get(c, "") for c in COLUMNS])
+            out.writerows(row_cells(row) for row in rows)
             text = buf.getvalue()
         # surrogateescape: a file name that is not valid UTF-8 is written back as its own bytes
         self.sink(text.encode("utf-8", "surrogateescape"))
@@ -103,7 +100,7 @@ class PartFile:
         self.done: set[str] = set()
         if resume:
             if fmt == "text":
-                raise UsageError("--resume needs --format jsonl, csv or tsv (text lines do not say which images failed)")
+                raise UsageError(RESUME_TEXT)
             copied = not self.part.exists() and path.exists()
             if copied:
                 shutil.copyfile(path, self.part)  # OUT stays whole until the new one is
@@ -150,7 +147,7 @@ def finished_images(path: Path, fmt: str) -> set[str]:
     """The images ``--resume`` keeps from ``path`` (or its ``.part``), read only: what
     :class:`PartFile` will keep when it opens them (UsageError as it gives)."""
     if fmt == "text":
-        raise UsageError("--resume needs --format jsonl, csv or tsv (text lines do not say which images failed)")
+        raise UsageError(RESUME_TEXT)
     part = path.with_name(path.name + ".part")
     source = part if part.exists() else path
     if not source.exists():
@@ -197,40 +194,32 @@ class ChunkRows:
         if not path.parent.is_dir():
             raise UsageError(f"--output: folder {path.parent} does not exist")
         self.path, self.fmt, self.paths, self.resume = path, fmt, paths, resume
-        self.folder = path.with_name(path.name + ".parts")
+        self.chunks = ChunkFolder(path.with_name(path.name + ".parts"), "jsonl")
+        self.folder = self.chunks.folder
 
     def start(self, fresh: bool) -> None:
-        if fresh and self.folder.exists():
-            shutil.rmtree(self.folder)
-        self.folder.mkdir(exist_ok=True)
-
-    def _chunks(self) -> list[Path]:
-        return sorted(self.folder.glob("chunk-*.jsonl")) if self.folder.is_dir() else []
+        self.chunks.start(fresh)
 
     def done(self) -> set[str]:
         """The images the chunks have rows for."""
-        return {json.loads(line)["image"] for chunk in self._chunks() for line in chunk.read_bytes().splitlines()}
+        return {json.loads(line)["image"] for chunk in self.chunks.files() for line in chunk.read_bytes().splitlines()}
 
     def write(self, rank: int, results: list) -> None:
-        from captioner.files import atomic_write
-
         lines = []
         for i, captions, error in results:
             path = self.paths[i]
             rows = caption_rows(path, captions) if error is None else [error_row(path, error)]
             lines.append(json.dumps({"image": str(path), "rows": rows}) + "\n")
-        data = "".join(lines).encode()
-        first = min(i for i, _, _ in results)
-        atomic_write(self.folder / f"chunk-{first:09d}-{len(results):06d}.jsonl", lambda f: f.write(data))
+        self.chunks.write(min(i for i, _, _ in results), len(results), "".join(lines).encode())
 
     def written(self) -> int:
-        return sum(int(p.stem.rsplit("-", 1)[1]) for p in self._chunks())
+        return self.chunks.written()
 
     def merge(self) -> int:
         """The chunks -> ``OUT`` (and the chunks removed); the number of images that could not be
         read. An image with no rows anywhere (a process that died) -> RuntimeError, chunks kept."""
         rows: dict[str, list[dict]] = {}
-        for chunk in self._chunks():
+        for chunk in self.chunks.files():
             for line in chunk.read_bytes().splitlines():
                 item = json.loads(line)
                 rows[item["image"]] = item["rows"]
@@ -254,7 +243,7 @@ class ChunkRows:
             out.close()
             raise
         out.finish()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        self.chunks.remove()
         return failed
 
 

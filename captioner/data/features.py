@@ -47,8 +47,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from captioner.data.chunks import ChunkFolder
 from captioner.data.fingerprint import differences, sha256_json
-from captioner.data.images import ImageLoadError, load_image
+from captioner.data.images import read_image
 from captioner.data.records import ImageRecord, blocks
 from captioner.data.transforms import Preprocessing
 from captioner.files import DiskFullError, atomic_write_json, free_bytes
@@ -149,16 +150,6 @@ def _reserve(fd: int, size: int, path: Path) -> None:
     except OSError as err:
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DiskFullError(path, size, free_bytes(path.parent)) from None
-
-
-def read_image(path: str | os.PathLike, preprocessing: Preprocessing) -> tuple[Tensor | None, str | None]:
-    """(the preprocessed image (3, S, S), None), or (None, why the file could not be read)."""
-    try:
-        return preprocessing(load_image(path)), None
-    except ImageLoadError as err:
-        return None, err.reason
-    except Exception as err:  # never let one file end the run
-        return None, f"{type(err).__name__}: {err}"
 
 
 def unique_records(splits: Mapping[str, Sequence[ImageRecord]]) -> list[ImageRecord]:
@@ -303,19 +294,16 @@ class FeatureChunks:
 
     def __init__(self, plan: CachePlan) -> None:
         self.plan = plan
-        self.folder = plan.out / "parts"
+        self.chunks = ChunkFolder(plan.out / "parts", "json")
+        self.folder = self.chunks.folder
         self.failed: dict[int, str] = {}  # after merge: the positions no chunk has features of
 
     def start(self, fresh: bool) -> None:
         """Write the index (with the shards an earlier run finished, unless ``fresh``: a
         different cache being replaced, whose records go) and make every shard file that is not
         there whole, forgetting the records of rows in a shard file made anew."""
-        import shutil
-
         plan = self.plan
-        if fresh and self.folder.exists():
-            shutil.rmtree(self.folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.chunks.start(fresh)
         done = set() if fresh else plan.check()
         atomic_write_json(plan.index_path, plan.index(done))
         if fresh:  # shards of the replaced cache beyond this one's
@@ -330,7 +318,7 @@ class FeatureChunks:
 
     def _chunks(self) -> list[tuple[Path, dict]]:
         out = []
-        for meta in sorted(self.folder.glob("chunk-*.json")):
+        for meta in self.chunks.files():
             try:
                 info = json.loads(meta.read_text())
             except (OSError, ValueError):
@@ -353,7 +341,7 @@ class FeatureChunks:
         return {i for i in have if i // plan.shard_size in ok}
 
     def written(self) -> int:
-        return sum(int(p.stem.rsplit("-", 1)[1]) for p in self.folder.glob("chunk-*.json"))
+        return self.chunks.written()
 
     def write(self, rank: int, results: list[tuple[int, object, str | None]]) -> None:
         """Write the features of ``results`` into their rows, flush them to disk, then record
@@ -383,17 +371,15 @@ class FeatureChunks:
         finally:
             for f, _ in files.values():
                 f.close()
-        name = f"chunk-{min(i for i, _, _ in results):09d}-{len(results):06d}"
         meta = {"positions": [i for i, _, e in results if e is None],
                 "failed": {str(i): e for i, _, e in results if e is not None}}
-        atomic_write_json(self.folder / f"{name}.json", meta)  # the rows count from now on
+        # the rows count from now on
+        atomic_write_json(self.chunks.path(min(i for i, _, _ in results), len(results)), meta)
 
     def merge(self) -> dict:
         """Mark every shard whose rows are all recorded as done, then check the cache and mark it
         complete (the records go). Returns the index; ``failed`` holds the images that kept it
         from being complete."""
-        import shutil
-
         plan = self.plan
         done = plan.check()
         have: set[int] = set()
@@ -419,7 +405,7 @@ class FeatureChunks:
                                     f"{total} rows for {len(plan.records)} images)")
         index["complete"] = True
         atomic_write_json(plan.index_path, index)
-        shutil.rmtree(self.folder, ignore_errors=True)
+        self.chunks.remove()
         logger.info("feature cache %s complete: %d images, %d shards, %s bytes per image",
                     plan.out, len(plan.records), len(plan.shards), f"{index['bytes_per_image']:,}")
         return index

@@ -13,9 +13,9 @@ import os
 import re
 import threading
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -69,6 +69,17 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             return _decode(f, p)
     except PermissionError:
         raise ImageLoadError(p, "permission denied") from None
+
+
+def read_image(path: str | os.PathLike, preprocessing: Callable[[Image.Image], Any]) -> tuple[Any, str | None]:
+    """(the preprocessed image, None), or (None, why the file could not be read): one file of a
+    stream or a feature extraction, where one bad file must never end the run."""
+    try:
+        return preprocessing(load_image(path)), None
+    except ImageLoadError as err:
+        return None, err.reason
+    except Exception as err:  # never let one file end the run
+        return None, f"{type(err).__name__}: {err}"
 
 
 def load_image_bytes(data: bytes, name: str = "<upload>") -> Image.Image:

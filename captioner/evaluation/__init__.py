@@ -17,7 +17,7 @@ folder with a markdown summary, the validation curves of the run and attention f
 best and worst images.
 """
 
-from captioner.evaluation.captioning import GeneratedCaption, caption_records, results_json
+from captioner.evaluation.captioning import caption_records, results_json
 from captioner.evaluation.grounding import grounding_file, score_grounding
 from captioner.evaluation.references import (
     ImageIdMismatch,
@@ -33,9 +33,17 @@ from captioner.evaluation.report import find_metrics_csv, read_curves, write_rep
 from captioner.evaluation.scoring import Evaluation, evaluate_checkpoint, evaluate_predictions
 
 __all__ = [
-    "Evaluation", "GeneratedCaption", "ImageIdMismatch", "References", "ResultsFormatError",
+    "Evaluation", "ImageIdMismatch", "References", "ResultsFormatError",
     "align_ids", "caption_records", "coco_annotation_references", "evaluate_checkpoint",
     "evaluate_predictions", "find_metrics_csv", "grounding_file", "karpathy_references",
     "load_results", "read_curves", "references_from_records", "results_json", "score_grounding",
     "write_report",
 ]
+
+
+def __getattr__(name: str):
+    if name == "GeneratedCaption":  # deprecated: captioner.inference.Caption
+        from captioner.evaluation import captioning
+
+        return getattr(captioning, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

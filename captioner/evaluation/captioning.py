@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from torch import Tensor
-from torch.utils.data import DataLoader
-
-from captioner.data.datamodule import CaptionDataset, collate_captions
+from captioner.data.images import ImageLoadError
 from captioner.data.records import ImageRecord
-from captioner.inference import CaptionPipeline
+from captioner.inference import Caption, CaptionPipeline
 
-
-@dataclass
-class GeneratedCaption:
-    image_id: int
-    words: list[str]
-    score: float
-    alphas: Tensor | None  # (T, h, w), one map per word; None when not kept
-
-    @property
-    def text(self) -> str:
-        return " ".join(self.words)
+logger = logging.getLogger(__name__)
 
 
 def caption_records(
@@ -34,34 +22,50 @@ def caption_records(
     keep_attention: bool = True,
     skip_bad_images: bool = False,
     on_batch: Callable[[int], None] | None = None,
-) -> list[GeneratedCaption]:
-    """Caption every record once, in batches, in the records' order.
+) -> list[Caption]:
+    """Caption every record once, in batches, in the records' order, through the pipeline's
+    stream (``num_workers`` reader threads; JPEGs decoded by PIL, as the data module reads them).
+    Each caption's ``image`` is its record's image id.
 
     ``on_batch(n)`` is called with the number of images of each finished batch (progress bars).
     With ``skip_bad_images`` unreadable images are left out (logged), otherwise they raise.
     """
-    vocab = pipeline.loaded.vocab
-    # mode="first": one item per image (its first reference only feeds the unused caption tensor).
-    dataset = CaptionDataset(records, vocab, pipeline.loaded.preprocessing, mode="first",
-                             skip_bad_images=skip_bad_images)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=collate_captions)
-    out: list[GeneratedCaption] = []
-    for batch in loader:
-        if not batch:  # every image of the batch was unreadable and skipped
-            continue
-        caps = pipeline.caption_tensors(batch["images"])  # images (B, 3, S, S)
-        for image_id, cap in zip(batch["image_ids"].tolist(), caps):
-            out.append(GeneratedCaption(int(image_id), cap.words, cap.score,
-                                        cap.alphas if keep_attention else None))
-        if on_batch is not None:
-            on_batch(len(caps))
+    out: list[Caption] = []
+    in_batch = 0
+    for rec, result in zip(records, pipeline.stream([r.path for r in records], batch_size=batch_size,
+                                                   num_workers=num_workers, jpeg_decode="cpu")):
+        if isinstance(result, list):
+            cap = result[0]
+            cap.image = rec.image_id
+            if not keep_attention:
+                cap.alphas = None
+            out.append(cap)
+        elif skip_bad_images:
+            logger.warning("skipping %s", ImageLoadError(rec.path, result.reason))
+        else:
+            raise ImageLoadError(rec.path, f"{result.reason} (run `captioner data check` first, or set "
+                                 "`data.skip_bad_images: true` to skip such files)")
+        in_batch += 1
+        if in_batch == batch_size and on_batch is not None:
+            on_batch(in_batch)
+            in_batch = 0
+    if in_batch and on_batch is not None:
+        on_batch(in_batch)
     return out
 
 
-def results_json(captions: Iterable[GeneratedCaption]) -> list[dict[str, Any]]:
-    """The COCO results format: ``[{"image_id": int, "caption": str}, ...]``."""
-    return [{"image_id": int(c.image_id), "caption": c.text} for c in captions]
+def results_json(captions: Iterable[Caption]) -> list[dict[str, Any]]:
+    """The COCO results format: ``[{"image_id": int, "caption": str}, ...]`` (the words joined by
+    spaces, as the scorers split them)."""
+    return [{"image_id": int(c.image), "caption": " ".join(c.words)} for c in captions]
 
 
-__all__ = ["GeneratedCaption", "caption_records", "results_json"]
+def __getattr__(name: str):
+    if name == "GeneratedCaption":  # before one Caption (issue 30)
+        warnings.warn("captioner.evaluation.GeneratedCaption is deprecated; use captioner.inference.Caption "
+                      "(its image id is .image)", DeprecationWarning, stacklevel=2)
+        return Caption
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["caption_records", "results_json"]

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from captioner.data.datamodule import CaptionDataModule
-from captioner.evaluation.captioning import GeneratedCaption
+from captioner.inference import Caption
 from captioner.metrics import evaluate_grounding
 
 
@@ -20,12 +20,12 @@ def grounding_file(dm: CaptionDataModule) -> Path | None:
     return path if path is not None and path.is_file() else None
 
 
-def score_grounding(captions: Iterable[GeneratedCaption], path: str | os.PathLike) -> dict[str, Any]:
+def score_grounding(captions: Iterable[Caption], path: str | os.PathLike) -> dict[str, Any]:
     """Attention correctness, pointing game and caption grounding of ``captions`` (with their
     attention maps) against the grounding file at ``path``."""
     from captioner.data.shapes import load_grounding
 
-    samples = ({"image_id": c.image_id, "tokens": c.words, "attention": c.alphas} for c in captions)
+    samples = ({"image_id": c.image, "tokens": c.words, "attention": c.alphas} for c in captions)
     return evaluate_grounding(samples, load_grounding(path))
 
 

@@ -176,7 +176,7 @@ def write_report(
                 md.append(f"_{label} {n} (image {k}): {err}_")
                 continue
             written.append(save_attention_figure(image, cap.words, cap.alphas, out / name))
-            md += [f"**{label} {n}**: image {k}, CIDEr-D {percent(score)}: “{_md(cap.text)}”", "",
+            md += [f"**{label} {n}**: image {k}, CIDEr-D {percent(score)}: “{_md(ev.predictions[k])}”", "",
                    f"![{label} {n}]({name})", ""]
 
     summary = out / "summary.md"

@@ -16,7 +16,7 @@ from typing import Any
 from captioner.data.datamodule import CaptionDataModule
 from captioner.data.records import ImageRecord
 from captioner.data.tokenizers import get_tokenizer
-from captioner.evaluation.captioning import GeneratedCaption, caption_records
+from captioner.evaluation.captioning import caption_records
 from captioner.evaluation.grounding import grounding_file, score_grounding
 from captioner.evaluation.references import (
     References,
@@ -27,7 +27,7 @@ from captioner.evaluation.references import (
     references_from_records,
 )
 from captioner.files import finite_json
-from captioner.inference import CaptionPipeline
+from captioner.inference import Caption, CaptionPipeline
 from captioner.metrics import EvalResult, exact_match, score_captions
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class Evaluation:
     exact_match: float
     settings: dict[str, Any] = field(default_factory=dict)
     grounding: dict[str, Any] | None = None
-    captions: dict[int, GeneratedCaption] = field(default_factory=dict)  # checkpoint mode
+    captions: dict[int, Caption] = field(default_factory=dict)  # checkpoint mode
     records: dict[int, ImageRecord] = field(default_factory=dict)  # image paths, when known
 
     def to_json(self) -> dict[str, Any]:
@@ -126,7 +126,7 @@ def evaluate_checkpoint(
     logger.info("captioned %d %s images in %.1f s (beam %d, batch %d)", len(captions), split,
                 seconds_captioning, pipeline.beam_size, batch_size)
 
-    by_id = {c.image_id: c for c in captions}
+    by_id = {c.image: c for c in captions}
     # with another tokenizer than `simple`, the words are scored (joined by spaces), not raw text
     references = references_from_records(records, f"{dm.dataset}:{split}",
                                          tokenized=tokenizer != "simple")
@@ -134,7 +134,7 @@ def evaluate_checkpoint(
         logger.warning("%d of %d images could not be read and are not scored",
                        len(records) - len(by_id), len(records))
         references = references.subset([r.image_id for r in records if r.image_id in by_id])
-    predictions = {k: by_id[k].text for k in references.raw}
+    predictions = {k: " ".join(by_id[k].words) for k in references.raw}  # as the scorers split them
     result, exact = _score(predictions, references, meteor, spice, tokenizer)
     grounding = None if grounding_path is None else score_grounding(captions, grounding_path)
 

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -31,16 +31,26 @@ from torch import Tensor
 
 from captioner.checkpoint import LoadedModel, load_checkpoint
 from captioner.data import images as image_io
-from captioner.inference import Caption, CaptionOptions, CaptionPipeline, OptionError
+from captioner.inference import (
+    API_FIELDS,
+    Caption,
+    CaptionOptions,
+    CaptionPipeline,
+    OptionError,
+    option_fields,
+    option_schema,
+)
 
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
-MAX_BEAM_SIZE = 10
-# Limits of the other caption options of POST /api/caption: each bounds the work of one request.
-MAX_N_BEST = 10
-MAX_LENGTH = 50
-MAX_SAMPLES = 10
+# Limits of the caption options of POST /api/caption (each bounds the work of one request):
+# declared with the options, in CaptionOptions.
+_LIMITS = {f.name: f.metadata["api_max"] for f in option_fields()}
+MAX_BEAM_SIZE = _LIMITS["beam_size"]
+MAX_N_BEST = _LIMITS["n_best"]
+MAX_LENGTH = _LIMITS["max_length"]
+MAX_SAMPLES = _LIMITS["num_samples"]
 # Room for the multipart boundaries, part headers and the small form fields around the image.
 MULTIPART_OVERHEAD = 64 * 1024
 
@@ -198,7 +208,8 @@ class Batcher:
     def _run_model(self, images: list[Tensor], options: CaptionOptions) -> list[list[Caption]]:
         import torch
 
-        return self.pipeline.captions_for_tensors(torch.stack(images), options)  # (B, 3, S, S)
+        caps = self.pipeline(torch.stack(images), options=options)  # (B, 3, S, S)
+        return [c if isinstance(c, list) else [c] for c in caps]
 
     async def close(self) -> None:
         if self._task is not None:
@@ -220,22 +231,12 @@ def model_name(loaded: LoadedModel) -> str:
     return f"{enc} + {att} attention"
 
 
-def caption_json(cap: Caption, beam_size: int, rank: int = 1) -> dict:
-    """One caption: its words, their attention maps and probabilities, its scores."""
-    h, w = cap.grid
-    # Six decimals keep the payload small; each map still sums to 1 within ~1e-4.
-    attention = [[[round(v, 6) for v in row] for row in m] for m in cap.alphas.tolist()]
-    return {
-        "caption": cap.text,
-        "words": list(cap.words),
-        "attention": attention,  # (T, h, w)
-        "grid": [h, w],
-        "score": round(float(cap.score), 6),  # summed log-probability (words and <end>)
-        "mean_logprob": round(cap.mean_logprob, 6),  # per token
-        "word_probs": [round(p, 6) for p in cap.word_probs],  # one per word
-        "rank": rank,
-        "beam_size": beam_size,
-    }
+def caption_json(cap: Caption, beam_size: int, rank: int | None = None) -> dict:
+    """One caption: its words, their attention maps and probabilities, its scores
+    (:data:`API_FIELDS`), and the beam size asked for."""
+    if rank is not None and rank != cap.rank:
+        cap = replace(cap, rank=rank)
+    return {**cap.to_dict(API_FIELDS), "beam_size": beam_size}
 
 
 def captions_json(caps: list[Caption], options: CaptionOptions) -> dict:
@@ -244,7 +245,7 @@ def captions_json(caps: list[Caption], options: CaptionOptions) -> dict:
     beam = options.beam_size
     out = caption_json(caps[0], beam)
     out["sample"] = options.sample
-    out["alternatives"] = [caption_json(c, beam, rank) for rank, c in enumerate(caps[1:], 2)]
+    out["alternatives"] = [caption_json(c, beam) for c in caps[1:]]
     return out
 
 
@@ -276,6 +277,180 @@ class _SecurityHeaders:
         return await self.app(scope, receive, send_with_headers)
 
 
+class _Service:
+    """What the routes of one app share: the model, its pipeline and batcher, the decode pool and
+    the limits. Each route is a method; :func:`create_app` wires them."""
+
+    def __init__(self, loaded: LoadedModel, pipeline: CaptionPipeline, *, max_upload_mb: float, max_batch: int,
+                 max_queue: int, decode_workers: int, batch_wait_ms: float, quantize: str) -> None:
+        self.loaded, self.pipeline, self.quantize = loaded, pipeline, quantize
+        self.default_beam = min(max(pipeline.beam_size, 1), MAX_BEAM_SIZE)
+        self.max_upload_mb = max_upload_mb
+        self.max_bytes = int(max_upload_mb * 1024 * 1024)
+        self.body_limit = self.max_bytes + MULTIPART_OVERHEAD
+        self.stats = ServeStats()
+        self.batcher = Batcher(pipeline, self.stats, max_batch=max_batch, max_pending=max_queue,
+                               wait_s=batch_wait_ms / 1000)
+        self.decoder_pool = ThreadPoolExecutor(max_workers=decode_workers, thread_name_prefix="captioner-decode")
+        self.index_html = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
+
+    @asynccontextmanager
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        logger.info("model %s (vocabulary %d) on %s", model_name(self.loaded), len(self.loaded.vocab),
+                    self.pipeline.device)
+        yield
+        await self.batcher.close()
+        self.decoder_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def index(self) -> HTMLResponse:
+        return HTMLResponse(self.index_html, headers={"cache-control": "no-cache"})
+
+    async def healthz(self) -> dict:
+        return {
+            "status": "ok",
+            "model": model_name(self.loaded),
+            "vocab_size": len(self.loaded.vocab),
+            "grid": self.loaded.hparams.get("encoder", {}).get("grid"),
+            "image_size": self.loaded.preprocessing.image_size,
+            "beam_size": self.default_beam,
+            "max_beam_size": MAX_BEAM_SIZE,
+            "max_n_best": MAX_N_BEST,
+            "max_length": MAX_LENGTH,
+            "max_num_samples": MAX_SAMPLES,
+            "max_upload_mb": self.max_upload_mb,
+            "quantize": self.quantize,
+        }
+
+    def too_large(self) -> ApiError:
+        return ApiError(413, f"upload too large: the limit is {self.max_upload_mb:g} MB")
+
+    async def read_form(self, request: Request):
+        """The multipart body, in memory, refused as soon as it passes ``body_limit`` bytes."""
+        ctype = request.headers.get("content-type", "")
+        if not ctype.lower().startswith("multipart/form-data"):
+            raise ApiError(415, "send the image as multipart/form-data in a field named 'image'")
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            try:
+                too_big = int(declared) > self.body_limit
+            except ValueError:
+                raise ApiError(400, "invalid Content-Length header") from None
+            if too_big:  # refuse before reading a byte of it
+                raise self.too_large()
+
+        async def limited() -> AsyncIterator[bytes]:
+            seen = 0
+            async for chunk in request.stream():
+                seen += len(chunk)
+                if seen > self.body_limit:  # a lying or absent Content-Length
+                    raise _TooLarge
+                yield chunk
+
+        parser = MultiPartParser(request.headers, limited(), max_files=1, max_fields=16)
+        parser.spool_max_size = self.body_limit + 1  # keep the upload in memory, never a temp file
+        try:
+            return await parser.parse()
+        except _TooLarge:
+            raise self.too_large() from None
+        except MultiPartException as err:
+            raise ApiError(400, f"malformed multipart form: {err.message}") from None
+
+    def parse_options(self, form) -> CaptionOptions:
+        """The form's caption options (each as :class:`CaptionOptions` declares it), checked."""
+        fields = {f.name: parse_field(form, f.name, f.metadata["kind"], f.metadata["minimum"], f.metadata["api_max"])
+                  for f in option_fields()}
+        given = {k: v for k, v in fields.items() if v is not None}
+        given.setdefault("beam_size", self.default_beam)
+        try:
+            return self.pipeline.options(CaptionOptions(), **given)  # temperature > 0, 0 < top_p <= 1, ...
+        except OptionError as err:
+            raise ApiError(422, str(err)) from None
+
+    def decode(self, data: bytes) -> Tensor:
+        # The name is only used in messages; the client's file name is never used at all.
+        img = image_io.load_image_bytes(data, "upload")
+        return self.loaded.preprocessing(img)  # (3, S, S)
+
+    async def caption(self, request: Request) -> JSONResponse:
+        form = await self.read_form(request)
+        try:
+            upload = form.get("image")
+            if not isinstance(upload, UploadFile):
+                raise ApiError(422, "the form needs a file field named 'image'")
+            options = self.parse_options(form)
+            data = await upload.read(self.max_bytes + 1)
+            if len(data) > self.max_bytes:
+                raise self.too_large()
+        finally:
+            await form.close()
+        loop = asyncio.get_running_loop()
+        try:
+            image = await loop.run_in_executor(self.decoder_pool, self.decode, data)
+        except image_io.ImageLoadError as err:
+            raise ApiError(_error_status(err), err.reason) from None
+        del data
+        try:
+            caps = await self.batcher.submit(image, options)
+        except QueueFull:
+            raise ApiError(503, "the server is busy: too many images waiting; try again shortly") from None
+        return JSONResponse(captions_json(caps, options))
+
+
+def parse_field(form, name: str, kind: type, low=None, high=None):
+    """A form field as ``kind`` within [low, high] (None: absent), else 422 naming it."""
+    raw = form.get(name)
+    if raw is None or raw == "":
+        return None
+    if not isinstance(raw, str):
+        raise ApiError(422, f"{name} must be a form field, not a file")
+    text = raw.strip()
+    if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ApiError(422, f"{name} must be true or false, got {raw[:20]!r}")
+        return text.lower() in ("true", "1")
+    span = f" from {low} to {high}" if low is not None and high is not None else ""
+    try:
+        value = kind(text)
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise ApiError(422, f"{name} must be {what}{span}, got {raw[:20]!r}") from None
+    if kind is float and value != value:  # NaN
+        raise ApiError(422, f"{name} must be a number, got {raw[:20]!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ApiError(422, f"{name} must be{span or ' in range'}, got {value}")
+    return value
+
+
+async def _api_error(request: Request, err: ApiError) -> JSONResponse:
+    return JSONResponse({"error": err.message}, status_code=err.status)
+
+
+async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse({"error": str(err.detail)}, status_code=err.status_code, headers=err.headers)
+
+
+async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+    msgs = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in err.errors())
+    return JSONResponse({"error": msgs or "invalid request"}, status_code=422)
+
+
+async def _internal_error(request: Request, err: Exception) -> JSONResponse:
+    logger.exception("unhandled error on %s", request.url.path)
+    return JSONResponse({"error": "internal server error"}, status_code=500)
+
+
+async def _favicon() -> FileResponse:
+    return FileResponse(STATIC_DIR / "favicon.svg", media_type="image/svg+xml")
+
+
+# The form of POST /api/caption: the image and the caption options, as CaptionOptions declares them.
+_CAPTION_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["image"],
+    "properties": {"image": {"type": "string", "format": "binary"},
+                   **{f.name: option_schema(f) for f in option_fields()}},
+}}}}}
+
+
 def create_app(
     checkpoint: str | os.PathLike | LoadedModel,
     *,
@@ -300,190 +475,21 @@ def create_app(
         raise ValueError("max_batch, max_queue and decode_workers must be >= 1")
     loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_checkpoint(checkpoint, device)
     pipeline = CaptionPipeline(loaded, beam_size=default_beam_size, quantize=quantize)
-    default_beam = min(max(pipeline.beam_size, 1), MAX_BEAM_SIZE)
-    max_bytes = int(max_upload_mb * 1024 * 1024)
-    body_limit = max_bytes + MULTIPART_OVERHEAD
-    stats = ServeStats()
-    batcher = Batcher(pipeline, stats, max_batch=max_batch, max_pending=max_queue, wait_s=batch_wait_ms / 1000)
-    decoder_pool = ThreadPoolExecutor(max_workers=decode_workers, thread_name_prefix="captioner-decode")
-    preprocess = loaded.preprocessing
-    index_html = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        logger.info("model %s (vocabulary %d) on %s", model_name(loaded), len(loaded.vocab), pipeline.device)
-        yield
-        await batcher.close()
-        decoder_pool.shutdown(wait=False, cancel_futures=True)
+    service = _Service(loaded, pipeline, max_upload_mb=max_upload_mb, max_batch=max_batch, max_queue=max_queue,
+                       decode_workers=decode_workers, batch_wait_ms=batch_wait_ms, quantize=quantize)
 
     # No /docs: Swagger UI would load scripts from a CDN, and the page must work offline.
-    app = FastAPI(title="captioner", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="captioner", lifespan=service.lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(_SecurityHeaders)
-    app.state.stats = stats
-    app.state.batcher = batcher
+    app.state.stats = service.stats
+    app.state.batcher = service.batcher
     app.state.loaded = loaded
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, err: ApiError) -> JSONResponse:
-        return JSONResponse({"error": err.message}, status_code=err.status)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"error": str(err.detail)}, status_code=err.status_code, headers=err.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
-        msgs = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in err.errors())
-        return JSONResponse({"error": msgs or "invalid request"}, status_code=422)
-
-    @app.exception_handler(Exception)
-    async def _internal_error(request: Request, err: Exception) -> JSONResponse:
-        logger.exception("unhandled error on %s", request.url.path)
-        return JSONResponse({"error": "internal server error"}, status_code=500)
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def index() -> HTMLResponse:
-        return HTMLResponse(index_html, headers={"cache-control": "no-cache"})
-
-    @app.get("/favicon.ico", include_in_schema=False)
-    async def favicon() -> FileResponse:
-        return FileResponse(STATIC_DIR / "favicon.svg", media_type="image/svg+xml")
-
-    @app.get("/healthz")
-    async def healthz() -> dict:
-        return {
-            "status": "ok",
-            "model": model_name(loaded),
-            "vocab_size": len(loaded.vocab),
-            "grid": loaded.hparams.get("encoder", {}).get("grid"),
-            "image_size": preprocess.image_size,
-            "beam_size": default_beam,
-            "max_beam_size": MAX_BEAM_SIZE,
-            "max_n_best": MAX_N_BEST,
-            "max_length": MAX_LENGTH,
-            "max_num_samples": MAX_SAMPLES,
-            "max_upload_mb": max_upload_mb,
-            "quantize": quantize,
-        }
-
-    async def read_form(request: Request):
-        """The multipart body, in memory, refused as soon as it passes ``body_limit`` bytes."""
-        ctype = request.headers.get("content-type", "")
-        if not ctype.lower().startswith("multipart/form-data"):
-            raise ApiError(415, "send the image as multipart/form-data in a field named 'image'")
-        declared = request.headers.get("content-length")
-        if declared is not None:
-            try:
-                too_big = int(declared) > body_limit
-            except ValueError:
-                raise ApiError(400, "invalid Content-Length header") from None
-            if too_big:  # refuse before reading a byte of it
-                raise ApiError(413, f"upload too large: the limit is {max_upload_mb:g} MB")
-
-        async def limited() -> AsyncIterator[bytes]:
-            seen = 0
-            async for chunk in request.stream():
-                seen += len(chunk)
-                if seen > body_limit:  # a lying or absent Content-Length
-                    raise _TooLarge
-                yield chunk
-
-        parser = MultiPartParser(request.headers, limited(), max_files=1, max_fields=16)
-        parser.spool_max_size = body_limit + 1  # keep the upload in memory, never a temp file
-        try:
-            return await parser.parse()
-        except _TooLarge:
-            raise ApiError(413, f"upload too large: the limit is {max_upload_mb:g} MB") from None
-        except MultiPartException as err:
-            raise ApiError(400, f"malformed multipart form: {err.message}") from None
-
-    def parse_field(form, name: str, kind: type, low=None, high=None):
-        """A form field as ``kind`` within [low, high] (None: absent), else 422 naming it."""
-        raw = form.get(name)
-        if raw is None or raw == "":
-            return None
-        if not isinstance(raw, str):
-            raise ApiError(422, f"{name} must be a form field, not a file")
-        text = raw.strip()
-        if kind is bool:
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise ApiError(422, f"{name} must be true or false, got {raw[:20]!r}")
-            return text.lower() in ("true", "1")
-        span = f" from {low} to {high}" if low is not None and high is not None else ""
-        try:
-            value = kind(text)
-        except ValueError:
-            what = "an integer" if kind is int else "a number"
-            raise ApiError(422, f"{name} must be {what}{span}, got {raw[:20]!r}") from None
-        if kind is float and value != value:  # NaN
-            raise ApiError(422, f"{name} must be a number, got {raw[:20]!r}")
-        if (low is not None and value < low) or (high is not None and value > high):
-            raise ApiError(422, f"{name} must be{span or ' in range'}, got {value}")
-        return value
-
-    def parse_options(form) -> CaptionOptions:
-        fields = {
-            "beam_size": parse_field(form, "beam_size", int, 1, MAX_BEAM_SIZE),
-            "max_length": parse_field(form, "max_length", int, 1, MAX_LENGTH),
-            "n_best": parse_field(form, "n_best", int, 1, MAX_N_BEST),
-            "sample": parse_field(form, "sample", bool),
-            "temperature": parse_field(form, "temperature", float),
-            "top_k": parse_field(form, "top_k", int, 0),
-            "top_p": parse_field(form, "top_p", float),
-            "num_samples": parse_field(form, "num_samples", int, 1, MAX_SAMPLES),
-            "seed": parse_field(form, "seed", int, 0, 2**63 - 1),
-        }
-        given = {k: v for k, v in fields.items() if v is not None}
-        given.setdefault("beam_size", default_beam)
-        try:
-            return pipeline.options(CaptionOptions(), **given)  # temperature > 0, 0 < top_p <= 1, ...
-        except OptionError as err:
-            raise ApiError(422, str(err)) from None
-
-    def decode(data: bytes) -> Tensor:
-        # The name is only used in messages; the client's file name is never used at all.
-        img = image_io.load_image_bytes(data, "upload")
-        return preprocess(img)  # (3, S, S)
-
-    @app.post(
-        "/api/caption",
-        openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-            "type": "object", "required": ["image"],
-            "properties": {"image": {"type": "string", "format": "binary"},
-                           "beam_size": {"type": "integer", "minimum": 1, "maximum": MAX_BEAM_SIZE},
-                           "max_length": {"type": "integer", "minimum": 1, "maximum": MAX_LENGTH},
-                           "n_best": {"type": "integer", "minimum": 1, "maximum": MAX_N_BEST},
-                           "sample": {"type": "boolean"},
-                           "temperature": {"type": "number", "exclusiveMinimum": 0},
-                           "top_k": {"type": "integer", "minimum": 0},
-                           "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-                           "num_samples": {"type": "integer", "minimum": 1, "maximum": MAX_SAMPLES},
-                           "seed": {"type": "integer", "minimum": 0}},
-        }}}}},
-    )
-    async def caption(request: Request) -> JSONResponse:
-        form = await read_form(request)
-        try:
-            upload = form.get("image")
-            if not isinstance(upload, UploadFile):
-                raise ApiError(422, "the form needs a file field named 'image'")
-            options = parse_options(form)
-            data = await upload.read(max_bytes + 1)
-            if len(data) > max_bytes:
-                raise ApiError(413, f"upload too large: the limit is {max_upload_mb:g} MB")
-        finally:
-            await form.close()
-        loop = asyncio.get_running_loop()
-        try:
-            image = await loop.run_in_executor(decoder_pool, decode, data)
-        except image_io.ImageLoadError as err:
-            raise ApiError(_error_status(err), err.reason) from None
-        del data
-        try:
-            caps = await batcher.submit(image, options)
-        except QueueFull:
-            raise ApiError(503, "the server is busy: too many images waiting; try again shortly") from None
-        return JSONResponse(captions_json(caps, options))
-
+    for kind, handler in ((ApiError, _api_error), (StarletteHTTPException, _http_error),
+                          (RequestValidationError, _validation_error), (Exception, _internal_error)):
+        app.add_exception_handler(kind, handler)
+    app.add_api_route("/", service.index, methods=["GET"], response_class=HTMLResponse, include_in_schema=False)
+    app.add_api_route("/favicon.ico", _favicon, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/healthz", service.healthz, methods=["GET"])
+    app.add_api_route("/api/caption", service.caption, methods=["POST"], openapi_extra=_CAPTION_FORM)
     return app
