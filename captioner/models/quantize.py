@@ -4,18 +4,15 @@ Beam search at COCO sizes spends most of its time in six products per word: the 
 and recurrent projections, the deep output layer and the output layer over the vocabulary
 (~12.7 M of the ~13.5 M multiply-adds of a beam step at the tutorial's shapes). ``Int8Decoder``
 runs those with int8 weights (symmetric, one scale per output row) and activations quantised
-per call from their range, through PyTorch's fbgemm/x86 kernels: about twice the fp32
-throughput on AVX2 cores. The attention, the gate, the LSTM's elementwise update and the
+per call (symmetric, one scale per row), multiplied by ``torch._int_mm``, PyTorch's plain int8
+matrix product (no quantised tensor types). The attention, the gate, the LSTM's elementwise update and the
 log-softmax stay fp32, as does the encoder.
 
 It is a decoding-only snapshot of a float ``AttentionDecoder`` (training keeps the float
-weights); build it after the weights are final. An activation's scale comes from the whole
-batch at that step, so an image's caption can depend slightly on the images beside it.
+weights); build it after the weights are final.
 """
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 from torch import Tensor
@@ -27,34 +24,33 @@ QUANTIZE = ("none", "int8")
 
 def int8_available() -> str | None:
     """None when int8 products can run here, else why not (one line)."""
-    engine = torch.backends.quantized.engine
-    if engine == "none" or not hasattr(torch.ops.quantized, "linear_dynamic"):
-        return "this PyTorch build has no quantised CPU kernels (torch.backends.quantized.engine is 'none')"
+    if not hasattr(torch, "_int_mm"):
+        return f"this PyTorch ({torch.__version__}) has no int8 matrix product (torch._int_mm)"
     return None
 
 
+def _to_int8(x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 of ``x`` with one scale per slice along ``dim`` (its max |x| -> 127)."""
+    scale = (x.abs().amax(dim=dim, keepdim=True) / 127.0).clamp(min=1e-12)
+    return torch.round(x / scale).to(torch.int8), scale
+
+
 class Int8Linear:
-    """y = x W^T + b with W stored in int8, one scale per output row; x (rows, in) fp32 is
-    quantised per call from its min/max. Same call as ``nn.Linear`` for 2-D inputs."""
+    """y = x W^T + b with W stored in int8 (one scale per output row) and each row of x (rows, in)
+    quantised per call (one scale per row, so a caption never depends on the rows beside it);
+    the product accumulates in int32 (``torch._int_mm``: |sum| <= 127 * 127 * in, far inside
+    int32) and is rescaled to fp32. Same call as ``nn.Linear`` for 2-D inputs."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
-        w = weight.detach().float().cpu().contiguous()  # (out, in)
-        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).double()  # (out,)
-        zero = torch.zeros(w.size(0), dtype=torch.long)
-        with warnings.catch_warnings():
-            # Recent torch releases mark quantised tensor dtypes deprecated; fbgemm's packed int8
-            # products are still the fast int8 path on CPUs, and int8_available() reports
-            # their absence should a release drop them.
-            warnings.filterwarnings("ignore", message=".*quantize_per_channel.*deprecated", category=UserWarning)
-            qweight = torch.quantize_per_channel(w, scale, zero, 0, torch.qint8)
-        b = None if bias is None else bias.detach().float().cpu().contiguous()
-        self._packed = torch.ops.quantized.linear_prepack(qweight, b)
-        # fbgemm's AVX2 kernels add int8 x uint8 pairs in int16 and can saturate with 8-bit
-        # activations; 7-bit activations (reduce_range) cannot.
-        self._reduce_range = torch.backends.quantized.engine in ("fbgemm", "x86")
+        q, scale = _to_int8(weight.detach().float().cpu(), dim=1)  # (out, in), (out, 1)
+        self._weight = q.t().contiguous()  # (in, out): _int_mm multiplies (rows, in) by (in, out)
+        self._scale = scale.t().contiguous()  # (1, out)
+        self._bias = None if bias is None else bias.detach().float().cpu().contiguous()  # (out,)
 
     def __call__(self, x: Tensor) -> Tensor:
-        return torch.ops.quantized.linear_dynamic(x.float().contiguous(), self._packed, self._reduce_range)
+        q, scale = _to_int8(x.float(), dim=1)  # (rows, in), (rows, 1)
+        y = torch._int_mm(q, self._weight).float() * (scale * self._scale)  # (rows, out)
+        return y if self._bias is None else y + self._bias
 
 
 class Int8Decoder:
@@ -68,7 +64,7 @@ class Int8Decoder:
         device = decoder.lstm.weight_ih.device
         if device.type != "cpu":
             raise ValueError(
-                f"int8 decoding runs on the CPU (fbgemm/x86 kernels) but the model is on {device}; "
+                f"int8 decoding runs on the CPU but the model is on {device}; "
                 "use --device cpu, or fp32/bf16 on a GPU"
             )
         self.decoder = decoder
