@@ -298,7 +298,7 @@ class CaptionPipeline:
                  options: CaptionOptions | None = None, **kw):
         """Caption one image or many: a path, a PIL image or a tensor -> one :class:`Caption`;
         a list of them (or a (B, 3, H, W) tensor) -> a list. uint8 tensors are images (3, H, W)
-        as ``torchvision.io.decode_image`` gives them; float tensors are taken as already
+        as TorchCodec's ``decode_image`` gives them; float tensors are taken as already
         preprocessed (3, S, S). ``options`` (and ``kw``, fields of :class:`CaptionOptions`, e.g.
         ``n_best=3`` or ``sample=True, seed=0``): with more than one caption per image, each image
         gives the list of its captions. A file that cannot be read raises ``ImageLoadError``
@@ -407,13 +407,19 @@ class CaptionPipeline:
         return torch.Generator(self.device).manual_seed(options.seed)
 
     def jpeg_on_device(self, jpeg_decode: str = "auto") -> bool:
-        """Whether :meth:`stream` decodes JPEGs with torchvision on the model's device:
-        ``"device"`` yes, ``"cpu"`` no (PIL on the reader threads), ``"auto"``: yes on a GPU."""
+        """Whether :meth:`stream` decodes JPEGs with TorchCodec on the model's device:
+        ``"device"`` yes (TorchCodec must be installed), ``"cpu"`` no (PIL on the reader
+        threads), ``"auto"``: yes on a GPU where TorchCodec is installed."""
+        from captioner.data.jpeg import torchcodec_missing
+
         if jpeg_decode not in JPEG_DECODE:
             raise ValueError(f"jpeg_decode must be one of {JPEG_DECODE}, got {jpeg_decode!r}")
-        if jpeg_decode == "auto":
-            return self.device.type == "cuda"
-        return jpeg_decode == "device"
+        if jpeg_decode == "cpu" or (jpeg_decode == "auto" and self.device.type != "cuda"):
+            return False
+        missing = torchcodec_missing()
+        if missing and jpeg_decode == "device":
+            raise ValueError(f"--jpeg-decode device: {missing}")
+        return missing is None
 
     def read(self, path: str | os.PathLike, on_device: bool = False) -> tuple[Tensor | bytes | None, str | None]:
         """One file of a block: (the preprocessed image (3, S, S), None), with ``on_device`` a

@@ -103,10 +103,10 @@ def test_one_corrupt_file_costs_only_itself(jpegs, device):
     assert decode_jpegs([], device) == []
 
 
-def test_torchvisions_deprecation_is_filtered_once_at_import(jpegs, monkeypatch):
-    """torchvision 0.29 deprecates its decoders; captioner.data.jpeg ignores that one message with
-    a filter made when it is imported, not with ``catch_warnings`` around each call, which is not
-    thread-safe and decode_jpegs runs beside the reader threads."""
+def test_decoding_warns_nothing_and_installs_no_filter(jpegs, monkeypatch):
+    """Decoding goes through TorchCodec, not torchvision's decoders (deprecated since 0.29): with
+    every filter reset, importing captioner.data.jpeg and decoding warn nothing, and no
+    ``catch_warnings`` (not thread-safe beside the reader threads) is entered."""
     import importlib
 
     import captioner.data.jpeg as jpeg
@@ -116,7 +116,7 @@ def test_torchvisions_deprecation_is_filtered_once_at_import(jpegs, monkeypatch)
     with warnings.catch_warnings(record=True) as caught:
         warnings.resetwarnings()
         warnings.simplefilter("always")
-        importlib.reload(jpeg)  # its import-time filter, here without pytest's configured ones
+        importlib.reload(jpeg)  # without pytest's configured filters
         with monkeypatch.context() as m:
             m.setattr(warnings, "catch_warnings", lambda *a, **k: entered.append(a) or pytest.fail("entered"))
             decoded = jpeg.decode_jpegs(files, "cpu")
@@ -203,3 +203,15 @@ def _triples(results):
     from captioner.inference import ImageError
 
     return [(r.image, None, r.reason) if isinstance(r, ImageError) else (r[0].image, r[0], None) for r in results]
+
+
+def test_without_torchcodec_device_decoding_says_what_to_install(tiny_checkpoint, monkeypatch):
+    from captioner.checkpoint import load_checkpoint
+    from captioner.inference import CaptionPipeline
+
+    monkeypatch.setattr("captioner.data.jpeg.torchcodec_missing", lambda: "decoding JPEGs on the device "
+                        "needs TorchCodec (pip install 'captioner[torchcodec]'): No module named 'torchcodec'")
+    pipeline = CaptionPipeline(load_checkpoint(tiny_checkpoint, device="cpu"), beam_size=1)
+    with pytest.raises(ValueError, match=r"--jpeg-decode device: .*captioner\[torchcodec\]"):
+        pipeline.jpeg_on_device("device")
+    assert pipeline.jpeg_on_device("auto") is False and pipeline.jpeg_on_device("cpu") is False

@@ -1,4 +1,4 @@
-"""JPEG files decoded by torchvision on the model's device (nvJPEG on a GPU) and resized there.
+"""JPEG files decoded by TorchCodec on the model's device (nvJPEG on a GPU) and resized there.
 
 On a GPU the model waits for the CPU: decoding a 640x480 JPEG with libjpeg-turbo takes a few
 milliseconds, the ResNet-101 forward a fraction of one. ``read_jpeg`` only reads the file and
@@ -20,20 +20,11 @@ from __future__ import annotations
 
 import io
 import os
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
-
-# torchvision 0.29 deprecates its decoders in favour of TorchCodec's; they are still the ones in
-# the supported torchvision range (and in every torchvision with nvJPEG). This one message is
-# ignored, with a filter installed once here rather than around each call: ``decode_jpegs`` runs
-# while reader threads open images under ``warnings.catch_warnings`` (``images._open``), and two
-# threads inside ``catch_warnings`` at once restore each other's filters (one can stay for good).
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                        category=DeprecationWarning, module=r"torchvision\.io\.image")
 
 _SOI = b"\xff\xd8\xff"  # every JPEG file starts with these bytes
 _EOI = b"\xff\xd9"  # ... and a complete one ends with these
@@ -64,24 +55,34 @@ def read_jpeg(path: str | os.PathLike) -> bytes | None:
     return data
 
 
+def torchcodec_missing() -> str | None:
+    """None when TorchCodec (the decoder of ``decode_jpegs``) imports here, else what to install.
+    torchvision's own decoders are deprecated since 0.29 in its favour."""
+    try:
+        from torchcodec.decoders import decode_jpeg  # noqa: F401
+    except Exception as err:  # not installed, or its native library does not load
+        return f"decoding JPEGs on the device needs TorchCodec (pip install 'captioner[torchcodec]'): {err}"
+    return None
+
+
 def decode_jpegs(files: Sequence[bytes], device: torch.device | str) -> list[Tensor | None]:
     """JPEG file contents -> RGB uint8 tensors (3, H, W) on ``device`` (None for a file that
     fails to decode). One batched call; if it fails, each file alone, so one bad file costs
     only itself."""
-    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchcodec.decoders import decode_jpeg
 
     if not files:
         return []
     dev = torch.device(device)
     raw = [torch.from_numpy(np.frombuffer(f, dtype=np.uint8).copy()) for f in files]  # (L,) each
     try:
-        return list(decode_jpeg(raw, mode=ImageReadMode.RGB, device=dev))
+        return list(decode_jpeg(raw, mode="RGB", device=dev))
     except Exception:
         pass
     decoded: list[Tensor | None] = []
     for r in raw:
         try:
-            decoded.append(decode_jpeg(r, mode=ImageReadMode.RGB, device=dev))
+            decoded.append(decode_jpeg(r, mode="RGB", device=dev))
         except Exception:
             decoded.append(None)
     return decoded
