@@ -311,10 +311,13 @@ class FeatureChunks:
             for old in plan.out.glob("shard-*.npy"):
                 if old.name not in planned:
                     old.unlink()
+        made: set[int] = set()  # the rows of shard files made anew: their records go, in one pass
         for i, shard in enumerate(plan.shards):
             if i not in done and (fresh or not plan.shard_ok(i)):
                 _make_shard(plan.shard_path(i), shard["rows"], plan.n, plan.d)
-                self._forget(plan.shard_positions(i))
+                made.update(plan.shard_positions(i))
+        if made:
+            self._forget(made)
 
     def _chunks(self) -> list[tuple[Path, dict]]:
         out = []
@@ -326,7 +329,7 @@ class FeatureChunks:
             out.append((meta, info))
         return out
 
-    def _forget(self, positions: range) -> None:
+    def _forget(self, positions: set[int]) -> None:
         for meta, info in self._chunks():
             kept = [i for i in info["positions"] if i not in positions]
             failed = {k: v for k, v in info["failed"].items() if int(k) not in positions}
