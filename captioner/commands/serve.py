@@ -40,7 +40,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-connections", type=int, default=128,
                    help="open connections before new ones get 503 (default: 128)")
     p.add_argument("--forwarded-allow-ips", default="127.0.0.1", metavar="IPS",
-                   help="comma-separated addresses of reverse proxies whose X-Forwarded-For and "
+                   help="comma-separated addresses or networks of reverse proxies whose X-Forwarded-For and "
                         "X-Forwarded-Proto are believed (the client in the access log); '*' trusts any "
                         "(default: 127.0.0.1, a proxy on this machine)")
     p.set_defaults(func=cmd_serve)
