@@ -84,7 +84,7 @@ print(f"card: {m.get('gpu') or m['cpu']} (torch {m['torch']}, {m['cpu_count']} C
 print(f"caption end to end / encoder alone: {cap['ratio']:.2f}x (goal <= 1.25x; "
       f"{cap['caption_ms_per_image']:.2f} vs {cap['encoder_ms_per_image']:.2f} ms per image, median of "
       f"{cap['settings']['repeats']} alternating rounds)")
-print(f"caption at batch {cap['settings']['batch_size']}: {1000 / cap["caption_ms_per_image"]:,.1f} images/s "
+print(f"caption at batch {cap['settings']['batch_size']}: {1000 / cap['caption_ms_per_image']:,.1f} images/s "
       f"({cap['settings']['images']} JPEGs of {cap['settings']['source_size']}, beam {cap['settings']['beam_size']}, "
       f"JPEGs decoded on the device: {cap['jpeg_on_device']}); peak GPU memory {mb(cap['peak_gpu_mb'])}")
 for source, r in fits.items():
