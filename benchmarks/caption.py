@@ -35,6 +35,8 @@ def bench_caption(
     """Per image: the encoder's forward pass alone vs ``CaptionPipeline.caption_paths`` (read +
     preprocess + encode + beam search), on ``images`` generated JPEG files."""
     dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     loaded = random_model(encoder=encoder, image_size=image_size, vocab=vocab, decoder_dim=decoder_dim, device=device)
     pipeline = CaptionPipeline(loaded, beam_size=beam_size, max_length=max_length, precision=precision,
                                quantize=quantize, cuda_graph=cuda_graph)
@@ -67,4 +69,5 @@ def bench_caption(
         "reader_threads": threads,
         "jpeg_on_device": pipeline.jpeg_on_device(jpeg_decode),
         "peak_rss_mb": peak_rss_mb(),
+        "peak_gpu_mb": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None,
     }

@@ -13,6 +13,7 @@ from benchmarks.caption import bench_caption
 from benchmarks.common import machine_info
 from benchmarks.decoder import PARTS, bench_decoder
 from benchmarks.encoder import bench_encoder
+from benchmarks.epoch import bench_epoch
 from benchmarks.memory import bench_memory
 from benchmarks.scst import bench_scst
 from captioner.inference import JPEG_DECODE
@@ -97,6 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--trainable-blocks", type=int, default=-1, help="as model.encoder.trainable_blocks")
     e.add_argument("--repeats", type=int, default=5)
     e.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    t = sub.add_parser("epoch", help="time per COCO epoch of `fit` on a synthetic split, from the cache or JPEGs")
+    common(t)
+    t.add_argument("--source", default="cache", choices=("cache", "jpeg"),
+                   help="cache: features extract first, then fit from the cache; jpeg: fit from the files")
+    t.add_argument("--images", type=int, default=2048, help="training images of the synthetic split")
+    t.add_argument("--distinct", type=int, default=256, help="JPEG files written (linked under every name)")
+    t.add_argument("--warmup", type=int, default=10, help="optimiser steps before the clock starts")
+    t.add_argument("--steps", type=int, default=50, help="optimiser steps timed")
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--num-workers", type=int, default=8, help="data loader processes")
+    t.add_argument("--encoder", default="resnet101")
+    t.add_argument("--image-size", type=int, default=256)
+    t.add_argument("--source-size", default="640x480", help="WxH of the generated JPEG files")
+    t.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
     m = sub.add_parser("memory", help="resident memory while captioning many images in a stream")
     common(m)
     m.add_argument("--images", type=int, default=1000)
@@ -134,6 +149,11 @@ def run(a: argparse.Namespace) -> dict:
         figures = bench_encoder(encoder=a.encoder, image_size=a.image_size, grid=a.grid, channels=a.channels,
                                 batch=a.batch, trainable_blocks=a.trainable_blocks, repeats=a.repeats,
                                 device=a.device)
+    elif a.bench == "epoch":
+        w, _, h = a.source_size.partition("x")
+        figures = bench_epoch(source=a.source, images=a.images, distinct=a.distinct, warmup=a.warmup, steps=a.steps,
+                              batch_size=a.batch_size, num_workers=a.num_workers, device=a.device,
+                              encoder=a.encoder, image_size=a.image_size, source_size=(int(w), int(h)))
     else:
         marks = [c for c in (100, 500, 1000) if c < a.images] + [a.images]
         figures = bench_memory(images=a.images, checkpoints=marks, batch_size=a.batch_size)

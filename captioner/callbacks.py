@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 
 import lightning as L
@@ -10,6 +11,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from captioner.settings import NonNegativeInt, check_arguments
+
+logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -91,3 +94,41 @@ class PreciseBatchNorm(L.Callback):
         batches = self.sample(trainer.datamodule) if norms else []
         if batches:
             recompute_batchnorm(encoder, norms, (x.to(pl_module.device) for x in batches))
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}{'es' if word.endswith('s') else 's'}"
+
+
+def scale_lines(world_size: int, devices: int, nodes: int, batch_size: int, accumulate: int,
+                lr: float, encoder_lr: float | None) -> list[str]:
+    """What ``fit`` says when it starts: processes, batch per device and in all, learning rates.
+    ``devices``: per node; ``encoder_lr``: None when the encoder trains nothing (frozen)."""
+    total = batch_size * world_size * accumulate
+    per_step = f"{batch_size} per device x {_plural(world_size, 'process')}"
+    if accumulate > 1:
+        per_step += f" x {accumulate} accumulated batches"
+    rates = f"lr {lr:g} (decoder)" + (f", {encoder_lr:g} (encoder)" if encoder_lr is not None else ", encoder frozen")
+    lines = [f"fit: {_plural(world_size, 'process')} ({_plural(devices, 'device')} x {_plural(nodes, 'node')}), "
+             f"global batch {total} ({per_step}); {rates}"]
+    if world_size > 1:
+        lines.append(f"fit: the learning rates are used as given, not scaled with the {world_size}x larger "
+                     "global batch; docs/training.md#scaling-to-many-devices says how to scale them")
+    return lines
+
+
+class ScaleReport(L.Callback):
+    """Says on rank 0, when ``fit`` starts, how many processes share each step and with what
+    batch and learning rates: Lightning's ``devices: auto`` takes every GPU, and the global batch
+    grows with them while the learning rates stay as configured."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        optim = pl_module.optim
+        trains_encoder = any(p.requires_grad for p in pl_module.model.encoder.parameters())
+        encoder_lr = (optim.encoder_lr if optim.encoder_lr is not None else optim.lr) if trains_encoder else None
+        for line in scale_lines(trainer.world_size, trainer.num_devices, trainer.num_nodes,
+                                trainer.datamodule.batch_size, trainer.accumulate_grad_batches,
+                                optim.lr, encoder_lr):
+            logger.info("%s", line)

@@ -51,14 +51,15 @@ class KillAtPredictBatch(L.Callback):
 
 
 @contextlib.contextmanager
-def live_server(app):
-    """``app`` under uvicorn on a free loopback port, in a background thread."""
+def live_server(app, **config):
+    """``app`` under uvicorn on a free loopback port, in a background thread; ``config``: more
+    ``uvicorn.Config`` settings."""
     import uvicorn
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", **config))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

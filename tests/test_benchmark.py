@@ -162,3 +162,52 @@ def test_benchmarks_use_captioner_public_api_only() -> None:
                 positional.append(f"{path.name}:{node.lineno}")
     assert not private and not positional, (private, positional)
     assert not (ROOT / "captioner" / "benchmark.py").exists()  # not shipped in the package
+
+
+def test_epoch_benchmark_split_is_coco_shaped_and_cheap(tmp_path) -> None:
+    """The synthetic split: the images asked for (plus 8 val, 8 test) over a few files linked under
+    every name, five captions each."""
+    from benchmarks.epoch import synthetic_split
+
+    args = synthetic_split(tmp_path, images=12, distinct=3, source_size=(40, 30))
+    split = json.loads(Path(args[args.index("--data.karpathy.split_file") + 1]).read_text())["images"]
+    assert [sum(e["split"] == s for e in split) for s in ("train", "val", "test")] == [12, 8, 8]
+    assert all(len(e["sentences"]) == 5 for e in split)
+    files = {(tmp_path / e["filepath"] / e["filename"]).resolve() for e in split}
+    assert len(files) == 3 and all(f.is_file() for f in files)
+
+
+def test_epoch_benchmark_times_only_the_steps_after_the_warmup(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from benchmarks import epoch
+
+    clock, now = epoch.StepClock(warmup=2), iter(range(100, 200, 10))
+    monkeypatch.setattr(epoch.time, "perf_counter", lambda: next(now))
+    module = SimpleNamespace(device=torch.device("cpu"))
+    for step in range(1, 6):  # global_step after each batch
+        clock.on_train_batch_end(SimpleNamespace(global_step=step), module, None, None, step - 1)
+    assert (clock.timed, clock.end - clock.start) == (3, 30)  # steps 3, 4, 5: one 10-s tick each
+
+    monkeypatch.setattr(epoch, "synthetic_split", lambda *a, **k: [])
+    monkeypatch.setattr(epoch, "time_fit", lambda settings, warmup, steps: {"s_per_step": 0.1})
+    report = epoch.bench_epoch(source="jpeg", batch_size=64, device="cpu")
+    assert report["coco_epoch_steps"] == 8851  # 113,287 images x 5 captions / 64, rounded up
+    assert report["coco_epoch_min"] == pytest.approx(0.1 * 8851 / 60)
+
+
+def test_gpu_check_without_a_gpu_stops_at_once_with_one_line(tmp_path) -> None:
+    fake = tmp_path / "python"  # an interpreter whose torch sees no GPU
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    fake.chmod(0o755)
+    script = str(ROOT / "scripts" / "gpu_check.sh")
+    out = subprocess.run(["bash", script, "--scale-only", str(tmp_path / "out")], capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin", "PYTHON": str(fake)}, timeout=60)
+    assert out.returncode == 2 and out.stdout == ""
+    (line,) = out.stderr.splitlines()
+    assert "no CUDA GPU" in line and "DEVICE=cpu QUICK=1" in line
+    assert not (tmp_path / "out").exists()
+    bad = subprocess.run(["bash", script, "--scale"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--scale-only" in bad.stderr
+    usage = subprocess.run(["bash", script, "--help"], capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 0 and "--scale-only" in usage.stdout and "set -euo" not in usage.stdout

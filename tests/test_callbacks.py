@@ -87,3 +87,29 @@ def test_callback_uses_a_fixed_training_sample_before_validation(shapes_dir) -> 
     assert PreciseBatchNorm().sample(SimpleNamespace(feature_cache="cache/", batch_size=8)) == []
     with pytest.raises(ValueError, match="precise_bn.batches"):
         PreciseBatchNorm(batches=-1)
+
+
+def test_fit_says_its_scale_at_start(shapes_dir, tmp_path, capsys) -> None:
+    """One process: the global batch is the per-device batch times accumulation, the learning
+    rates as configured, and no line about scaling them."""
+    from captioner.cli import main
+    from tests.conftest import fit_args
+
+    args = fit_args(shapes_dir, tmp_path, "--trainer.max_steps", "2", "--trainer.accelerator", "cpu",
+                    "--trainer.accumulate_grad_batches", "2", "--model.optim.lr", "0.002",
+                    "--model.optim.encoder_lr", "0.0005")
+    assert main(args) == 0
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("fit: ")]
+    assert lines == ["fit: 1 process (1 device x 1 node), global batch 16 (8 per device x 1 process "
+                     "x 2 accumulated batches); lr 0.002 (decoder), 0.0005 (encoder)"], lines
+
+
+def test_scale_lines_of_many_processes_say_the_lr_is_not_scaled() -> None:
+    from captioner.callbacks import scale_lines
+
+    first, second = scale_lines(world_size=16, devices=8, nodes=2, batch_size=64, accumulate=1,
+                                lr=4e-4, encoder_lr=None)
+    assert first == ("fit: 16 processes (8 devices x 2 nodes), global batch 1024 (64 per device x 16 processes); "
+                     "lr 0.0004 (decoder), encoder frozen")
+    assert "not scaled" in second and "16x" in second and "docs/training.md" in second
+    assert len(scale_lines(1, 1, 1, 64, 1, 4e-4, 1e-4)) == 1

@@ -30,3 +30,12 @@ def test_config_parses_and_resolves(config: Path, tmp_path, monkeypatch, capsys)
     assert resolved["model"]["decoder"]["attention"] in ATTENTIONS
     assert resolved["best_checkpoint"]["monitor"] == "val/CIDEr"
     check_settings(resolved)  # what fit checks after parsing (--print_config stops before it)
+
+
+def test_every_shipped_config_trains_on_one_device() -> None:
+    """Lightning's `devices: auto` would start one process per GPU and multiply the global batch
+    silently (docs/training.md, "Scaling to many devices"): more devices are asked for by flag."""
+    for config in CONFIGS:
+        trainer = yaml.safe_load(config.read_text())["trainer"]
+        assert trainer.get("devices") == 1, (config.name, trainer.get("devices"))
+        assert trainer.get("num_nodes", 1) == 1 and trainer.get("strategy", "auto") == "auto", config.name

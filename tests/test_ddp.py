@@ -38,6 +38,10 @@ def test_two_process_ddp_fit_and_validation_equal_single_process(shapes_dir, tin
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
     assert torch.load(ckpt, weights_only=True)["global_step"] == 4
+    # the scale is said once (rank 0), with the global batch of both ranks
+    said = [x for x in fit.stderr.splitlines() if x.startswith("fit: ")]
+    assert len(said) == 2 and said[0].startswith("fit: 2 processes (2 devices x 1 node), global batch 16 "), said
+    assert "not scaled" in said[1], said
     # validation of the same (trained) weights: 2 ranks, gathered and de-duplicated, == 1 process
     val = fit_args(shapes_dir, tmp_path)[1:]  # drop "fit"
     single = _run(["validate", *val, "--ckpt_path", str(tiny_checkpoint)], tmp_path / "single")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import re
 import socket
 import threading
@@ -457,6 +458,58 @@ def test_static_files_cannot_escape(client):
         assert "create_app" not in r.text
 
 
+# -- behind a reverse proxy ------------------------------------------------------------------------
+# What the proxy of docs/usage.md ("Behind a reverse proxy") sends: the client's address, the
+# scheme it was reached by, the public host name. The prefix (/captioner/) is stripped by the proxy.
+FORWARDED = {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https", "Host": "captions.example.org"}
+
+
+def _access_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "captioner.serve.access"]
+
+
+def test_behind_a_trusted_proxy_each_request_is_logged_with_the_forwarded_client(loaded, caplog):
+    import httpx
+
+    caplog.set_level(logging.INFO, logger="captioner.serve.access")
+    app = create_app(loaded)
+    with live_server(app, proxy_headers=True, forwarded_allow_ips="127.0.0.1") as port, \
+            httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=FORWARDED, timeout=30) as http:
+        assert http.get("/healthz", params={"token": "secret"}).json()["status"] == "ok"  # no query logged
+        r = http.post("/api/caption", files={"image": ("a.png", png_bytes(), "image/png")})
+        assert r.status_code == 200 and r.json()["caption"]
+        assert http.post("/api/caption", files={"image": ("a.txt", b"not an image", "image/png")}).status_code == 415
+        assert http.get("/missing").status_code == 404
+    lines = _access_lines(caplog)
+    assert len(lines) == 4, lines
+    for line, (method, path, status) in zip(lines, [("GET", "/healthz", 200), ("POST", "/api/caption", 200),
+                                                    ("POST", "/api/caption", 415), ("GET", "/missing", 404)]):
+        assert re.fullmatch(rf'203\.0\.113\.7 "{method} {path}" {status} \d+\.\d ms', line), line
+
+
+def test_forwarded_headers_from_an_untrusted_peer_are_not_believed(loaded, caplog):
+    import httpx
+
+    caplog.set_level(logging.INFO, logger="captioner.serve.access")
+    with live_server(create_app(loaded), proxy_headers=True, forwarded_allow_ips="10.9.8.7") as port:
+        r = httpx.get(f"http://127.0.0.1:{port}/healthz", headers=FORWARDED, timeout=30)
+    assert r.status_code == 200
+    (line,) = _access_lines(caplog)
+    assert line.startswith('127.0.0.1 "GET /healthz" 200 '), line
+
+
+def test_the_page_works_under_a_path_prefix(client):
+    """A proxy serving the app at /captioner/ strips the prefix; the page then loads only if every
+    address it uses is relative (no leading slash), so that the browser keeps the prefix."""
+    html = client.get("/").text
+    script = client.get("/static/app.js").text
+    refs = re.findall(r"""(?:src|href)\s*=\s*["']([^"']+)["']""", html)
+    refs += re.findall(r"""fetch\(\s*["'`]([^"'`]+)""", script)
+    assert "api/caption" in refs and "healthz" in refs, refs
+    for ref in refs:
+        assert not ref.startswith("/"), f"{ref} would leave the proxy's prefix"
+
+
 # -- the command -----------------------------------------------------------------------------------
 def test_cli_serve_defaults_to_loopback(tiny_checkpoint, monkeypatch):
     import uvicorn
@@ -468,6 +521,11 @@ def test_cli_serve_defaults_to_loopback(tiny_checkpoint, monkeypatch):
     assert main(["serve", "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--max-batch", "4"]) == 0
     assert calls["host"] == "127.0.0.1" and calls["port"] == 8000
     assert calls["app"].state.batcher.max_batch == 4
+    # a proxy on this machine is believed; the app logs each request itself, uvicorn does not
+    assert calls["proxy_headers"] and calls["forwarded_allow_ips"] == "127.0.0.1"
+    assert calls["access_log"] is False
+    main(["serve", "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--forwarded-allow-ips", "10.0.0.2"])
+    assert calls["forwarded_allow_ips"] == "10.0.0.2"
 
 
 def test_cli_serve_bad_arguments(tmp_path: Path, tiny_checkpoint, capsys):

@@ -33,7 +33,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from captioner.callbacks import PreciseBatchNorm
+from captioner.callbacks import PreciseBatchNorm, ScaleReport
 from captioner.checkpointing import (
     AtomicCheckpointIO,
     PeriodicCheckpoint,
@@ -397,7 +397,9 @@ class CaptionerCLI(LightningCLI):
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         # Here, not in trainer_defaults: the saved config could not serialise an instance.
         kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
-        return super().instantiate_trainer(**kwargs)
+        built = super().instantiate_trainer(**kwargs)
+        built.callbacks.append(ScaleReport())  # not a setting: every fit says its scale
+        return built
 
     def _run_subcommand(self, subcommand: str) -> None:
         started = time.time()

@@ -22,11 +22,15 @@ def register(subparsers) -> None:
         "serve",
         help="web page + JSON API: caption an image and see where the model looked",
         description="Serve a web page (GET /) and a JSON API (POST /api/caption, GET /healthz) for one "
-        "checkpoint. Binds to 127.0.0.1 unless --host says otherwise; there is no authentication.",
+        "checkpoint. Binds to 127.0.0.1 unless --host says otherwise; there is no authentication "
+        "(put a reverse proxy with authentication in front to share it: docs/usage.md). Logs one line "
+        "per request: client, method, path, status, milliseconds.",
     )
     p.add_argument("--checkpoint", required=True, type=Path, help="a .ckpt written by `captioner fit`, a model folder (`captioner export`) or hf://OWNER/NAME")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0: every interface, "
+                        "so anyone who can reach the machine can use it)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted image file (default: 10)")
     add_device_argument(p)
     add_quantize_argument(p)
@@ -35,6 +39,10 @@ def register(subparsers) -> None:
                    help="images waiting or running before requests get 503 (default: 64)")
     p.add_argument("--max-connections", type=int, default=128,
                    help="open connections before new ones get 503 (default: 128)")
+    p.add_argument("--forwarded-allow-ips", default="127.0.0.1", metavar="IPS",
+                   help="comma-separated addresses or networks of reverse proxies whose X-Forwarded-For and "
+                        "X-Forwarded-Proto are believed (the client in the access log); '*' trusts any "
+                        "(default: 127.0.0.1, a proxy on this machine)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -74,6 +82,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
                        "(there is no authentication)", a.host)
     shown = f"[{a.host}]" if ":" in a.host else a.host
     logger.info("captioner: open http://%s:%d/ in a browser (Ctrl+C stops)", shown, a.port)
+    # access_log off: the app logs each request itself (captioner.serve.access), with its time
     uvicorn.run(app, host=a.host, port=a.port, log_level="info", server_header=False,
-                limit_concurrency=a.max_connections)
+                limit_concurrency=a.max_connections, access_log=False, proxy_headers=True,
+                forwarded_allow_ips=a.forwarded_allow_ips)
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -277,6 +278,40 @@ class _SecurityHeaders:
         return await self.app(scope, receive, send_with_headers)
 
 
+# One line per request: "CLIENT "METHOD PATH" STATUS MS ms". The client is the forwarded one
+# when uvicorn was told to trust the proxy (serve --forwarded-allow-ips), else the peer's address.
+access_logger = logging.getLogger("captioner.serve.access")
+
+
+class _AccessLog:
+    """Plain ASGI middleware: logs each HTTP request once its answer is sent (or has failed)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status = 0  # no answer started: the client went away or the app failed
+
+        async def send_noting_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_status)
+        except BaseException:
+            status = status or 500
+            raise
+        finally:
+            client = scope.get("client")
+            access_logger.info('%s "%s %s" %s %.1f ms', client[0] if client else "-", scope["method"],
+                               scope["path"], status or "-", (time.perf_counter() - started) * 1000)
+
+
 class _Service:
     """What the routes of one app share: the model, its pipeline and batcher, the decode pool and
     the limits. Each route is a method; :func:`create_app` wires them."""
@@ -481,6 +516,7 @@ def create_app(
     # No /docs: Swagger UI would load scripts from a CDN, and the page must work offline.
     app = FastAPI(title="captioner", lifespan=service.lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(_SecurityHeaders)
+    app.add_middleware(_AccessLog)  # outermost of ours: its time includes the headers' middleware
     app.state.stats = service.stats
     app.state.batcher = service.batcher
     app.state.loaded = loaded
