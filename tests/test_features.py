@@ -221,8 +221,8 @@ def test_cli_extract_then_fit_from_the_cache(shapes_dir, tmp_path, capsys, monke
     root = tmp_path / "run"
     fits = record_fits(monkeypatch)
     read = []
-    get = FeatureStore.get
-    monkeypatch.setattr(FeatureStore, "get", lambda self, image_id: read.append(image_id) or get(self, image_id))
+    get = FeatureStore.item
+    monkeypatch.setattr(FeatureStore, "item", lambda self, image_id: read.append(image_id) or get(self, image_id))
     monkeypatch.setattr(Captioner, "encode", lambda self, images: pytest.fail("an image was encoded"))
     main(fit_args(shapes_dir, root, "--model.encoder.name", "resnet50", "--model.encoder.grid", "2",
                   "--model.encoder.image_size", "32", "--model.encoder.trainable_blocks", "0",

@@ -94,6 +94,11 @@ class Codec:
         """One image's arrays -> its features (N, D) as a float Tensor."""
         raise NotImplementedError
 
+    def item(self, rows: tuple[np.ndarray, ...]) -> dict[str, Tensor]:
+        """One image's arrays as a training item carries them (:func:`batch_features` of a
+        collated batch makes them float features on the device)."""
+        raise NotImplementedError
+
 
 CODECS: dict[str, Codec] = {}
 
@@ -128,6 +133,9 @@ class Float16(Codec):
     def unpack(self, rows: tuple[np.ndarray, ...]) -> Tensor:
         return torch.from_numpy(np.array(rows[0]))  # a copy: the map is read-only
 
+    def item(self, rows: tuple[np.ndarray, ...]) -> dict[str, Tensor]:
+        return {"features": self.unpack(rows)}
+
 
 @register_codec
 class Int8(Codec):
@@ -147,8 +155,12 @@ class Int8(Codec):
         return list(zip(q.cpu().numpy(), scale.cpu().numpy()))
 
     def unpack(self, rows: tuple[np.ndarray, ...]) -> Tensor:
+        return batch_features(self.item(rows))
+
+    def item(self, rows: tuple[np.ndarray, ...]) -> dict[str, Tensor]:
+        # int8 to the device (half fp16's bytes), dequantised there: the loader's work is a copy
         q, scale = rows
-        return dequantize(torch.from_numpy(np.array(q)), torch.from_numpy(np.array(scale)))
+        return {"features": torch.from_numpy(np.array(q)), "feature_scales": torch.from_numpy(np.array(scale))}
 
 
 def quantize(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -162,6 +174,14 @@ def quantize(x: Tensor) -> tuple[Tensor, Tensor]:
 def dequantize(q: Tensor, scale: Tensor) -> Tensor:
     """int8 (..., N, D) and scales (..., D) -> float32 (..., N, D)."""
     return q.float() * scale.unsqueeze(-2)
+
+
+def batch_features(batch: Mapping[str, Tensor]) -> Tensor:
+    """The float features (..., N, D) of an item or a collated batch of a feature cache: int8
+    ones (with ``feature_scales``) dequantised, float16 ones as they are."""
+    if "feature_scales" in batch:
+        return dequantize(batch["features"], batch["feature_scales"])
+    return batch["features"]
 
 
 def codec(dtype: str) -> Codec:
@@ -719,13 +739,21 @@ class FeatureStore:
 
     def get(self, image_id: int) -> Tensor:
         """The region features (N, D) of one image, as floats."""
+        return self._codec.unpack(self._rows(image_id))
+
+    def item(self, image_id: int) -> dict[str, Tensor]:
+        """The features of one image as a training batch carries them: ``features`` (N, D),
+        float16 or int8, and for int8 ``feature_scales`` (D,) (:func:`batch_features`)."""
+        return self._codec.item(self._rows(image_id))
+
+    def _rows(self, image_id: int) -> tuple[np.ndarray, ...]:
         try:
             shard, row = self._where[int(image_id)]
         except KeyError:
             raise FeatureCacheError(
                 f"image {image_id} is not in the feature cache {self.path} (it holds the splits "
                 f"{', '.join(self.splits)}); extract the missing split(s) into a new folder") from None
-        return self._codec.unpack(tuple(arr[row] for arr in self._shard(shard)))
+        return tuple(arr[row] for arr in self._shard(shard))
 
     def __getstate__(self) -> dict:
         # DataLoader workers get the index, not the maps (pickling a memmap copies its data).
