@@ -402,9 +402,10 @@ def test_a_cache_of_the_earlier_format_says_to_extract_again(cache, tmp_path) ->
         FeatureStore(old)
 
 
-def test_extraction_needs_no_more_disk_than_the_cache(shapes_dir, encoder, tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_extraction_needs_no_more_disk_than_the_cache(shapes_dir, encoder, tmp_path, monkeypatch, dtype) -> None:
     """The disk an extraction takes, measured after every file it writes, never exceeds 1.1x the
-    finished cache plus one chunk."""
+    finished cache plus one chunk (int8: its scale files too)."""
     import captioner.data.features as features
 
     out = tmp_path / "cache"
@@ -426,10 +427,10 @@ def test_extraction_needs_no_more_disk_than_the_cache(shapes_dir, encoder, tmp_p
     monkeypatch.setattr(features.FeatureChunks, "write", measured(features.FeatureChunks.write))
     dm = _datamodule(shapes_dir)
     extract_features({"train": dm.split_records("train")[:40]}, encoder, out, dm.preprocessing, ENCODER,
-                     batch_size=4, shard_size=8, chunk_size=4)
+                     batch_size=4, shard_size=8, chunk_size=4, dtype=dtype)
     final = usage()
-    assert final >= 40 * bytes_per_image(4, 2048)
-    assert peak[0] <= 1.1 * final + 4 * bytes_per_image(4, 2048), (peak[0], final)
+    assert final >= 40 * bytes_per_image(4, 2048, dtype)
+    assert peak[0] <= 1.1 * final + 4 * bytes_per_image(4, 2048, dtype), (peak[0], final)
 
 
 def test_a_disk_too_small_for_the_cache_fails_before_any_image_is_encoded(shapes_dir, encoder, tmp_path,

@@ -692,7 +692,10 @@ class FeatureStore:
         self.splits: dict[str, list[int]] = index["splits"]
         self.counts: dict[str, int] = index["counts"]
         self.dtype: str = index.get("dtype", "float16")
-        self._codec = codec(self.dtype)
+        try:
+            self._codec = codec(self.dtype)
+        except FeatureCacheError as err:
+            raise FeatureCacheError(f"{self.path}: {err} (made by a newer captioner? upgrade it)") from None
         parts = self._codec.parts(self.num_regions, self.dim)
         self._files = [tuple(s[_ENTRY_KEYS[part]] for part in parts) for s in index["shards"]]
         self._where = {int(k): (v[0], v[1]) for k, v in index["index"].items()}
