@@ -1,8 +1,8 @@
 """``captioner features extract``: run a frozen encoder once over a data set and cache its features.
 
 Training then reads the cache (``data.feature_cache: DIR``) instead of decoding and encoding every
-image every epoch. Runs through ``Trainer.predict`` (``captioner.predict``): ``--trainer.devices N
---trainer.strategy ddp``, torchrun or SLURM share the images out, each once; a run that is
+image every epoch; ``--dtype int8`` stores it in half the disk. Runs through ``Trainer.predict``
+(``captioner.predict``): ``--trainer.devices N --trainer.strategy ddp``, torchrun or SLURM share the images out, each once; a run that is
 stopped is resumed by running it again. The config is parsed exactly as ``captioner fit`` parses it: its ``data`` section gives the
 data set and ``model.encoder`` the encoder; ``--data.*`` / ``--model.encoder.*`` override them.
 """
