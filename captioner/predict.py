@@ -236,18 +236,20 @@ class CaptionPredictor(ImagePredictor):
 
 
 class FeaturePredictor(ImagePredictor):
-    """Region features of ``records[i]`` for the positions ``todo``: per image (i, float16
-    (N, D), None) or (i, None, why the file could not be read)."""
+    """Region features of ``records[i]`` for the positions ``todo``: per image (i, its arrays
+    stored as ``dtype`` (``captioner.data.features.Codec.pack``), None) or (i, None, why the file
+    could not be read)."""
 
     def __init__(self, encoder: nn.Module, records: Sequence[ImageRecord], preprocessing: Preprocessing,
-                 todo: Sequence[int], batch_size: int, num_workers: int = 0) -> None:
+                 todo: Sequence[int], batch_size: int, num_workers: int = 0, dtype: str = "float16") -> None:
         super().__init__(todo, batch_size, num_workers)
         self.encoder, self.records, self.preprocessing = encoder, list(records), preprocessing
+        self.stored_as = dtype  # not .dtype: a LightningModule's own
 
     def read(self, i: int) -> tuple[Tensor | None, str | None]:
         return read_image(self.records[i].path, self.preprocessing)
 
     def predict_block(self, positions: list[int], items: list) -> list[Result]:
         good = [x for x, e in items if e is None]
-        rows = iter(encode(self.encoder, torch.stack(good).to(self.device)) if good else ())
+        rows = iter(encode(self.encoder, torch.stack(good).to(self.device), self.stored_as) if good else ())
         return [(i, None, e) if e is not None else (i, next(rows), None) for i, (_x, e) in zip(positions, items)]

@@ -221,8 +221,8 @@ def test_cli_extract_then_fit_from_the_cache(shapes_dir, tmp_path, capsys, monke
     root = tmp_path / "run"
     fits = record_fits(monkeypatch)
     read = []
-    get = FeatureStore.get
-    monkeypatch.setattr(FeatureStore, "get", lambda self, image_id: read.append(image_id) or get(self, image_id))
+    get = FeatureStore.item
+    monkeypatch.setattr(FeatureStore, "item", lambda self, image_id: read.append(image_id) or get(self, image_id))
     monkeypatch.setattr(Captioner, "encode", lambda self, images: pytest.fail("an image was encoded"))
     main(fit_args(shapes_dir, root, "--model.encoder.name", "resnet50", "--model.encoder.grid", "2",
                   "--model.encoder.image_size", "32", "--model.encoder.trainable_blocks", "0",
@@ -402,9 +402,10 @@ def test_a_cache_of_the_earlier_format_says_to_extract_again(cache, tmp_path) ->
         FeatureStore(old)
 
 
-def test_extraction_needs_no_more_disk_than_the_cache(shapes_dir, encoder, tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_extraction_needs_no_more_disk_than_the_cache(shapes_dir, encoder, tmp_path, monkeypatch, dtype) -> None:
     """The disk an extraction takes, measured after every file it writes, never exceeds 1.1x the
-    finished cache plus one chunk."""
+    finished cache plus one chunk (int8: its scale files too)."""
     import captioner.data.features as features
 
     out = tmp_path / "cache"
@@ -426,10 +427,10 @@ def test_extraction_needs_no_more_disk_than_the_cache(shapes_dir, encoder, tmp_p
     monkeypatch.setattr(features.FeatureChunks, "write", measured(features.FeatureChunks.write))
     dm = _datamodule(shapes_dir)
     extract_features({"train": dm.split_records("train")[:40]}, encoder, out, dm.preprocessing, ENCODER,
-                     batch_size=4, shard_size=8, chunk_size=4)
+                     batch_size=4, shard_size=8, chunk_size=4, dtype=dtype)
     final = usage()
-    assert final >= 40 * bytes_per_image(4, 2048)
-    assert peak[0] <= 1.1 * final + 4 * bytes_per_image(4, 2048), (peak[0], final)
+    assert final >= 40 * bytes_per_image(4, 2048, dtype)
+    assert peak[0] <= 1.1 * final + 4 * bytes_per_image(4, 2048, dtype), (peak[0], final)
 
 
 def test_a_disk_too_small_for_the_cache_fails_before_any_image_is_encoded(shapes_dir, encoder, tmp_path,

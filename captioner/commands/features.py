@@ -1,8 +1,8 @@
 """``captioner features extract``: run a frozen encoder once over a data set and cache its features.
 
 Training then reads the cache (``data.feature_cache: DIR``) instead of decoding and encoding every
-image every epoch. Runs through ``Trainer.predict`` (``captioner.predict``): ``--trainer.devices N
---trainer.strategy ddp``, torchrun or SLURM share the images out, each once; a run that is
+image every epoch; ``--dtype int8`` stores it in half the disk. Runs through ``Trainer.predict``
+(``captioner.predict``): ``--trainer.devices N --trainer.strategy ddp``, torchrun or SLURM share the images out, each once; a run that is
 stopped is resumed by running it again. The config is parsed exactly as ``captioner fit`` parses it: its ``data`` section gives the
 data set and ``model.encoder`` the encoder; ``--data.*`` / ``--model.encoder.*`` override them.
 """
@@ -35,9 +35,20 @@ def add_options(p) -> None:
     p.add_argument("--chunk-size", type=positive_int, default=DEFAULT_CHUNK_SIZE, metavar="N",
                    help="each process keeps its features every N images while it runs (what a killed "
                    "run loses)")
+    add_dtype_argument(p)
     add_device_argument(p)
     p.add_argument("--overwrite", action="store_true",
                    help="replace a different cache in --out (the same one is resumed)")
+
+
+# --dtype's names -> the cache's record (captioner.data.features.CODECS)
+DTYPES = {"fp16": "float16", "int8": "int8"}
+
+
+def add_dtype_argument(p) -> None:
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp16",
+                   help="how the features are stored: fp16, or int8 (symmetric, a float32 scale per image "
+                   "and channel; half the disk). fit reads either")
 
 
 def frozen_encoder(section):
@@ -103,7 +114,7 @@ def run(args: Sequence[str], prog: str = "captioner features extract") -> int:
         grid, n, d = probe(encoder, records, dm.preprocessing, torch.device("cpu"))
         # what decides the features, weights included: a cache already in --out must match it
         plan = CachePlan(a.out, by_split, records, grid, n, d, dm.preprocessing, encoder_fingerprint(enc, encoder),
-                         a.shard_size)
+                         a.shard_size, DTYPES[a.dtype])
         fresh = bool(plan.differs())  # and --overwrite: check refuses it otherwise
         chunks = FeatureChunks(plan)
         todo = plan.todo(plan.check(a.overwrite), None if fresh else chunks)
@@ -118,7 +129,8 @@ def run(args: Sequence[str], prog: str = "captioner features extract") -> int:
     show = len(todo) >= 20 and sys.stderr.isatty()
     writer = ChunkWriter(chunks, a.chunk_size, len(todo), fresh=fresh, progress=show, errors=report)
     trainer.callbacks.insert(0, writer)  # before the user's: a chunk is written before they see the batch
-    module = FeaturePredictor(encoder, records, dm.preprocessing, todo, a.batch_size, dm.num_workers)
+    module = FeaturePredictor(encoder, records, dm.preprocessing, todo, a.batch_size, dm.num_workers,
+                              DTYPES[a.dtype])
     try:
         index = predict(trainer, module, writer)
     except FeatureCacheError as err:
@@ -143,5 +155,5 @@ def register(subparsers) -> None:
     sub.add_parser(
         "extract", add_help=False,
         help="encode every image of a config's data set once with its frozen model.encoder "
-        "(float16, memory-mapped shards; resumable): --config CFG --out DIR",
+        "(float16 or --dtype int8, memory-mapped shards; resumable): --config CFG --out DIR",
     )

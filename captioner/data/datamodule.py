@@ -83,7 +83,7 @@ class CaptionDataset(Dataset):
         self.mode = mode
         self.max_caption_length = max_caption_length
         self.skip_bad_images = skip_bad_images
-        self.features = features  # a FeatureStore-like object: .get(image_id) -> Tensor (N, D)
+        self.features = features  # a FeatureStore-like object: .item(image_id) -> {"features": (N, D), ...}
         self.seed = seed
         self.grounding = grounding
         self._masks: dict[int, Tensor] = {}
@@ -128,7 +128,7 @@ class CaptionDataset(Dataset):
         if self.grounding:
             item.update(self._grounding_item(i, j, len(caption) - 1))
         if self.features is not None:
-            item["features"] = self.features.get(rec.image_id)
+            item.update(self.features.item(rec.image_id))
             return item
         try:
             image = load_image(rec.path)
@@ -169,7 +169,10 @@ def collate_captions(items: list[dict | None]) -> dict[str, Tensor]:
             masks[k, : it["object_masks"].size(0)] = it["object_masks"]
         batch["token_objects"] = objs  # (B, T) object named at each target step, -1 for none
         batch["object_masks"] = masks  # (B, K, H, W)
-    if "features" in items[0]:
+    if "feature_scales" in items[0]:  # an int8 cache: dequantised on the device (batch_features)
+        batch["features"] = torch.stack([it["features"] for it in items])  # (B, N, D) int8
+        batch["feature_scales"] = torch.stack([it["feature_scales"] for it in items])  # (B, D)
+    elif "features" in items[0]:
         batch["features"] = torch.stack([it["features"] for it in items]).float()  # (B, N, D)
     else:
         batch["images"] = torch.stack([it["image"] for it in items])  # (B, 3, S, S)

@@ -5,6 +5,7 @@ Layout of a cache folder::
     index.json            what was extracted, from what, and how (see below)
     shard-00000.npy       float16 (S, N, D): the region features of S images, in index order
     shard-00001.npy       ...
+    scale-00000.npy       int8 caches only: float32 (S, D), each image's scale per channel
     parts/                while an extraction runs: which rows are written (see below)
 
 ``index.json`` holds ``format``, ``complete``, ``dtype``, ``grid`` (h, w), ``num_regions`` (N),
@@ -27,6 +28,11 @@ recorded images are skipped. ``complete`` is set only after every shard has been
 shape, and every row recorded), and :class:`FeatureStore` refuses a cache that is not complete.
 Shards are opened memory-mapped: a worker reads only the rows it serves, and many workers share
 the page cache.
+
+``dtype`` (:data:`CODECS`) is how the features are stored: ``float16``, or ``int8`` (half the
+disk): symmetric int8 with one float32 scale per image and channel, the channel's largest
+magnitude over the image's regions / 127, kept in ``scale-<shard>.npy`` beside each shard and
+written with its rows. :meth:`FeatureStore.get` returns float features either way.
 
 The encoder is passed in (any module mapping images (B, 3, S, S) to ((B, N, D), (h, w))), so this
 module does not depend on ``captioner.models``.
@@ -63,9 +69,6 @@ FORMAT = 2
 DEFAULT_SHARD_SIZE = 1024
 # Images per chunk of a running extraction: what a kill can lose (ResNet-101: 200 MB of features).
 DEFAULT_CHUNK_SIZE = 256
-# float16 keeps 3 significant digits, plenty for post-ReLU CNN features, and halves the disk and
-# page-cache footprint: ResNet-101 at 14x14x2048 is 802,816 bytes per image.
-DTYPE = np.float16
 
 
 class FeatureCacheError(ValueError):
@@ -73,8 +76,124 @@ class FeatureCacheError(ValueError):
     from other settings, weights or images than a run asks for (a user's error: exit 2)."""
 
 
-def bytes_per_image(num_regions: int, dim: int) -> int:
-    return num_regions * dim * np.dtype(DTYPE).itemsize
+class Codec:
+    """How a cache stores an image's features (N, D): the arrays of one image (``parts``: file
+    prefix -> shape of a row and its dtype, one file per part and shard), made from a batch of
+    encoder output (:meth:`pack`) and turned back into floats (:meth:`unpack`)."""
+
+    name: str
+
+    def parts(self, n: int, d: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        raise NotImplementedError
+
+    def pack(self, feats: Tensor) -> list[tuple[np.ndarray, ...]]:
+        """feats (B, N, D) on any device -> per image, one array per part (on the CPU)."""
+        raise NotImplementedError
+
+    def unpack(self, rows: tuple[np.ndarray, ...]) -> Tensor:
+        """One image's arrays -> its features (N, D) as a float Tensor."""
+        raise NotImplementedError
+
+    def item(self, rows: tuple[np.ndarray, ...]) -> dict[str, Tensor]:
+        """One image's arrays as a training item carries them (:func:`batch_features` of a
+        collated batch makes them float features on the device)."""
+        raise NotImplementedError
+
+
+CODECS: dict[str, Codec] = {}
+
+
+def register_codec(cls: type[Codec]) -> type[Codec]:
+    CODECS[cls.name] = cls()
+    return cls
+
+
+def _half(feats: Tensor) -> Tensor:
+    half = feats.to(torch.float16)
+    if not bool(torch.isfinite(half).all()):
+        raise FeatureCacheError(
+            f"encoder features exceed the float16 range (max |x| = {feats.abs().max().item():.3g}); "
+            "is the encoder's preprocessing right?")
+    return half
+
+
+@register_codec
+class Float16(Codec):
+    """float16 keeps 3 significant digits, plenty for post-ReLU CNN features: ResNet-101 at
+    14x14x2048 is 802,816 bytes per image."""
+
+    name = "float16"
+
+    def parts(self, n: int, d: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        return {"shard": ((n, d), np.dtype(np.float16))}
+
+    def pack(self, feats: Tensor) -> list[tuple[np.ndarray, ...]]:
+        return [(row,) for row in _half(feats).cpu().numpy()]
+
+    def unpack(self, rows: tuple[np.ndarray, ...]) -> Tensor:
+        return torch.from_numpy(np.array(rows[0]))  # a copy: the map is read-only
+
+    def item(self, rows: tuple[np.ndarray, ...]) -> dict[str, Tensor]:
+        return {"features": self.unpack(rows)}
+
+
+@register_codec
+class Int8(Codec):
+    """Symmetric int8, one scale per (image, channel): x ~ q * s, s = max_n |x[n, d]| / 127, so
+    every value is within s / 2 of the original. Per channel because a CNN's channels differ in
+    range by orders of magnitude (one scale per region would give the quiet channels a few levels);
+    per image because a scale for the whole data set would need a pass over it before the first
+    row is written. The scales cost D float32 (8 KB at D = 2048, 2 % of the int8 rows)."""
+
+    name = "int8"
+
+    def parts(self, n: int, d: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        return {"shard": ((n, d), np.dtype(np.int8)), "scale": ((d,), np.dtype(np.float32))}
+
+    def pack(self, feats: Tensor) -> list[tuple[np.ndarray, ...]]:
+        q, scale = quantize(_half(feats).float())  # the float16 range check of the other codec
+        return list(zip(q.cpu().numpy(), scale.cpu().numpy()))
+
+    def unpack(self, rows: tuple[np.ndarray, ...]) -> Tensor:
+        return batch_features(self.item(rows))
+
+    def item(self, rows: tuple[np.ndarray, ...]) -> dict[str, Tensor]:
+        # int8 to the device (half fp16's bytes), dequantised there: the loader's work is a copy
+        q, scale = rows
+        return {"features": torch.from_numpy(np.array(q)), "feature_scales": torch.from_numpy(np.array(scale))}
+
+
+def quantize(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x (B, N, D) float -> (int8 (B, N, D), float32 scales (B, D)), |x - q * s| <= s / 2."""
+    scale = x.abs().amax(dim=1).float() / 127  # (B, D)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero channel: q = 0
+    q = torch.round(x.float() / scale.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)  # (B, N, D)
+    return q, scale
+
+
+def dequantize(q: Tensor, scale: Tensor) -> Tensor:
+    """int8 (..., N, D) and scales (..., D) -> float32 (..., N, D)."""
+    return q.float() * scale.unsqueeze(-2)
+
+
+def batch_features(batch: Mapping[str, Tensor]) -> Tensor:
+    """The float features (..., N, D) of an item or a collated batch of a feature cache: int8
+    ones (with ``feature_scales``) dequantised, float16 ones as they are."""
+    if "feature_scales" in batch:
+        return dequantize(batch["features"], batch["feature_scales"])
+    return batch["features"]
+
+
+def codec(dtype: str) -> Codec:
+    try:
+        return CODECS[dtype]
+    except KeyError:
+        raise FeatureCacheError(f"feature cache dtype {dtype!r}: this captioner stores {', '.join(CODECS)}") from None
+
+
+def bytes_per_image(num_regions: int, dim: int, dtype: str = "float16") -> int:
+    """Disk per image of a cache of ``dtype``, its scales included."""
+    return sum(int(np.prod(shape)) * t.itemsize for shape, t in codec(dtype).parts(num_regions, dim).values())
 
 
 def weights_sha256(module: torch.nn.Module) -> str:
@@ -105,8 +224,14 @@ def image_paths(records: Sequence[ImageRecord]) -> tuple[str, dict[str, str]]:
                                     else os.path.abspath(r.path)).replace(os.sep, "/") for r in records}
 
 
-def _shard_name(i: int) -> str:
-    return f"shard-{i:05d}.npy"
+# the key of a shard's entry in the index that names the file of each part
+_ENTRY_KEYS = {"shard": "file", "scale": "scales"}
+
+
+def _shard_entry(codec: Codec, i: int, rows: int) -> dict:
+    """A shard's entry in the index: its files (``shard-<i>.npy`` and, for int8,
+    ``scale-<i>.npy``) and rows; a float16 cache's entries are those of earlier releases."""
+    return {**{_ENTRY_KEYS[part]: f"{part}-{i:05d}.npy" for part in codec.parts(1, 1)}, "rows": rows}
 
 
 def _open_shard(path: Path) -> np.memmap | None:
@@ -116,15 +241,15 @@ def _open_shard(path: Path) -> np.memmap | None:
         return None
 
 
-def _shard_ok(path: Path, rows: int, n: int, d: int) -> bool:
+def _shard_ok(path: Path, rows: int, shape: tuple[int, ...], dtype: np.dtype) -> bool:
     arr = _open_shard(path)
-    return arr is not None and arr.shape == (rows, n, d) and arr.dtype == DTYPE
+    return arr is not None and arr.shape == (rows, *shape) and arr.dtype == dtype
 
 
-def _make_shard(path: Path, rows: int, n: int, d: int) -> None:
-    """An .npy file of (rows, N, D) float16 at its final size, its rows to be filled in place."""
+def _make_shard(path: Path, rows: int, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """An .npy file of (rows, *shape) ``dtype`` at its final size, its rows to be filled in place."""
     tmp = path.with_name(f".{path.name}.tmp")
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=DTYPE, shape=(rows, n, d))
+    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(rows, *shape))
     size = arr.offset + arr.nbytes
     del arr
     fd = os.open(tmp, os.O_RDWR)
@@ -195,14 +320,16 @@ class CachePlan:
     def __init__(self, out: str | os.PathLike, splits: Mapping[str, Sequence[ImageRecord]],
                  records: Sequence[ImageRecord], grid: tuple[int, int], num_regions: int, dim: int,
                  preprocessing: Preprocessing, encoder_config: Mapping | None = None,
-                 shard_size: int = DEFAULT_SHARD_SIZE) -> None:
+                 shard_size: int = DEFAULT_SHARD_SIZE, dtype: str = "float16") -> None:
         self.out = Path(out)
         self.records = list(records)
         self.n, self.d, self.shard_size = num_regions, dim, shard_size
+        self.codec = codec(dtype)
+        self.parts = self.codec.parts(num_regions, dim)
         self.image_root, self.paths = image_paths(self.records)
         self.settings = {
             "format": FORMAT,
-            "dtype": np.dtype(DTYPE).name,
+            "dtype": self.codec.name,
             "grid": list(grid),
             "num_regions": num_regions,
             "dim": dim,
@@ -213,7 +340,7 @@ class CachePlan:
             "images": sha256_json(self.paths),
             "splits": {s: [r.image_id for r in recs] for s, recs in splits.items()},
         }
-        self.shards = [{"file": _shard_name(i), "rows": min(shard_size, len(self.records) - s)}
+        self.shards = [_shard_entry(self.codec, i, min(shard_size, len(self.records) - s))
                        for i, s in enumerate(range(0, len(self.records), shard_size))]
 
     @property
@@ -253,11 +380,16 @@ class CachePlan:
             return set()
         return {i for i in old.get("done", []) if self.shard_ok(i)}
 
-    def shard_path(self, i: int) -> Path:
-        return self.out / self.shards[i]["file"]
+    def shard_path(self, i: int, part: str = "shard") -> Path:
+        return self.out / self.shards[i][_ENTRY_KEYS[part]]
 
     def shard_ok(self, i: int) -> bool:
-        return _shard_ok(self.shard_path(i), self.shards[i]["rows"], self.n, self.d)
+        return all(_shard_ok(self.shard_path(i, part), self.shards[i]["rows"], shape, dtype)
+                   for part, (shape, dtype) in self.parts.items())
+
+    def make_shard(self, i: int) -> None:
+        for part, (shape, dtype) in self.parts.items():
+            _make_shard(self.shard_path(i, part), self.shards[i]["rows"], shape, dtype)
 
     def shard_positions(self, i: int) -> range:
         return range(i * self.shard_size, i * self.shard_size + self.shards[i]["rows"])
@@ -267,7 +399,7 @@ class CachePlan:
             **self.settings,
             "complete": False,
             "counts": {**{s: len(ids) for s, ids in self.settings["splits"].items()}, "images": len(self.records)},
-            "bytes_per_image": bytes_per_image(self.n, self.d),
+            "bytes_per_image": bytes_per_image(self.n, self.d, self.codec.name),
             "shards": self.shards,
             "done": sorted(done),
             "index": {str(r.image_id): [i // self.shard_size, i % self.shard_size]
@@ -307,14 +439,15 @@ class FeatureChunks:
         done = set() if fresh else plan.check()
         atomic_write_json(plan.index_path, plan.index(done))
         if fresh:  # shards of the replaced cache beyond this one's
-            planned = {s["file"] for s in plan.shards}
-            for old in plan.out.glob("shard-*.npy"):
-                if old.name not in planned:
-                    old.unlink()
+            planned = {s[key] for s in plan.shards for key in _ENTRY_KEYS.values() if key in s}
+            for part in _ENTRY_KEYS:
+                for old in plan.out.glob(f"{part}-*.npy"):
+                    if old.name not in planned:
+                        old.unlink()
         made: set[int] = set()  # the rows of shard files made anew: their records go, in one pass
-        for i, shard in enumerate(plan.shards):
+        for i in range(len(plan.shards)):
             if i not in done and (fresh or not plan.shard_ok(i)):
-                _make_shard(plan.shard_path(i), shard["rows"], plan.n, plan.d)
+                plan.make_shard(i)
                 made.update(plan.shard_positions(i))
         if made:
             self._forget(made)
@@ -347,27 +480,24 @@ class FeatureChunks:
         return self.chunks.written()
 
     def write(self, rank: int, results: list[tuple[int, object, str | None]]) -> None:
-        """Write the features of ``results`` into their rows, flush them to disk, then record
-        them (the record last: a row counts only once it is on disk)."""
+        """Write the features of ``results`` (per image, the arrays of :meth:`Codec.pack`) into
+        their rows, flush them to disk, then record them (the record last: a row counts only once
+        it is on disk)."""
         plan = self.plan
-        files: dict[int, tuple[object, int]] = {}
+        files: dict[tuple[int, str], tuple[object, int]] = {}
         try:
             for i, x, error in results:
                 if error is not None:
                     continue
                 s, row = divmod(i, plan.shard_size)
-                if s not in files:
-                    shard = _open_shard(plan.shard_path(s))
-                    if shard is None:
-                        raise FeatureCacheError(f"{plan.shard_path(s)}: shard file missing (removed while "
-                                                "the extraction ran?); run the same command again")
-                    files[s] = (open(plan.shard_path(s), "r+b"), shard.offset)  # noqa: SIM115 (closed below)
-                    del shard
-                f, offset = files[s]
-                rows = np.ascontiguousarray(x, dtype=DTYPE)
-                assert rows.shape == (plan.n, plan.d), f"features {rows.shape} for a ({plan.n}, {plan.d}) cache"
-                f.seek(offset + row * rows.nbytes)
-                f.write(memoryview(rows).cast("B"))
+                for (part, (shape, dtype)), value in zip(plan.parts.items(), x, strict=True):
+                    if (s, part) not in files:
+                        files[s, part] = self._open(plan.shard_path(s, part))
+                    f, offset = files[s, part]
+                    rows = np.ascontiguousarray(value, dtype=dtype)
+                    assert rows.shape == shape, f"{part} {rows.shape} for a {shape} cache"
+                    f.seek(offset + row * rows.nbytes)
+                    f.write(memoryview(rows).cast("B"))
             for f, _ in files.values():
                 f.flush()
                 os.fsync(f.fileno())
@@ -378,6 +508,17 @@ class FeatureChunks:
                 "failed": {str(i): e for i, _, e in results if e is not None}}
         # the rows count from now on
         atomic_write_json(self.chunks.path(min(i for i, _, _ in results), len(results)), meta)
+
+    @staticmethod
+    def _open(path: Path) -> tuple[object, int]:
+        """A shard file opened for writing in place, and where its rows begin."""
+        shard = _open_shard(path)
+        if shard is None:
+            raise FeatureCacheError(f"{path}: shard file missing (removed while the extraction ran?); "
+                                    "run the same command again")
+        offset = shard.offset
+        del shard
+        return open(path, "r+b"), offset  # noqa: SIM115 (closed by write)
 
     def merge(self) -> dict:
         """Mark every shard whose rows are all recorded as done, then check the cache and mark it
@@ -414,17 +555,13 @@ class FeatureChunks:
         return index
 
 
-def encode(encoder: Callable[[Tensor], tuple[Tensor, tuple[int, int]]], images: Tensor) -> np.ndarray:
-    """images (B, 3, S, S) -> float16 features (B, N, D) on the CPU; FeatureCacheError when they
-    do not fit float16."""
+def encode(encoder: Callable[[Tensor], tuple[Tensor, tuple[int, int]]], images: Tensor,
+           dtype: str = "float16") -> list[tuple[np.ndarray, ...]]:
+    """images (B, 3, S, S) -> per image, its features stored as ``dtype`` (:meth:`Codec.pack`,
+    quantised on the encoder's device) on the CPU; FeatureCacheError when they do not fit float16."""
     with torch.inference_mode():
         feats, _ = encoder(images)  # (B, N, D)
-    half = feats.to(torch.float16)
-    if not bool(torch.isfinite(half).all()):
-        raise FeatureCacheError(
-            f"encoder features exceed the float16 range (max |x| = {feats.abs().max().item():.3g}); "
-            "is the encoder's preprocessing right?")
-    return half.cpu().numpy()
+        return codec(dtype).pack(feats)
 
 
 class _Images(Dataset):
@@ -455,6 +592,7 @@ def extract_features(
     num_workers: int = 0,
     overwrite: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    dtype: str = "float16",
 ) -> dict:
     """Encode every image of ``splits`` once in this process and write the cache to ``out_dir``;
     returns the index (``captioner features extract`` does the same on many processes).
@@ -463,7 +601,8 @@ def extract_features(
     ``encoder_config``: what decides its features (``captioner.models.encoder_fingerprint``); the
     sha256 of ``encoder``'s tensors is added as ``weights`` when it has none.
     The features are kept every ``chunk_size`` images, so re-running with the same arguments
-    resumes: what was extracted is kept. A folder that holds a different cache is refused unless
+    resumes: what was extracted is kept. ``dtype``: how the features are stored (:data:`CODECS`:
+    float16, or int8 at half the disk). A folder that holds a different cache is refused unless
     ``overwrite`` (which replaces only a different cache: the same one is resumed). Unreadable
     images are logged by path and left out; the cache is then not complete (the index says which
     shards are finished) until they are mended and it is run again.
@@ -475,7 +614,7 @@ def extract_features(
         encoder_config["weights"] = weights_sha256(encoder)
     encoder.eval().to(device)
     grid, n, d = probe(encoder, records, preprocessing, device)
-    plan = CachePlan(out_dir, splits, records, grid, n, d, preprocessing, encoder_config, shard_size)
+    plan = CachePlan(out_dir, splits, records, grid, n, d, preprocessing, encoder_config, shard_size, dtype)
     fresh = bool(plan.differs())  # with overwrite; without, check refuses it
     done = plan.check(overwrite)
     chunks = FeatureChunks(plan)
@@ -490,7 +629,7 @@ def extract_features(
     pending: list = []
     for items in loader:
         good = [(i, x) for i, x, e in items if e is None]
-        feats = encode(encoder, torch.stack([x for _, x in good]).to(device)) if good else []
+        feats = encode(encoder, torch.stack([x for _, x in good]).to(device), dtype) if good else []
         rows = dict(zip([i for i, _ in good], feats))
         for i, _x, e in items:
             if e is not None:
@@ -523,7 +662,8 @@ def _same_file(path: str | os.PathLike, recorded: str) -> bool:
 
 
 class FeatureStore:
-    """Read access to a complete cache: ``get(image_id)`` -> float16 Tensor (N, D)."""
+    """Read access to a complete cache: ``get(image_id)`` -> float Tensor (N, D) (float16 from a
+    float16 cache, float32 dequantised from an int8 one)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -551,9 +691,15 @@ class FeatureStore:
         self.paths: dict[str, str] = index["paths"]
         self.splits: dict[str, list[int]] = index["splits"]
         self.counts: dict[str, int] = index["counts"]
-        self._files = [s["file"] for s in index["shards"]]
+        self.dtype: str = index.get("dtype", "float16")
+        try:
+            self._codec = codec(self.dtype)
+        except FeatureCacheError as err:
+            raise FeatureCacheError(f"{self.path}: {err} (made by a newer captioner? upgrade it)") from None
+        parts = self._codec.parts(self.num_regions, self.dim)
+        self._files = [tuple(s[_ENTRY_KEYS[part]] for part in parts) for s in index["shards"]]
         self._where = {int(k): (v[0], v[1]) for k, v in index["index"].items()}
-        self._shards: dict[int, np.ndarray] = {}
+        self._shards: dict[int, tuple[np.ndarray, ...]] = {}
 
     def __len__(self) -> int:
         return len(self._where)
@@ -588,21 +734,29 @@ class FeatureStore:
             raise FeatureCacheError(f"{self.path}: the feature cache does not match this run: "
                                     f"{'; '.join(problems)}; extract a new cache into another folder")
 
-    def _shard(self, i: int) -> np.ndarray:
-        arr = self._shards.get(i)
-        if arr is None:
-            arr = self._shards[i] = np.load(self.path / self._files[i], mmap_mode="r")
-        return arr
+    def _shard(self, i: int) -> tuple[np.ndarray, ...]:
+        arrs = self._shards.get(i)
+        if arrs is None:
+            arrs = self._shards[i] = tuple(np.load(self.path / f, mmap_mode="r") for f in self._files[i])
+        return arrs
 
     def get(self, image_id: int) -> Tensor:
-        """The float16 region features (N, D) of one image."""
+        """The region features (N, D) of one image, as floats."""
+        return self._codec.unpack(self._rows(image_id))
+
+    def item(self, image_id: int) -> dict[str, Tensor]:
+        """The features of one image as a training batch carries them: ``features`` (N, D),
+        float16 or int8, and for int8 ``feature_scales`` (D,) (:func:`batch_features`)."""
+        return self._codec.item(self._rows(image_id))
+
+    def _rows(self, image_id: int) -> tuple[np.ndarray, ...]:
         try:
             shard, row = self._where[int(image_id)]
         except KeyError:
             raise FeatureCacheError(
                 f"image {image_id} is not in the feature cache {self.path} (it holds the splits "
                 f"{', '.join(self.splits)}); extract the missing split(s) into a new folder") from None
-        return torch.from_numpy(np.array(self._shard(shard)[row]))  # a copy: the map is read-only
+        return tuple(arr[row] for arr in self._shard(shard))
 
     def __getstate__(self) -> dict:
         # DataLoader workers get the index, not the maps (pickling a memmap copies its data).

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from captioner.data.features import batch_features as cached_features
 from captioner.data.grounding import cell_shares
 from captioner.data.vocab import END_ID, PAD_ID, START_ID, Vocabulary
 from captioner.models.decoder import DecoderOutput
@@ -217,9 +218,10 @@ def _rows_of(out: DecoderOutput, rows: slice) -> DecoderOutput:
 
 
 def batch_features(model: Captioner, batch: dict) -> Tensor:
-    """A batch's region features (B, N, D): the feature cache's, or the encoder's of its images."""
+    """A batch's region features (B, N, D): the feature cache's (int8 ones dequantised here, on
+    the device), or the encoder's of its images."""
     if "features" in batch:
-        return batch["features"]
+        return cached_features(batch)
     return model.encode(batch["images"])[0]
 
 
