@@ -13,8 +13,8 @@ from unittest import mock
 
 import torch
 
+from benchmarks import timing
 from benchmarks.common import write_images
-from benchmarks.timing import alternating
 from captioner.data import images
 from captioner.data.transforms import Preprocessing
 
@@ -47,7 +47,7 @@ def _compare(fns: dict[str, Callable[[], object]], files: int, repeats: int) -> 
     its speed over the first's per round (median and range), which a shared machine's load
     cancels out of."""
     names = list(fns)
-    times = alternating(list(fns.values()), repeats, torch.device("cpu"))
+    times = timing.alternating(list(fns.values()), repeats, torch.device("cpu"))
     out: dict = {}
     for name, t in zip(names, times, strict=True):
         out[name] = _rate(files, t)
