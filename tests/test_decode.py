@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -45,19 +43,6 @@ def _save(img: Image.Image, path: Path, **kw) -> Path:
     return path
 
 
-def _png16_rgb(path: Path, w: int = 6, h: int = 4) -> Path:
-    """A 48-bit RGB PNG (PIL reads it as 8-bit RGB, its high bytes; PIL cannot write one)."""
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    values = (np.arange(h * w * 3, dtype=np.uint16).reshape(h, w, 3) * 997 + 0x12FF).astype(">u2")
-    raw = b"".join(b"\x00" + row.tobytes() for row in values)
-    ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw))
-                     + chunk(b"IEND", b""))
-    return path
-
-
 @pytest.fixture()
 def spy(monkeypatch):
     """Records the formats TorchCodec decoded (it still decodes them)."""
@@ -89,14 +74,11 @@ def _pil_only(monkeypatch) -> None:
     ("progressive.jpg", lambda p: _save(_photo((97, 61)), p, quality=90, progressive=True)),
     ("444.jpg", lambda p: _save(_photo((64, 48)), p, quality=95, subsampling=0)),
     ("grey.jpg", lambda p: _save(_photo((80, 60), "L"), p)),
-    ("rgb.png", lambda p: _save(_photo((97, 61)), p)),
-    ("grey.png", lambda p: _save(_photo((97, 61), "L"), p)),
-    ("interlaced.png", lambda p: _save(_photo((40, 30)), p, interlace=1)),
 ])
 def test_torchcodec_gives_pils_pixels(tmp_path, spy, monkeypatch, name, make):
     path = make(tmp_path / name)
     fast = np.asarray(load_image(path))
-    assert spy == [name.rsplit(".", 1)[1].replace("jpg", "jpeg").upper()], "TorchCodec did not decode it"
+    assert spy == ["JPEG"], "TorchCodec did not decode it"
     _pil_only(monkeypatch)
     slow = np.asarray(load_image(path))
     assert fast.shape == slow.shape and np.array_equal(fast, slow)
@@ -108,12 +90,6 @@ def _rotated_jpeg(path: Path, size=(48, 32)) -> Path:
     return _save(_photo(size), path, exif=exif)
 
 
-def _exif_png(path: Path) -> Path:
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    return _save(_photo((48, 32)), path, exif=exif)
-
-
 @pytest.mark.parametrize("name,make", [
     ("rotated.jpg", _rotated_jpeg),
     ("cmyk.jpg", lambda p: _save(_photo((40, 30), "CMYK"), p)),
@@ -121,13 +97,12 @@ def _exif_png(path: Path) -> Path:
     ("rgba.png", lambda p: _save(_photo((40, 30)).convert("RGBA"), p)),
     ("transparent.png", lambda p: _save(_photo((40, 30)), p, transparency=(0, 0, 0))),
     ("sixteen.png", lambda p: _save(Image.fromarray(np.full((30, 40), 40000, np.uint16)), p)),
-    ("rgb48.png", _png16_rgb),
-    ("exif.png", _exif_png),
     ("photo.webp", lambda p: _save(_photo((40, 30)), p)),
+    ("rgb.png", lambda p: _save(_photo((97, 61)), p)),
 ])
 def test_what_torchcodec_would_decode_otherwise_goes_to_pil(tmp_path, spy, monkeypatch, name, make):
-    """EXIF rotation, CMYK, palettes, alpha, 16 bits (TorchCodec rounds 16 to 8 bits, PIL keeps
-    the high byte), other formats: PIL decodes them, as it did before TorchCodec."""
+    """EXIF rotation, CMYK, palettes, alpha, 16 bits, PNGs (slower through TorchCodec, measured),
+    other formats: PIL decodes them, as it did before TorchCodec."""
     path = make(tmp_path / name)
     got = np.asarray(load_image(path))
     assert spy == []

@@ -5,10 +5,11 @@ Every image the package reads (training, captioning, the web server, ``data chec
 person can act on.
 
 PIL reads every header (format, size, mode, EXIF, the pixel limit). The pixels of 8-bit RGB and
-grey JPEGs and PNGs come from TorchCodec where it is installed (``captioner[torchcodec]``): the same
-libjpeg-turbo / libpng output as PIL's, byte for byte, in less time (docs/performance.md). Anything
-else (other formats and modes, EXIF rotation, transparency, 16-bit, a file TorchCodec refuses), and
-everything without TorchCodec, PIL decodes, and names the problem when it cannot.
+grey JPEGs come from TorchCodec where it is installed (``captioner[torchcodec]``): the same
+libjpeg-turbo output as PIL's, byte for byte, 1.2x faster on 2- and 12-MP photos, as fast at
+640x480 (docs/performance.md). Anything else (PNGs: slower through TorchCodec, measured; other
+formats and modes, EXIF rotation, a file TorchCodec refuses), and everything without TorchCodec,
+PIL decodes, and names the problem when it cannot.
 """
 
 from __future__ import annotations
@@ -153,18 +154,19 @@ def _decode(fp: IO[bytes], name: str | os.PathLike, reduce_to: int | None = None
 @functools.cache
 def _torchcodec() -> dict[str, Callable] | None:
     """TorchCodec's decoders by PIL format name, imported once (on first use: it loads native
-    libraries); None where it is not installed or does not load (built for another torch)."""
+    libraries); None where it is not installed or does not load (built for another torch).
+    JPEG only: its ``decode_png`` was 0.88x PIL's speed on the ``shapes`` PNGs (docs/performance.md)."""
     try:
-        from torchcodec.decoders import decode_jpeg, decode_png
+        from torchcodec.decoders import decode_jpeg
     except Exception as err:
         logger.debug("decoding images with PIL: TorchCodec does not import (%s)", err)
         return None
-    return {"JPEG": decode_jpeg, "PNG": decode_png}
+    return {"JPEG": decode_jpeg}
 
 
 def _decode_with_torchcodec(img: Image.Image, fp: IO[bytes]) -> Image.Image | None:
     """``img``'s pixels as an RGB image, decoded by TorchCodec, or None for PIL to decode it: only
-    for the files whose TorchCodec pixels equal PIL's (tests/test_images.py compares them) and
+    for the files whose TorchCodec pixels equal PIL's (tests/test_decode.py compares them) and
     that need nothing more than decoding: 8-bit RGB or grey, no EXIF rotation, no transparency,
     one frame. A file TorchCodec refuses (truncated, corrupt) is also left to PIL, which says why."""
     import torch
@@ -177,8 +179,6 @@ def _decode_with_torchcodec(img: Image.Image, fp: IO[bytes]) -> Image.Image | No
         return None
     fp.seek(0)
     data = bytearray(fp.read())
-    if img.format == "PNG" and (data[24] != 8 or b"eXIf" in data):  # IHDR bit depth; EXIF after IDAT
-        return None
     try:
         pixels = decode(torch.frombuffer(data, dtype=torch.uint8), mode="RGB")  # (3, H, W) uint8
     except Exception as err:
