@@ -6,34 +6,20 @@ from __future__ import annotations
 import statistics
 import tempfile
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from unittest import mock
 
 import torch
+from PIL import Image
 
 from benchmarks import timing
 from benchmarks.common import write_images
-from captioner.data import images
+from captioner.data.images import dct_scale, load_image
+from captioner.data.jpeg import torchcodec_missing
 from captioner.data.transforms import Preprocessing
 
 # the photo sizes decoded by default: COCO's, a 2-MP and a 12-MP (phone) photo
 JPEG_SIZES = ((640, 480), (1600, 1200), (4000, 3000))
-
-
-@contextmanager
-def pil_only():
-    """Decoding as it is without TorchCodec installed."""
-    with mock.patch.object(images, "_torchcodec", lambda: None):
-        yield
-
-
-def _pil(fn: Callable[[], object]) -> Callable[[], object]:
-    def run():
-        with pil_only():
-            return fn()
-    return run
 
 
 def _rate(files: int, seconds: list[float]) -> dict:
@@ -74,7 +60,7 @@ def bench_decode(*, files: int = 8, shapes: int = 64, repeats: int = 5, image_si
     false``) and at reduced size (``jpeg_dct_scaling: true``)."""
     from captioner.data.shapes import ShapesConfig, generate_shapes
 
-    have_torchcodec = images._torchcodec() is not None
+    have_torchcodec = torchcodec_missing() is None
     out: dict = {"torchcodec": have_torchcodec}
     scaled = Preprocessing(image_size=image_size)
     whole = replace(scaled, jpeg_dct_scaling=False)
@@ -87,15 +73,17 @@ def bench_decode(*, files: int = 8, shapes: int = 64, repeats: int = 5, image_si
         for name, paths in cases.items():
             fig: dict = {"files": len(paths)}
             if have_torchcodec:
-                load = _all(paths, images.load_image)
-                fig["decode"] = _compare({"pil": _pil(load), "torchcodec": load}, len(paths), repeats)
-            w, h = images.Image.open(paths[0]).size
-            if name.startswith("jpeg") and images.dct_scale(w, h, image_size) > 1:
-                ways = {"whole_pil": _pil(_all(paths, whole.load)), "whole": _all(paths, whole.load),
+                fig["decode"] = _compare({"pil": _all(paths, lambda p: load_image(p, torchcodec=False)),
+                                          "torchcodec": _all(paths, load_image)}, len(paths), repeats)
+            with Image.open(paths[0]) as first:
+                w, h = first.size
+            if name.startswith("jpeg") and dct_scale(w, h, image_size) > 1:
+                ways = {"whole_pil": _all(paths, lambda p: whole(load_image(p, torchcodec=False))),
+                        "whole": _all(paths, whole.load),
                         "dct_scaled": _all(paths, scaled.load)}
                 if not have_torchcodec:
                     del ways["whole"]
                 fig[f"decode_resize_{image_size}"] = _compare(ways, len(paths), repeats)
-                fig["dct_scale"] = images.dct_scale(w, h, image_size)
+                fig["dct_scale"] = dct_scale(w, h, image_size)
             out[name] = fig
     return out

@@ -79,9 +79,10 @@ def test_torchcodec_gives_pils_pixels(tmp_path, spy, monkeypatch, name, make):
     path = make(tmp_path / name)
     fast = np.asarray(load_image(path))
     assert spy == ["JPEG"], "TorchCodec did not decode it"
-    _pil_only(monkeypatch)
-    slow = np.asarray(load_image(path))
-    assert fast.shape == slow.shape and np.array_equal(fast, slow)
+    slow = np.asarray(load_image(path, torchcodec=False))  # PIL alone, as asked
+    assert spy == ["JPEG"] and fast.shape == slow.shape and np.array_equal(fast, slow)
+    _pil_only(monkeypatch)  # as without TorchCodec installed
+    assert np.array_equal(np.asarray(load_image(path)), slow)
 
 
 def _rotated_jpeg(path: Path, size=(48, 32)) -> Path:

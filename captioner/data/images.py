@@ -63,12 +63,14 @@ class ImageLoadError(Exception):
         super().__init__(f"cannot load image {self.path}: {reason}")
 
 
-def load_image(path: str | os.PathLike, reduce_to: int | None = None) -> Image.Image:
+def load_image(path: str | os.PathLike, reduce_to: int | None = None, torchcodec: bool = True) -> Image.Image:
     """Read ``path`` fully and return it as an RGB image (EXIF orientation applied).
 
     Transparent pixels are composited on white; 16-bit and float images are scaled to 8 bits.
     ``reduce_to``: the side the caller resizes the image to (``Preprocessing.decode_size``); a JPEG
     at least twice that on both sides is decoded smaller in the DCT domain (:func:`dct_scale`).
+    ``torchcodec``: False decodes with PIL alone, as where TorchCodec is not installed (the same
+    pixels; benchmarks compare the two).
     Raises ``ImageLoadError`` for a missing, empty, non-image, truncated, corrupt or oversized file.
     """
     p = Path(path)
@@ -84,7 +86,7 @@ def load_image(path: str | os.PathLike, reduce_to: int | None = None) -> Image.I
         raise ImageLoadError(p, "zero-byte file")
     try:
         with open(p, "rb") as f:
-            return _decode(f, p, reduce_to)
+            return _decode(f, p, reduce_to, torchcodec)
     except PermissionError:
         raise ImageLoadError(p, "permission denied") from None
 
@@ -117,7 +119,8 @@ def dct_scale(width: int, height: int, reduce_to: int | None) -> int:
     return next((s for s in DCT_SCALES if width >= s * reduce_to and height >= s * reduce_to), 1)
 
 
-def _decode(fp: IO[bytes], name: str | os.PathLike, reduce_to: int | None = None) -> Image.Image:
+def _decode(fp: IO[bytes], name: str | os.PathLike, reduce_to: int | None = None,
+            torchcodec: bool = True) -> Image.Image:
     img = _open(fp, name)
     try:
         pixels = img.width * img.height
@@ -126,7 +129,7 @@ def _decode(fp: IO[bytes], name: str | os.PathLike, reduce_to: int | None = None
         if img.format in ("JPEG", "MPO") and dct_scale(img.width, img.height, reduce_to) > 1:
             # TorchCodec has no scaled decoding: PIL's libjpeg-turbo does it (EXIF applied after)
             img.draft(img.mode, (reduce_to, reduce_to))
-        else:
+        elif torchcodec:
             decoded = _decode_with_torchcodec(img, fp)
             if decoded is not None:
                 return decoded
