@@ -11,6 +11,8 @@ import torch
 
 from benchmarks.caption import bench_caption
 from benchmarks.common import machine_info
+from benchmarks.dct_quality import caption_agreement, feature_difference
+from benchmarks.decode import bench_decode
 from benchmarks.decoder import PARTS, bench_decoder
 from benchmarks.encoder import bench_encoder
 from benchmarks.epoch import bench_epoch
@@ -112,6 +114,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--image-size", type=int, default=256)
     t.add_argument("--source-size", default="640x480", help="WxH of the generated JPEG files")
     t.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
+    i = sub.add_parser("decode", help="CPU image decoding: PIL against TorchCodec, whole JPEGs against DCT-scaled")
+    common(i)
+    i.add_argument("--files", type=int, default=8, help="JPEG files per size")
+    i.add_argument("--shapes", type=int, default=64, help="shapes PNGs (64 px)")
+    i.add_argument("--jpeg-sizes", nargs="+", default=["640x480", "1600x1200", "4000x3000"], metavar="WxH")
+    i.add_argument("--image-size", type=int, default=256, help="the resize after decoding (the encoder's input)")
+    i.add_argument("--repeats", type=int, default=5, help="rounds, the ways of decoding taking turns in each")
+    q = sub.add_parser("dct-quality", help="ResNet features and shapes captions, JPEGs decoded whole vs DCT-scaled")
+    common(q)
+    q.add_argument("--encoder", default="resnet50", help="torchvision encoder for the feature difference (random weights)")
+    q.add_argument("--image-size", type=int, default=256)
+    q.add_argument("--photos", type=int, default=8, help="generated photos for the feature difference")
+    q.add_argument("--photo-size", default="4000x3000", metavar="WxH")
+    q.add_argument("--checkpoint", default=None, help="a shapes checkpoint: also compare its greedy captions")
+    q.add_argument("--shapes-dir", default="data/shapes", help="the shapes data set whose test images are captioned")
+    q.add_argument("--images", type=int, default=400, help="test images captioned")
     m = sub.add_parser("memory", help="resident memory while captioning many images in a stream")
     common(m)
     m.add_argument("--images", type=int, default=1000)
@@ -154,6 +172,16 @@ def run(a: argparse.Namespace) -> dict:
         figures = bench_epoch(source=a.source, images=a.images, distinct=a.distinct, warmup=a.warmup, steps=a.steps,
                               batch_size=a.batch_size, num_workers=a.num_workers, device=a.device,
                               encoder=a.encoder, image_size=a.image_size, source_size=(int(w), int(h)))
+    elif a.bench == "decode":
+        sizes = [tuple(int(v) for v in s.split("x")) for s in a.jpeg_sizes]
+        figures = bench_decode(files=a.files, shapes=a.shapes, repeats=a.repeats, image_size=a.image_size,
+                               jpeg_sizes=sizes)
+    elif a.bench == "dct-quality":
+        size = tuple(int(v) for v in a.photo_size.split("x"))
+        figures = {"features": feature_difference(encoder=a.encoder, image_size=a.image_size, photos=a.photos,
+                                                  size=size)}
+        if a.checkpoint:
+            figures["captions"] = caption_agreement(a.checkpoint, a.shapes_dir, images=a.images, size=size)
     else:
         marks = [c for c in (100, 500, 1000) if c < a.images] + [a.images]
         figures = bench_memory(images=a.images, checkpoints=marks, batch_size=a.batch_size)

@@ -319,11 +319,9 @@ class CaptionPipeline:
 
     def _pixels(self, image) -> Tensor:
         """One image of :meth:`__call__` -> a preprocessed (3, S, S) tensor on the model's device."""
-        from captioner.data.images import load_image
-
         pre = self.loaded.preprocessing
         if isinstance(image, str | os.PathLike):
-            image = load_image(image)
+            return pre.load(image).to(self.device)
         if isinstance(image, Image.Image):
             return pre(image.convert("RGB")).to(self.device)
         if not isinstance(image, Tensor):

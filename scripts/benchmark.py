@@ -6,6 +6,8 @@
     python scripts/benchmark.py memory --images 1000      # resident memory while streaming
     python scripts/benchmark.py scst --repeats 1          # SCST step vs its reward vs a cross-entropy step
     python scripts/benchmark.py encoder                   # training step, stem: rgb vs stem: split
+    python scripts/benchmark.py decode                    # CPU decoding: PIL vs TorchCodec, DCT-scaled JPEGs
+    python scripts/benchmark.py dct-quality --checkpoint CKPT  # what DCT-scaled decoding changes
 """
 
 import sys

@@ -211,3 +211,35 @@ def test_gpu_check_without_a_gpu_stops_at_once_with_one_line(tmp_path) -> None:
     assert bad.returncode == 2 and "--scale-only" in bad.stderr
     usage = subprocess.run(["bash", script, "--help"], capture_output=True, text=True, timeout=60)
     assert usage.returncode == 0 and "--scale-only" in usage.stdout and "set -euo" not in usage.stdout
+def test_decode_benchmark_reports_the_timings_it_measured(capsys, timings) -> None:
+    report = _run(capsys, "decode", "--files", "1", "--shapes", "3", "--jpeg-sizes", "64x48", "600x500",
+                  "--image-size", "128", "--repeats", "2")
+    have_torchcodec = report["torchcodec"]
+    loops = iter(timings)
+    for case in ("shapes_png_64", "jpeg_64x48", "jpeg_600x500"):
+        files = report[case]["files"]
+        if have_torchcodec:  # PIL alone, then TorchCodec, taking turns
+            pil, codec = next(loops)
+            decode = report[case]["decode"]
+            assert decode["pil"]["per_s"] == pytest.approx(files / statistics.median(pil), rel=0.01)
+            assert decode["torchcodec"]["vs_pil"] == pytest.approx(
+                statistics.median(p / c for p, c in zip(pil, codec)), abs=0.01)
+    # only the photo at least twice the resize is decoded DCT-scaled: whole (PIL, TorchCodec), then reduced
+    assert "decode_resize_128" not in report["jpeg_64x48"] and report["jpeg_600x500"]["dct_scale"] == 2
+    ways = next(loops)
+    assert len(ways) == (3 if have_torchcodec else 2) and all(len(t) == 2 for t in ways)
+    resize = report["jpeg_600x500"]["decode_resize_128"]
+    assert resize["dct_scaled"]["per_s"] == pytest.approx(1 / statistics.median(ways[-1]), rel=0.01)
+    assert next(loops, None) is None
+
+
+def test_dct_quality_benchmark_compares_features_and_captions(capsys, tiny_checkpoint, shapes_dir) -> None:
+    report = _run(capsys, "dct-quality", "--encoder", "resnet50", "--image-size", "64", "--photos", "1",
+                  "--photo-size", "600x500", "--checkpoint", str(tiny_checkpoint), "--shapes-dir", str(shapes_dir),
+                  "--images", "3")
+    features, captions = report["features"], report["captions"]
+    assert features["dct_scale"] == 4 and 0 < features["feature_rel_diff_mean"] < 1
+    assert features["input_levels_mean"] > 0  # the two decodings do differ
+    assert captions["images"] == 3 and captions["dct_scale"] == 8
+    share = captions["identical_whole_vs_dct_scaled"] * 3  # a share of 3 images
+    assert share == pytest.approx(round(share), abs=1e-3) and 0 <= share <= 3

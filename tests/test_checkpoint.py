@@ -104,7 +104,8 @@ def test_a_checkpoint_laid_out_by_hand_the_old_way_loads(tmp_path, shapes_dir) -
                 "captioner": {"format": 1, "vocab": vocab, "preprocessing": pre}}, path)
     loaded = load_checkpoint(path)
     assert loaded.tokenizer == "simple" and loaded.vocab.to_list() == vocab and loaded.decoding == {"beam_size": 2}
-    assert loaded.preprocessing.to_dict() == {**pre, "interpolation": "bicubic"}
+    # read as it was made: bicubic, JPEGs decoded at full size
+    assert loaded.preprocessing.to_dict() == {**pre, "interpolation": "bicubic", "jpeg_dct_scaling": False}
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.model.state_dict().items())
     caption = CaptionPipeline(loaded)(next((shapes_dir / "images").iterdir()))
     assert all(w in vocab for w in caption.words)

@@ -1,4 +1,5 @@
-"""load_image: every PIL mode to RGB, every kind of bad file to an ImageLoadError naming it."""
+"""load_image: every PIL mode to RGB, every kind of bad file to an ImageLoadError naming it, with
+TorchCodec installed and without it."""
 
 from __future__ import annotations
 
@@ -21,6 +22,16 @@ from captioner.data.images import (
 )
 
 W, H = 12, 8
+
+
+@pytest.fixture(autouse=True, params=["torchcodec", "pil"])
+def decoder(request, monkeypatch) -> str:
+    """Every test twice: with TorchCodec decoding what it takes, and PIL alone (no TorchCodec)."""
+    if request.param == "pil":
+        monkeypatch.setattr(images, "_torchcodec", lambda: None)
+    elif images._torchcodec() is None:
+        pytest.skip("needs TorchCodec (captioner[torchcodec])")
+    return request.param
 
 
 def _save(img: Image.Image, path: Path, **kw) -> Path:

@@ -35,7 +35,8 @@ def cmd_attend(a: argparse.Namespace) -> int:
         raise UsageError(f"--rank: {a.rank} is more than the beam size ({pipeline.beam_size}); "
                          "give a --beam-size of at least the rank")
     try:
-        image = load_image(a.image)
+        # decoded as captioning decodes it (a large JPEG at reduced size), and drawn on
+        image = load_image(a.image, pipeline.loaded.preprocessing.decode_size)
     except ImageLoadError as err:
         print(f"captioner: error: {err}", file=sys.stderr)
         return 1

@@ -131,7 +131,7 @@ class CaptionDataset(Dataset):
             item.update(self.features.item(rec.image_id))
             return item
         try:
-            image = load_image(rec.path)
+            image = self.preprocessing.load(rec.path) if self.preprocessing else load_image(rec.path)
         except ImageLoadError as err:
             if self.skip_bad_images:
                 logger.warning("skipping %s", err)
@@ -140,7 +140,7 @@ class CaptionDataset(Dataset):
                 rec.path, f"{err.reason} (run `captioner data check` first, or set "
                 "`data.skip_bad_images: true` to skip such files)"
             ) from err
-        item["image"] = self.preprocessing(image) if self.preprocessing else image
+        item["image"] = image
         return item
 
 

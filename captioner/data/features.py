@@ -686,7 +686,6 @@ class FeatureStore:
         self.num_regions: int = index["num_regions"]
         self.dim: int = index["dim"]
         self.encoder: dict = index["encoder"]
-        self.made_with: dict = index["preprocessing"]
         self.preprocessing = Preprocessing.from_dict(index["preprocessing"])
         self.paths: dict[str, str] = index["paths"]
         self.splits: dict[str, list[int]] = index["splits"]
@@ -716,7 +715,8 @@ class FeatureStore:
         problems = []
         diff = differences(self.encoder, encoder) if encoder is not None else []
         if preprocessing is not None:
-            diff += differences(self.made_with, preprocessing.to_dict())
+            # as read today: a field an older cache lacks is what it was made with (from_dict)
+            diff += differences(self.preprocessing.to_dict(), preprocessing.to_dict())
         if diff:
             problems.append(f"it was made with another encoder (the cache's vs this run's): {', '.join(diff)}")
         missing = [r for r in records if int(r.image_id) not in self._where]

@@ -3,10 +3,18 @@
 Every image the package reads (training, captioning, the web server, ``data check``) goes through
 ``load_image`` / ``load_image_bytes`` so a bad file fails the same way everywhere, with a reason a
 person can act on.
+
+PIL reads every header (format, size, mode, EXIF, the pixel limit). The pixels of 8-bit RGB and
+grey JPEGs come from TorchCodec where it is installed (``captioner[torchcodec]``): the same
+libjpeg-turbo output as PIL's, byte for byte, 1.2x faster on 2- and 12-MP photos, as fast at
+640x480 (docs/performance.md). Anything else (PNGs: slower through TorchCodec, measured; other
+formats and modes, EXIF rotation, a file TorchCodec refuses), and everything without TorchCodec,
+PIL decodes, and names the problem when it cannot.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -15,10 +23,15 @@ import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from captioner.data.transforms import Preprocessing
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +49,9 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 _OPEN_LOCK = threading.Lock()
 _PIXELS_RE = re.compile(r"\((\d+) pixels\)")
 _WHITE = (255, 255, 255)
+_ORIENTATION = 0x0112  # EXIF tag
+# JPEG's DCT scaling: libjpeg decodes at 1/2, 1/4 or 1/8 size for about the cost of those pixels
+DCT_SCALES = (8, 4, 2)
 
 
 class ImageLoadError(Exception):
@@ -47,10 +63,14 @@ class ImageLoadError(Exception):
         super().__init__(f"cannot load image {self.path}: {reason}")
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
+def load_image(path: str | os.PathLike, reduce_to: int | None = None, torchcodec: bool = True) -> Image.Image:
     """Read ``path`` fully and return it as an RGB image (EXIF orientation applied).
 
     Transparent pixels are composited on white; 16-bit and float images are scaled to 8 bits.
+    ``reduce_to``: the side the caller resizes the image to (``Preprocessing.decode_size``); a JPEG
+    at least twice that on both sides is decoded smaller in the DCT domain (:func:`dct_scale`).
+    ``torchcodec``: False decodes with PIL alone, as where TorchCodec is not installed (the same
+    pixels; benchmarks compare the two).
     Raises ``ImageLoadError`` for a missing, empty, non-image, truncated, corrupt or oversized file.
     """
     p = Path(path)
@@ -66,35 +86,53 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise ImageLoadError(p, "zero-byte file")
     try:
         with open(p, "rb") as f:
-            return _decode(f, p)
+            return _decode(f, p, reduce_to, torchcodec)
     except PermissionError:
         raise ImageLoadError(p, "permission denied") from None
 
 
-def read_image(path: str | os.PathLike, preprocessing: Callable[[Image.Image], Any]) -> tuple[Any, str | None]:
-    """(the preprocessed image, None), or (None, why the file could not be read): one file of a
-    stream or a feature extraction, where one bad file must never end the run."""
+def read_image(path: str | os.PathLike, preprocessing: Preprocessing) -> tuple[Tensor | None, str | None]:
+    """(``preprocessing.load(path)``, None), or (None, why the file could not be read): one file
+    of a stream or a feature extraction, where one bad file must never end the run."""
     try:
-        return preprocessing(load_image(path)), None
+        return preprocessing.load(path), None
     except ImageLoadError as err:
         return None, err.reason
     except Exception as err:  # never let one file end the run
         return None, f"{type(err).__name__}: {err}"
 
 
-def load_image_bytes(data: bytes, name: str = "<upload>") -> Image.Image:
+def load_image_bytes(data: bytes, name: str = "<upload>", reduce_to: int | None = None) -> Image.Image:
     """Like ``load_image`` for an in-memory file (an upload); ``name`` is used in error messages."""
     if not data:
         raise ImageLoadError(name, "zero-byte file")
-    return _decode(io.BytesIO(data), name)
+    return _decode(io.BytesIO(data), name, reduce_to)
 
 
-def _decode(fp: IO[bytes], name: str | os.PathLike) -> Image.Image:
+def dct_scale(width: int, height: int, reduce_to: int | None) -> int:
+    """The JPEG DCT scaling (1, 2, 4 or 8) for a ``width`` x ``height`` photo resized to
+    ``reduce_to`` x ``reduce_to`` next: the largest that leaves both sides at least ``reduce_to``
+    (so the resize never upscales what the scaling shrank); 1 for None. PIL's ``draft`` takes the
+    same one for that size."""
+    if reduce_to is None:
+        return 1
+    return next((s for s in DCT_SCALES if width >= s * reduce_to and height >= s * reduce_to), 1)
+
+
+def _decode(fp: IO[bytes], name: str | os.PathLike, reduce_to: int | None = None,
+            torchcodec: bool = True) -> Image.Image:
     img = _open(fp, name)
     try:
         pixels = img.width * img.height
         if MAX_IMAGE_PIXELS is not None and pixels > MAX_IMAGE_PIXELS:
             raise ImageLoadError(name, f"decompression bomb: {pixels} pixels > {MAX_IMAGE_PIXELS}")
+        if img.format in ("JPEG", "MPO") and dct_scale(img.width, img.height, reduce_to) > 1:
+            # TorchCodec has no scaled decoding: PIL's libjpeg-turbo does it (EXIF applied after)
+            img.draft(img.mode, (reduce_to, reduce_to))
+        elif torchcodec:
+            decoded = _decode_with_torchcodec(img, fp)
+            if decoded is not None:
+                return decoded
         # Force the full decode now so truncation shows up here, not later in a DataLoader worker.
         try:
             img.load()
@@ -114,6 +152,42 @@ def _decode(fp: IO[bytes], name: str | os.PathLike) -> Image.Image:
             raise ImageLoadError(name, f"unsupported image mode {oriented.mode} ({e})") from None
     finally:
         img.close()
+
+
+@functools.cache
+def _torchcodec() -> dict[str, Callable] | None:
+    """TorchCodec's decoders by PIL format name, imported once (on first use: it loads native
+    libraries); None where it is not installed or does not load (built for another torch).
+    JPEG only: its ``decode_png`` was 0.88x PIL's speed on the ``shapes`` PNGs (docs/performance.md)."""
+    try:
+        from torchcodec.decoders import decode_jpeg
+    except Exception as err:
+        logger.debug("decoding images with PIL: TorchCodec does not import (%s)", err)
+        return None
+    return {"JPEG": decode_jpeg}
+
+
+def _decode_with_torchcodec(img: Image.Image, fp: IO[bytes]) -> Image.Image | None:
+    """``img``'s pixels as an RGB image, decoded by TorchCodec, or None for PIL to decode it: only
+    for the files whose TorchCodec pixels equal PIL's (tests/test_decode.py compares them) and
+    that need nothing more than decoding: 8-bit RGB or grey, no EXIF rotation, no transparency,
+    one frame. A file TorchCodec refuses (truncated, corrupt) is also left to PIL, which says why."""
+    import torch
+
+    decoders = _torchcodec()
+    decode = decoders.get(img.format) if decoders else None
+    if decode is None or img.mode not in ("RGB", "L") or getattr(img, "n_frames", 1) != 1:
+        return None
+    if "transparency" in img.info or ("exif" in img.info and img.getexif().get(_ORIENTATION, 1) not in (1, None)):
+        return None
+    fp.seek(0)
+    data = bytearray(fp.read())
+    try:
+        pixels = decode(torch.frombuffer(data, dtype=torch.uint8), mode="RGB")  # (3, H, W) uint8
+    except Exception as err:
+        logger.debug("TorchCodec cannot decode %s (%s): PIL tries", img.format, err)
+        return None
+    return Image.fromarray(pixels.permute(1, 2, 0).numpy())
 
 
 def _open(fp: IO[bytes], name: str | os.PathLike) -> Image.Image:

@@ -14,6 +14,9 @@ a truncated JPEG without complaint (seen on an H100), where PIL reports it.
 nvJPEG's pixels differ from libjpeg-turbo's by about a level on average (its IDCT and chroma
 upsampling; up to ~10 levels at sharp edges, measured on an H100), so captions from GPU-decoded
 JPEGs can differ slightly from CPU-decoded ones; ``--jpeg-decode cpu`` gives PIL's pixels.
+TorchCodec's GPU decoder has no DCT scaling, so here large JPEGs are decoded whole and resized on
+the device, where the CPU path decodes them reduced (``Preprocessing.jpeg_dct_scaling``); that too
+is within the difference ``--jpeg-decode cpu`` removes.
 """
 
 from __future__ import annotations
@@ -28,13 +31,12 @@ from torch import Tensor
 
 _SOI = b"\xff\xd8\xff"  # every JPEG file starts with these bytes
 _EOI = b"\xff\xd9"  # ... and a complete one ends with these
-_ORIENTATION = 0x0112  # EXIF tag
 
 
 def read_jpeg(path: str | os.PathLike) -> bytes | None:
     """The file's bytes if it is a JPEG that ``decode_jpegs`` decodes as ``load_image`` would
     (complete, 8-bit RGB or greyscale, no EXIF rotation, within the pixel limit), else None."""
-    from captioner.data.images import _open
+    from captioner.data.images import _ORIENTATION, _open
 
     try:
         with open(path, "rb") as f:

@@ -403,8 +403,8 @@ class _Service:
 
     def decode(self, data: bytes) -> Tensor:
         # The name is only used in messages; the client's file name is never used at all.
-        img = image_io.load_image_bytes(data, "upload")
-        return self.loaded.preprocessing(img)  # (3, S, S)
+        pre = self.loaded.preprocessing
+        return pre(image_io.load_image_bytes(data, "upload", pre.decode_size))  # (3, S, S)
 
     async def caption(self, request: Request) -> JSONResponse:
         form = await self.read_form(request)
