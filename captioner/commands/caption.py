@@ -63,6 +63,24 @@ def processes(trainer) -> int:
     return trainer.num_devices * trainer.num_nodes
 
 
+def earlier_work(output: Path, overwrite: bool) -> None:
+    """Refuse (UsageError) to start afresh over an earlier run's ``OUT.part`` or chunks, which
+    would throw them away, unless ``overwrite``: then delete them. Every process may call it:
+    the first one's chunk folder, made empty just before the others start, holds no chunk yet."""
+    from captioner.commands.caption_output import ChunkRows, part_path
+
+    part, chunks = part_path(output), ChunkRows.folder_of(output)
+    found = [str(p) for p in (part,) if p.exists()] + ([str(chunks.folder)] if chunks.files() else [])
+    if not found:
+        return
+    if not overwrite:
+        raise UsageError(f"{' and '.join(found)}: an earlier run's work is there: add --resume to continue it, "
+                         "or --overwrite to delete it and start afresh")
+    part.unlink(missing_ok=True)
+    chunks.remove()
+    logger.info("--overwrite: deleted %s", " and ".join(found))
+
+
 def caption(a, cli) -> int:
     """``captioner caption`` once parsed: ``a`` its options, ``cli`` the parser (the trainer)."""
     from captioner.commands.caption_output import RESUME_TEXT, PartFile, RowWriter
@@ -76,6 +94,10 @@ def caption(a, cli) -> int:
         raise UsageError("--resume continues an --output file: give --output")
     if a.resume and fmt == "text":
         raise UsageError(RESUME_TEXT)
+    if a.resume and a.overwrite:
+        raise UsageError("--resume keeps an earlier run's work and --overwrite deletes it: give one of them")
+    if a.output is not None and not a.resume:
+        earlier_work(a.output, a.overwrite)
     try:
         resolve_device(a.device)  # --device cuda without one: one line, before any work
     except ValueError as err:
@@ -258,6 +280,9 @@ def add_options(p) -> None:
     o.add_argument("--resume", action="store_true",
                    help="with --output: keep the images FILE (or FILE.part of a stopped run) has "
                    "and caption only the rest")
+    o.add_argument("--overwrite", action="store_true",
+                   help="with --output: delete what an earlier run left (FILE.part, FILE.parts/) and "
+                   "start afresh (without it, or --resume, such a run is refused)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help=f"progress bar on stderr (default: on for >= {PROGRESS_MIN_IMAGES} images "
                    "when stderr is a terminal)")

@@ -34,6 +34,11 @@ FORMATS = ("jsonl", "csv", "tsv", "text")
 RESUME_TEXT = "--resume needs --format jsonl, csv or tsv (text lines do not say which images failed)"  # the one message of --resume with text
 
 
+def part_path(path: Path) -> Path:
+    """``OUT.part``: ``OUT`` while it is written."""
+    return path.with_name(path.name + ".part")
+
+
 def caption_rows(path: Path, captions: Sequence) -> list[dict]:
     """An image's captions as rows (:meth:`captioner.inference.Caption.to_dict`), ``path`` their image."""
     return [c.to_dict() if c.image == path else replace(c, image=path).to_dict() for c in captions]
@@ -96,7 +101,7 @@ class PartFile:
     def __init__(self, path: Path, fmt: str, resume: bool) -> None:
         if not path.parent.is_dir():
             raise UsageError(f"--output: folder {path.parent} does not exist")
-        self.path, self.part = path, path.with_name(path.name + ".part")
+        self.path, self.part = path, part_path(path)
         self.done: set[str] = set()
         if resume:
             if fmt == "text":
@@ -148,7 +153,7 @@ def finished_images(path: Path, fmt: str) -> set[str]:
     :class:`PartFile` will keep when it opens them (UsageError as it gives)."""
     if fmt == "text":
         raise UsageError(RESUME_TEXT)
-    part = path.with_name(path.name + ".part")
+    part = part_path(path)
     source = part if part.exists() else path
     if not source.exists():
         return set()
@@ -194,8 +199,13 @@ class ChunkRows:
         if not path.parent.is_dir():
             raise UsageError(f"--output: folder {path.parent} does not exist")
         self.path, self.fmt, self.paths, self.resume = path, fmt, paths, resume
-        self.chunks = ChunkFolder(path.with_name(path.name + ".parts"), "jsonl")
+        self.chunks = self.folder_of(path)
         self.folder = self.chunks.folder
+
+    @staticmethod
+    def folder_of(path: Path) -> ChunkFolder:
+        """The chunks of a run writing ``path``: ``OUT.parts/``."""
+        return ChunkFolder(path.with_name(path.name + ".parts"), "jsonl")
 
     def start(self, fresh: bool) -> None:
         self.chunks.start(fresh)
