@@ -32,6 +32,7 @@ from captioner.data.chunks import ChunkFolder
 from captioner.inference import COLUMNS, ImageError, row_cells
 
 FORMATS = ("jsonl", "csv", "tsv", "text")
+MERGE_IMAGES = 256  # images whose rows the merge writes to OUT.part at once
 RESUME_TEXT = "--resume needs --format jsonl, csv or tsv (text lines do not say which images failed)"  # the one message of --resume with text
 
 
@@ -125,6 +126,11 @@ class PartFile:
         flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if fresh else os.O_APPEND)
         self.fd = os.open(self.part, flags, 0o666)  # the umask gives a plain open's permissions
         self.writer = RowWriter(fmt, self._write, header=fresh)
+
+    def write(self, data: bytes) -> None:
+        """Whole records (rows of :class:`RowWriter`), appended."""
+        if data:
+            self._write(data)
 
     def _write(self, data: bytes) -> None:
         from captioner.files import DiskFullError, writing
@@ -239,6 +245,8 @@ class ChunkRows:
         first_missing = None
         items = _in_order(self.chunks.files())
         item = next(items, None)
+        pending: list[bytes] = []  # the rows of up to MERGE_IMAGES images, written in one go
+        rows = RowWriter(self.fmt, pending.append, header=False)
         try:
             for i, p in enumerate(self.paths.items):
                 while item is not None and item["i"] < i:  # an image of an earlier run done twice
@@ -255,9 +263,13 @@ class ChunkRows:
                     continue
                 if "error" in mine[0]:
                     failed += 1
-                    if not out.writer.keeps_errors:
+                    if not rows.keeps_errors:
                         continue
-                out.writer.rows(mine)  # an image given twice: its rows twice, as on one process
+                rows.rows(mine)  # an image given twice: its rows twice, as on one process
+                if len(pending) >= MERGE_IMAGES:
+                    out.write(b"".join(pending))
+                    pending.clear()
+            out.write(b"".join(pending))
             if missing:
                 raise RuntimeError(f"{missing} images have no captions in {self.folder} (the first: "
                                    f"{first_missing}); run the same command with --resume to finish them")
