@@ -6,7 +6,9 @@ every other image is still captioned. On one process the rows go out as each bat
 many (``--trainer.devices N --trainer.strategy ddp``, torchrun, SLURM), or to continue an
 ``--output`` with ``--resume``, ``Trainer.predict`` (:mod:`captioner.predict`) runs the same
 stream's blocks: each image is captioned once, by one process, and the rows are merged into
-``--output`` in the input's order (:mod:`captioner.commands.caption_output`).
+``--output`` in the input's order (:mod:`captioner.commands.caption_output`). ``--files-from
+LIST`` gives the images as a list instead, of which each process keeps only its share
+(:class:`captioner.data.records.Deal`).
 The options are parsed by the parser of ``fit`` (``captioner.commands.config``).
 Exit status: 0 all captioned, 1 some files failed, 2 bad arguments or an unusable checkpoint.
 """

@@ -10,8 +10,10 @@ skips the images they name and appends the rest. ``--resume`` on a finished ``OU
 
 With more than one process (``--trainer.devices N``, torchrun, SLURM) each process writes its rows
 in chunks, ``OUT.parts/chunk-*.jsonl``, each file whole (:class:`ChunkRows`), and the first process
-merges them into ``OUT`` in the input's order at the end, through the same ``OUT.part``. A run
-that is stopped leaves the chunks; ``--resume`` keeps them too.
+merges them into ``OUT`` in the input's order at the end, streaming them through the same
+``OUT.part`` (its memory does not grow with the number of images). A run that is stopped leaves
+the chunks; ``--resume`` keeps them too, and a run without it refuses to start over them
+(``captioner.commands.caption.earlier_work``).
 """
 
 from __future__ import annotations
@@ -285,7 +287,11 @@ def _chunk_items(chunk: Path) -> Iterator[dict]:
     """A chunk's images, one JSON object each, read line by line."""
     with open(chunk, "rb") as f:
         for line in f:
-            yield json.loads(line)
+            item = json.loads(line)
+            if "i" not in item:
+                raise UsageError(f"{chunk}: a chunk of an older captioner (no input positions): "
+                                 "run the command with --overwrite to start afresh")
+            yield item
 
 
 def _in_order(chunks: list[Path]) -> Iterator[dict]:
