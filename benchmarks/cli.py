@@ -17,6 +17,7 @@ from benchmarks.decoder import PARTS, bench_decoder
 from benchmarks.encoder import bench_encoder
 from benchmarks.epoch import bench_epoch
 from benchmarks.memory import bench_memory
+from benchmarks.merge import bench_merge
 from benchmarks.scst import bench_scst
 from captioner.inference import JPEG_DECODE
 from captioner.models import ATTENTIONS
@@ -134,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     common(m)
     m.add_argument("--images", type=int, default=1000)
     m.add_argument("--batch-size", type=int, default=16)
+    g = sub.add_parser("merge", help="peak memory of the merge of many processes' captions, per number of rows")
+    common(g)
+    g.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    g.add_argument("--world", type=int, default=8, help="processes that wrote the chunks")
+    g.add_argument("--block", type=int, default=16, help="images per block (--batch-size)")
+    g.add_argument("--chunk", type=int, default=256, help="images per chunk (--chunk-size)")
     return p
 
 
@@ -182,6 +189,8 @@ def run(a: argparse.Namespace) -> dict:
                                                   size=size)}
         if a.checkpoint:
             figures["captions"] = caption_agreement(a.checkpoint, a.shapes_dir, images=a.images, size=size)
+    elif a.bench == "merge":
+        figures = bench_merge(rows=a.rows, world=a.world, block=a.block, chunk=a.chunk)
     else:
         marks = [c for c in (100, 500, 1000) if c < a.images] + [a.images]
         figures = bench_memory(images=a.images, checkpoints=marks, batch_size=a.batch_size)

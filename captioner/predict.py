@@ -19,7 +19,6 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 from typing import Any, Protocol
 
 import lightning as L
@@ -30,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from captioner.data.features import encode
 from captioner.data.images import read_image
-from captioner.data.records import ImageRecord, blocks
+from captioner.data.records import Deal, ImageRecord, blocks
 from captioner.data.transforms import Preprocessing
 from captioner.inference import CaptionOptions, CaptionPipeline, ImageError, block_seed, throughput  # noqa: F401 (block_seed: here before)
 
@@ -72,6 +71,7 @@ class ImagePredictor(L.LightningModule):
     def __init__(self, todo: Sequence[int], block_size: int, num_workers: int = 0) -> None:
         super().__init__()
         self.todo, self.block_size, self.num_workers = list(todo), block_size, num_workers
+        self.remaining = len(self.todo)  # images left to do, on every rank together
         # a rank may be dealt no block (fewer blocks than ranks, or a resumed run's last few)
         self.allow_zero_length_dataloader_with_multiple_devices = True
 
@@ -81,8 +81,12 @@ class ImagePredictor(L.LightningModule):
     def predict_block(self, positions: list[int], items: list[Any]) -> list[Result]:
         raise NotImplementedError
 
+    def rank_todo(self, rank: int, world: int) -> list[int]:
+        """The positions ``rank`` of ``world`` does, in order (its blocks, :func:`rank_blocks`)."""
+        return [i for block in rank_blocks(self.todo, self.block_size, rank, world) for i in block]
+
     def predict_dataloader(self) -> DataLoader:
-        mine = rank_blocks(self.todo, self.block_size, self.trainer.global_rank, self.trainer.world_size)
+        mine = blocks(self.rank_todo(self.trainer.global_rank, self.trainer.world_size), self.block_size)
         # one block per batch (batch_size 1, unwrapped): Lightning re-makes a predict DataLoader
         # around its batch sampler, which must be a plain one
         return DataLoader(_Blocks(mine, self.read), batch_size=1, collate_fn=_one_block,
@@ -187,7 +191,7 @@ def predict(trainer: L.Trainer, module: ImagePredictor, writer: ChunkWriter) -> 
     every rank, and merge on rank 0: its merge's result there, None on the other ranks. With
     nothing left to do (every image in a chunk already), only the merge runs."""
     assert writer in trainer.callbacks, "the writer must be one of the trainer's callbacks"
-    if module.todo:
+    if module.remaining:
         trainer.predict(module, return_predictions=False)
         trainer.strategy.barrier("chunks written")
     elif trainer.is_global_zero:
@@ -206,18 +210,23 @@ def speed(writer: ChunkWriter, images: int, processes: int) -> str:
 
 
 class CaptionPredictor(ImagePredictor):
-    """Captions of ``paths[i]`` for the positions ``todo``: per image (i, captions, None) or
-    (i, None, why the file could not be read). Seeded sampling draws each block from a
-    generator of its own (:func:`block_seed`)."""
+    """Captions of the images ``paths`` deals to each rank (a :class:`Deal` of paths in blocks of
+    ``batch_size``, the images done already skipped): per image (i, captions, None) or (i, None,
+    why the file could not be read). A rank reads only its share of the list. Seeded sampling
+    draws each block from a generator of its own (:func:`block_seed`)."""
 
-    def __init__(self, pipeline: CaptionPipeline, paths: Sequence[Path], options: CaptionOptions,
-                 todo: Sequence[int], batch_size: int, num_workers: int = 0, jpeg_decode: str = "auto") -> None:
-        super().__init__(todo, batch_size, num_workers)
-        self.pipeline, self.paths, self.options, self.jpeg_decode = pipeline, list(paths), options, jpeg_decode
+    def __init__(self, pipeline: CaptionPipeline, paths: Deal, options: CaptionOptions,
+                 num_workers: int = 0, jpeg_decode: str = "auto") -> None:
+        super().__init__([], paths.size, num_workers)
+        self.pipeline, self.paths, self.options, self.jpeg_decode = pipeline, paths, options, jpeg_decode
+        self.remaining = paths.todo
         self.model = pipeline.loaded.model  # a submodule: Lightning moves it to the rank's device
         if pipeline.decoder is not pipeline.loaded.model.decoder:
             self.quantized = pipeline.decoder
         self.on_device = False
+
+    def rank_todo(self, rank: int, world: int) -> list[int]:
+        return self.paths.deal(rank, world).positions()  # read once: dealt already where started
 
     def predict_dataloader(self) -> DataLoader:
         # the model is on the rank's device by now: decide where JPEGs are decoded before the

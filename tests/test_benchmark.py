@@ -140,6 +140,15 @@ def test_memory_benchmark_stays_flat_while_it_streams(capsys) -> None:
     assert rss["200"] - rss["100"] < 4.0, rss
 
 
+def test_merge_benchmark_merges_every_row_in_a_child_per_size(capsys) -> None:
+    report = _run(capsys, "merge", "--rows", "50", "120", "--world", "3", "--block", "4", "--chunk", "8")
+    merge = report["merge"]
+    assert list(merge) == ["50", "120"] and report["world"] == 3
+    assert all(m["peak_rss_mb"] >= m["before_mb"] > 0 for m in merge.values())
+    key = "merge_peak_mb" if "merge_peak_mb" in merge["50"] else "peak_rss_mb"
+    assert report["peak_growth_mb"] == pytest.approx(merge["120"][key] - merge["50"][key])
+
+
 def test_script_prints_the_machine_with_the_figures(tmp_path) -> None:
     script = ROOT / "scripts" / "benchmark.py"
     out = subprocess.run([sys.executable, str(script), "--threads", "1", "decoder", *TINY_DECODER,

@@ -344,3 +344,44 @@ def test_one_process_captions_through_the_stream_not_trainer_predict(tiny_checkp
     out = tmp_path / "out.jsonl"
     assert main([*args, "--output", str(out), "--resume"]) == 0  # --resume: Trainer.predict
     assert out.read_text() == streamed and len(streamed.splitlines()) == len(good)
+
+
+def test_caption_files_from_a_list_and_stdin(tiny_checkpoint, mixed_folder, tmp_path, monkeypatch, capsys):
+    """--files-from: one path a line (blank lines and surrounding spaces ignored, relative to
+    the current folder), the rows in the list's order, a listed file that is missing reported
+    per file while the rest are captioned; '-' reads standard input; no folder is walked."""
+    folder, good, _bad = mixed_folder
+    monkeypatch.chdir(folder)
+    listed = [good[3], good[0], folder / "missing.png", good[1]]
+    names = [str(p.relative_to(folder)) for p in listed]
+    files = tmp_path / "files.txt"
+    files.write_text(f"\n  {names[0]}  \n{names[1]}\n\n{names[2]}\r\n\t{names[3]}\n")
+
+    def walk(*args):
+        raise AssertionError("a folder was walked")
+
+    monkeypatch.setattr("captioner.data.images.iter_image_paths", walk)
+    assert main(["caption", "--checkpoint", str(tiny_checkpoint), "--json", "--files-from", str(files)]) == 1
+    rows = _json_lines(capsys.readouterr().out)
+    assert [r["image"] for r in rows] == names
+    assert "error" in rows[2] and all("caption" in r for r in rows[:2] + rows[3:])
+    with open(files) as stdin:
+        monkeypatch.setattr("sys.stdin", stdin)
+        assert main(["caption", "--checkpoint", str(tiny_checkpoint), "--json", "--files-from", "-"]) == 1
+    assert _json_lines(capsys.readouterr().out) == rows
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--files-from", "LIST", "x.png"], "not both"),
+    (["--files-from", "nowhere.txt"], "nowhere.txt is not a file"),
+    (["--files-from", "EMPTY"], "lists no files"),
+    (["--files-from", "-", "--output", "OUT", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+      "--trainer.accelerator", "cpu"], "standard input"),
+])
+def test_caption_files_from_mistakes_exit_2(tiny_checkpoint, tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "LIST").write_text("x.png\n")
+    (tmp_path / "EMPTY").write_text("\n  \n")
+    assert main(["caption", "--checkpoint", str(tiny_checkpoint), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

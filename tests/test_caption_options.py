@@ -230,6 +230,34 @@ def test_resume_refuses_a_file_of_another_format(tiny_checkpoint, awkward_folder
     assert not out_file.with_name("captions.csv.part").exists()
 
 
+@pytest.mark.parametrize("left", ["part", "chunks"])
+def test_a_run_without_resume_keeps_an_earlier_runs_work(tiny_checkpoint, awkward_folder, tmp_path, capsys, left):
+    """An earlier run's OUT.part (one process) or OUT.parts/ chunks (many) are never thrown away
+    by a run that forgot --resume: it stops with exit 2 and one line naming --resume and
+    --overwrite; --overwrite deletes them and starts afresh."""
+    folder, images = awkward_folder
+    out_file = tmp_path / "captions.jsonl"
+    part, chunk = tmp_path / "captions.jsonl.part", tmp_path / "captions.jsonl.parts" / "chunk-000000000-000001.jsonl"
+    earlier = {part: b'{"image": "x.png", "rank": 1, "caption": "a"}\n'} if left == "part" else {
+        chunk: b'{"i": 0, "image": "x.png", "rows": [{"image": "x.png", "error": "e"}]}\n'}
+    for path, data in earlier.items():
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(data)
+    args = ["--checkpoint", str(tiny_checkpoint), "--json", "--output", str(out_file), str(folder)]
+    rc, out, err = _run(capsys, *args)
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "--resume" in lines[0] and "--overwrite" in lines[0], err
+    assert all(path.read_bytes() == data for path, data in earlier.items()), "the earlier run's work is untouched"
+    assert not out_file.exists()
+    rc, out, err = _run(capsys, *args, "--overwrite")
+    assert rc == 0, err
+    assert not part.exists() and not chunk.parent.exists()
+    assert len(out_file.read_text().splitlines()) == len(images)
+    rc, out, err = _run(capsys, *args, "--overwrite", "--resume")
+    assert rc == 2 and "--overwrite" in err
+
+
 # -- the Python API ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pipeline(tiny_checkpoint) -> CaptionPipeline:

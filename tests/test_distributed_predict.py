@@ -16,6 +16,10 @@ import torch
 import yaml
 
 from captioner.cli import main
+from captioner.commands.caption_output import ChunkRows
+from captioner.data.images import FileList
+from captioner.data.records import Deal
+from captioner.inference import Caption
 from captioner.predict import blocks, rank_blocks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,6 +70,62 @@ def test_blocks_give_each_image_to_one_rank_in_the_same_batches() -> None:
     assert rank_blocks(todo, 4, 1, 2) == [[6, 7], [12, 13, 14, 15], [20, 21, 22]]
 
 
+def test_a_deal_reads_a_file_list_once_and_keeps_the_ranks_blocks(tmp_path) -> None:
+    """Deal: the blocks rank_blocks gives, from one pass over a list, holding only the share."""
+    names = [f"img{i:02d}.png" for i in range(23)]
+    listed = tmp_path / "files.txt"
+    listed.write_text("\n".join(f" {n} " if i % 3 else f"{n}\n" for i, n in enumerate(names)) + "\n\n")
+    skip = {names[i] for i in (4, 5, 9)}
+    todo = [i for i in range(23) if names[i] not in skip]
+    for world in (1, 2, 3):
+        for rank in range(world):
+            deal = Deal(FileList(listed), 4, skip).deal(rank, world)
+            assert deal.positions() == [i for b in rank_blocks(todo, 4, rank, world) for i in b]
+            assert [str(deal[i]) for i in deal.positions()] == [names[i] for i in deal.positions()]
+            assert (deal.total, deal.todo) == (23, 20)
+
+
+def _chunk_set(folder: Path, n: int, world: int, block: int, chunk: int) -> tuple[ChunkRows, Path]:
+    """The chunks ``world`` ranks write for ``n`` images (one error among them), as ChunkWriter
+    hands them over: every ``chunk`` results of a rank."""
+    paths = Deal([Path(f"img{i:03d}.png") for i in range(n)], block)
+    out = folder / "out.jsonl"
+    for rank in range(world):
+        store = ChunkRows(out, "jsonl", paths.deal(rank, world), resume=False)
+        store.start(False)
+        mine = paths.positions()
+        for k in range(0, len(mine), chunk):
+            store.write(rank, [(i, None, "broken") if i == 7 else
+                               (i, [Caption(["a", str(i)], -1.0, None, (1, 1), [-0.5, -0.5])], None)
+                               for i in mine[k:k + chunk]])
+    return ChunkRows(out, "jsonl", paths, resume=False), out
+
+
+def test_the_merge_streams_the_chunks_in_input_order(tmp_path) -> None:
+    store, out = _chunk_set(tmp_path, 50, world=3, block=2, chunk=3)
+    assert store.merge() == 1
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["image"] for r in rows] == [f"img{i:03d}.png" for i in range(50)]
+    assert rows[7] == {"image": "img007.png", "error": "broken"} and rows[8]["caption"] == "a 8"
+    assert not store.folder.exists()
+
+
+def test_a_merge_with_a_hole_keeps_the_chunks_and_resumes_in_order(tmp_path) -> None:
+    store, out = _chunk_set(tmp_path, 30, world=2, block=2, chunk=2)
+    hole = next(c for c in store.chunks.files() if c.name.startswith("chunk-000000012"))
+    data = hole.read_bytes()
+    hole.unlink()  # a rank died before it wrote this chunk
+    with pytest.raises(RuntimeError, match=r"2 images have no captions .* \(the first: img012.png\)"):
+        store.merge()
+    part = out.with_name("out.jsonl.part")
+    assert len(part.read_text().splitlines()) == 12, "the rows before the hole, nothing after it"
+    assert len(store.chunks.files()) > 1 and not out.exists()
+    hole.write_bytes(data)  # --resume captions it again
+    store.resume = True
+    assert store.merge() == 0  # the unreadable image was among the rows kept
+    assert [json.loads(r)["image"] for r in out.read_text().splitlines()] == [f"img{i:03d}.png" for i in range(30)]
+
+
 def _images(rows: list[dict]) -> list[str]:
     return [r["image"] for r in rows]
 
@@ -83,6 +143,13 @@ def test_caption_on_two_processes_equals_one(tiny_checkpoint, photos, tmp_path, 
     assert rows[6] == {"image": str(photos / "000005b.png"), "error": "not an image (unrecognised file format)"}
     assert not (tmp_path / "two.jsonl.parts").exists() and not (tmp_path / "two.jsonl.part").exists()
     assert "1 of 23 images could not be captioned" in run.stderr
+    # --files-from on 2 processes: each keeps its share of the list; the same file
+    listed = tmp_path / "files.txt"
+    listed.write_text("".join(f"  {p}\n\n" for p in sorted(photos.iterdir())))
+    three = tmp_path / "three.jsonl"
+    run = _run([*common, *DDP, "--output", str(three), "--files-from", str(listed)], tmp_path)
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert three.read_bytes() == one.read_bytes()
 
 
 def test_many_processes_write_a_file(tiny_checkpoint, photos, capsys) -> None:

@@ -183,6 +183,7 @@ def tiny_run(shapes_dir, tmp_path_factory):
     for p in sorted((shapes_dir / "images").iterdir())[:2]:
         shutil.copy(p, photos / p.name)
     shutil.copy(photos / p.name, root / "photo.png")
+    (root / "files.txt").write_text("".join(f"photos/{p.name}\n" for p in sorted(photos.iterdir())))
     custom = root / "data" / "custom"  # your own captions, for `data convert`
     shutil.copytree(photos, custom / "images")
     (custom / "captions.csv").write_text("image,caption\n" + "".join(

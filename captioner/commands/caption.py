@@ -6,7 +6,9 @@ every other image is still captioned. On one process the rows go out as each bat
 many (``--trainer.devices N --trainer.strategy ddp``, torchrun, SLURM), or to continue an
 ``--output`` with ``--resume``, ``Trainer.predict`` (:mod:`captioner.predict`) runs the same
 stream's blocks: each image is captioned once, by one process, and the rows are merged into
-``--output`` in the input's order (:mod:`captioner.commands.caption_output`).
+``--output`` in the input's order (:mod:`captioner.commands.caption_output`). ``--files-from
+LIST`` gives the images as a list instead, of which each process keeps only its share
+(:class:`captioner.data.records.Deal`).
 The options are parsed by the parser of ``fit`` (``captioner.commands.config``).
 Exit status: 0 all captioned, 1 some files failed, 2 bad arguments or an unusable checkpoint.
 """
@@ -63,10 +65,28 @@ def processes(trainer) -> int:
     return trainer.num_devices * trainer.num_nodes
 
 
+def earlier_work(output: Path, overwrite: bool) -> None:
+    """Refuse (UsageError) to start afresh over an earlier run's ``OUT.part`` or chunks, which
+    would throw them away, unless ``overwrite``: then delete them. Every process may call it:
+    the first one's chunk folder, made empty just before the others start, holds no chunk yet."""
+    from captioner.commands.caption_output import ChunkRows, part_path
+
+    part, chunks = part_path(output), ChunkRows.folder_of(output)
+    found = [str(p) for p in (part,) if p.exists()] + ([str(chunks.folder)] if chunks.files() else [])
+    if not found:
+        return
+    if not overwrite:
+        raise UsageError(f"{' and '.join(found)}: an earlier run's work is there: add --resume to continue it, "
+                         "or --overwrite to delete it and start afresh")
+    part.unlink(missing_ok=True)
+    chunks.remove()
+    logger.info("--overwrite: deleted %s", " and ".join(found))
+
+
 def caption(a, cli) -> int:
     """``captioner caption`` once parsed: ``a`` its options, ``cli`` the parser (the trainer)."""
     from captioner.commands.caption_output import RESUME_TEXT, PartFile, RowWriter
-    from captioner.data.images import iter_image_paths
+    from captioner.data.images import FileList
     from captioner.inference import resolve_device
 
     if a.json and a.format not in (None, "jsonl"):
@@ -76,12 +96,16 @@ def caption(a, cli) -> int:
         raise UsageError("--resume continues an --output file: give --output")
     if a.resume and fmt == "text":
         raise UsageError(RESUME_TEXT)
+    if a.resume and a.overwrite:
+        raise UsageError("--resume keeps an earlier run's work and --overwrite deletes it: give one of them")
+    if a.output is not None and not a.resume:
+        earlier_work(a.output, a.overwrite)
     try:
         resolve_device(a.device)  # --device cuda without one: one line, before any work
     except ValueError as err:
         raise UsageError(str(err)) from None
-    paths = list(iter_image_paths(a.paths))  # Paths only: cheap even for many thousands
-    if not paths:
+    source = image_list(a)
+    if isinstance(source, list) and not source:
         raise UsageError("no image files found in " + ", ".join(str(p) for p in a.paths))
     # loaded on the CPU: moved to the device below, or by Lightning to each process's
     pipeline = load_pipeline(a.checkpoint, "cpu", a.quantize, beam_size=a.beam_size, max_length=a.max_length)
@@ -93,8 +117,12 @@ def caption(a, cli) -> int:
     if many and a.output is None:
         raise UsageError("with more than one process (--trainer.devices, --trainer.num_nodes) the captions "
                          "go to a file: give --output FILE")
+    if many and isinstance(source, FileList) and source.is_stdin:
+        raise UsageError("--files-from - (standard input) is read by one process: with more than one, "
+                         "save the list to a file and give its path")
     if many or a.resume or trainer.precision not in ("32-true", "32"):
-        return _caption_resumable(a, fmt, paths, pipeline, options, trainer)
+        return _caption_resumable(a, fmt, source, pipeline, options, trainer)
+    paths = source if isinstance(source, list) else _listed(source, a.files_from)
 
     # One process, from the start: the pipeline's stream, straight to stdout or OUT.part.
     out = PartFile(a.output, fmt, resume=False) if a.output is not None else None
@@ -124,7 +152,32 @@ def caption(a, cli) -> int:
     return _finish(a, out, failed, len(paths), time.monotonic() - started, 1)
 
 
-def _caption_resumable(a, fmt: str, paths: list[Path], pipeline, options, trainer) -> int:
+def image_list(a):
+    """The images to caption: PATHs and their folders walked (a list), or ``--files-from`` (a
+    :class:`FileList`, read by each process as it needs it)."""
+    from captioner.data.images import FileList, iter_image_paths
+
+    if a.files_from is not None and a.paths:
+        raise UsageError("give image PATHs or --files-from FILE, not both")
+    if a.files_from is None:
+        if not a.paths:
+            raise UsageError("give image PATHs (files or folders) or --files-from FILE")
+        return list(iter_image_paths(a.paths))  # Paths only: cheap even for many thousands
+    listed = FileList(a.files_from)
+    if not listed.is_stdin and not Path(a.files_from).is_file():
+        raise UsageError(f"--files-from: {a.files_from} is not a file")
+    return listed
+
+
+def _listed(source, name: str) -> list[Path]:
+    """Every path of a file list (one process); none -> UsageError."""
+    paths = list(source)
+    if not paths:
+        raise UsageError(f"--files-from: {name} lists no files")
+    return paths
+
+
+def _caption_resumable(a, fmt: str, source, pipeline, options, trainer) -> int:
     """``Trainer.predict`` over the same stream's blocks (:mod:`captioner.predict`): many
     processes, or a resumed ``--output``; each process's rows in chunks (many) or streamed."""
     from tqdm import tqdm
@@ -136,10 +189,12 @@ def _caption_resumable(a, fmt: str, paths: list[Path], pipeline, options, traine
         StreamRows,
         finished_images,
     )
+    from captioner.data.records import Deal
     from captioner.inference import reader_threads
     from captioner.predict import CaptionPredictor, ChunkWriter, predict
 
     many = processes(trainer) > 1
+    paths = Deal(source, a.batch_size)  # this process's share, read below
     out = None
     if many:
         store = ChunkRows(a.output, fmt, paths, a.resume)
@@ -148,21 +203,26 @@ def _caption_resumable(a, fmt: str, paths: list[Path], pipeline, options, traine
         out = PartFile(a.output, fmt, a.resume) if a.output is not None else None
         store = StreamRows(out.writer if out is not None else RowWriter(fmt, _stdout, header=True), paths)
         done = out.done if out is not None else set()
-    todo = [i for i, p in enumerate(paths) if str(p) not in done]
+    paths.skip = done
+    try:
+        paths.deal(trainer.global_rank, trainer.world_size)  # the one reading of the list, per process
+    except OSError as err:
+        raise UsageError(f"--files-from: {err}") from None
+    if not paths.total:
+        raise UsageError(f"--files-from: {a.files_from} lists no files")
     if done:
-        logger.info("--resume: %d images already captioned, %d to caption", len(paths) - len(todo), len(todo))
+        logger.info("--resume: %d images already captioned, %d to caption", paths.total - paths.todo, paths.todo)
 
     def report(i: int, error: str) -> None:  # text rows say nothing of failures: stderr does
         tqdm.write(f"{paths[i]}\tERROR: {error}", file=sys.stderr)
 
     show = a.progress if a.progress is not None else (
-        len(todo) >= PROGRESS_MIN_IMAGES and sys.stderr.isatty())
-    writer = ChunkWriter(store, a.chunk_size if many else 1, len(todo), fresh=not a.resume, progress=show,
+        paths.todo >= PROGRESS_MIN_IMAGES and sys.stderr.isatty())
+    writer = ChunkWriter(store, a.chunk_size if many else 1, paths.todo, fresh=not a.resume, progress=show,
                          errors=report if fmt == "text" else None)
     trainer.callbacks.insert(0, writer)  # before the user's: a chunk is written before they see the batch
     readers = reader_threads(trainer.strategy.root_device, a.num_workers)
-    module = CaptionPredictor(pipeline, paths, options, todo, a.batch_size, num_workers=readers,
-                              jpeg_decode=a.jpeg_decode)
+    module = CaptionPredictor(pipeline, paths, options, num_workers=readers, jpeg_decode=a.jpeg_decode)
     finished = False
     try:
         failed = predict(trainer, module, writer)
@@ -175,7 +235,7 @@ def _caption_resumable(a, fmt: str, paths: list[Path], pipeline, options, traine
             out.close()  # stopped: FILE.part stays for --resume
     if failed is None:  # not the first process: it merges and reports
         return 0
-    return _finish(a, out, failed, len(paths), writer.seconds, processes(trainer), len(todo))
+    return _finish(a, out, failed, paths.total, writer.seconds, processes(trainer), paths.todo)
 
 
 def _finish(a, out, failed: int, total: int, seconds: float | None, procs: int, captioned: int | None = None) -> int:
@@ -258,13 +318,21 @@ def add_options(p) -> None:
     o.add_argument("--resume", action="store_true",
                    help="with --output: keep the images FILE (or FILE.part of a stopped run) has "
                    "and caption only the rest")
+    o.add_argument("--overwrite", action="store_true",
+                   help="with --output: delete what an earlier run left (FILE.part, FILE.parts/) and "
+                   "start afresh (without it, or --resume, such a run is refused)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help=f"progress bar on stderr (default: on for >= {PROGRESS_MIN_IMAGES} images "
                    "when stderr is a terminal)")
     p.add_argument("--chunk-size", type=positive_int, default=256, metavar="N",
                    help="with more than one process: each writes its captions every N images (what a "
                    "killed run loses)")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders")
+    p.add_argument("--files-from", default=None, metavar="FILE",
+                   help="caption the image files listed in FILE, one path a line (- : standard input, "
+                   "one process only; blank lines and the spaces around a path are ignored; a relative "
+                   "path is relative to the current folder), instead of PATHs: no folder is walked, and "
+                   "with many processes each reads only its share of the list")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="image files and/or folders")
 
 
 def register(subparsers) -> None:

@@ -10,13 +10,16 @@ skips the images they name and appends the rest. ``--resume`` on a finished ``OU
 
 With more than one process (``--trainer.devices N``, torchrun, SLURM) each process writes its rows
 in chunks, ``OUT.parts/chunk-*.jsonl``, each file whole (:class:`ChunkRows`), and the first process
-merges them into ``OUT`` in the input's order at the end, through the same ``OUT.part``. A run
-that is stopped leaves the chunks; ``--resume`` keeps them too.
+merges them into ``OUT`` in the input's order at the end, streaming them through the same
+``OUT.part`` (its memory does not grow with the number of images). A run that is stopped leaves
+the chunks; ``--resume`` keeps them too, and a run without it refuses to start over them
+(``captioner.commands.caption.earlier_work``).
 """
 
 from __future__ import annotations
 
 import csv
+import heapq
 import io
 import json
 import os
@@ -31,7 +34,13 @@ from captioner.data.chunks import ChunkFolder
 from captioner.inference import COLUMNS, ImageError, row_cells
 
 FORMATS = ("jsonl", "csv", "tsv", "text")
+MERGE_IMAGES = 256  # images whose rows the merge writes to OUT.part at once
 RESUME_TEXT = "--resume needs --format jsonl, csv or tsv (text lines do not say which images failed)"  # the one message of --resume with text
+
+
+def part_path(path: Path) -> Path:
+    """``OUT.part``: ``OUT`` while it is written."""
+    return path.with_name(path.name + ".part")
 
 
 def caption_rows(path: Path, captions: Sequence) -> list[dict]:
@@ -96,7 +105,7 @@ class PartFile:
     def __init__(self, path: Path, fmt: str, resume: bool) -> None:
         if not path.parent.is_dir():
             raise UsageError(f"--output: folder {path.parent} does not exist")
-        self.path, self.part = path, path.with_name(path.name + ".part")
+        self.path, self.part = path, part_path(path)
         self.done: set[str] = set()
         if resume:
             if fmt == "text":
@@ -119,6 +128,11 @@ class PartFile:
         flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if fresh else os.O_APPEND)
         self.fd = os.open(self.part, flags, 0o666)  # the umask gives a plain open's permissions
         self.writer = RowWriter(fmt, self._write, header=fresh)
+
+    def write(self, data: bytes) -> None:
+        """Whole records (rows of :class:`RowWriter`), appended."""
+        if data:
+            self._write(data)
 
     def _write(self, data: bytes) -> None:
         from captioner.files import DiskFullError, writing
@@ -148,7 +162,7 @@ def finished_images(path: Path, fmt: str) -> set[str]:
     :class:`PartFile` will keep when it opens them (UsageError as it gives)."""
     if fmt == "text":
         raise UsageError(RESUME_TEXT)
-    part = path.with_name(path.name + ".part")
+    part = part_path(path)
     source = part if part.exists() else path
     if not source.exists():
         return set()
@@ -186,65 +200,125 @@ class StreamRows:
 
 class ChunkRows:
     """The store of a run on many processes: each process's rows in ``OUT.parts/``, a JSON line
-    ``{"image", "rows"}`` per image, in files ``chunk-<first position>-<images>.jsonl`` written
-    whole; :meth:`merge` (the first process, at the end) writes them to ``OUT`` in the order of
-    ``paths`` through :class:`PartFile`, after what ``--resume`` keeps of ``OUT``."""
+    ``{"i", "image", "rows"}`` per image (``i``: its input position), in files
+    ``chunk-<first position>-<images>.jsonl`` written whole. :meth:`merge` (the first process,
+    at the end) streams them to ``OUT`` in the input's order through :class:`PartFile`, after
+    what ``--resume`` keeps of ``OUT``. ``paths``: the rank's share of the input (``paths[i]``)
+    and, as ``paths.items``, the whole list in order, read again by the merge."""
 
-    def __init__(self, path: Path, fmt: str, paths: Sequence[Path], resume: bool) -> None:
+    def __init__(self, path: Path, fmt: str, paths, resume: bool) -> None:
         if not path.parent.is_dir():
             raise UsageError(f"--output: folder {path.parent} does not exist")
         self.path, self.fmt, self.paths, self.resume = path, fmt, paths, resume
-        self.chunks = ChunkFolder(path.with_name(path.name + ".parts"), "jsonl")
+        self.chunks = self.folder_of(path)
         self.folder = self.chunks.folder
+
+    @staticmethod
+    def folder_of(path: Path) -> ChunkFolder:
+        """The chunks of a run writing ``path``: ``OUT.parts/``."""
+        return ChunkFolder(path.with_name(path.name + ".parts"), "jsonl")
 
     def start(self, fresh: bool) -> None:
         self.chunks.start(fresh)
 
     def done(self) -> set[str]:
         """The images the chunks have rows for."""
-        return {json.loads(line)["image"] for chunk in self.chunks.files() for line in chunk.read_bytes().splitlines()}
+        return {item["image"] for chunk in self.chunks.files() for item in _chunk_items(chunk)}
 
     def write(self, rank: int, results: list) -> None:
         lines = []
         for i, captions, error in results:
             path = self.paths[i]
             rows = caption_rows(path, captions) if error is None else [error_row(path, error)]
-            lines.append(json.dumps({"image": str(path), "rows": rows}) + "\n")
+            lines.append(json.dumps({"i": i, "image": str(path), "rows": rows}) + "\n")
         self.chunks.write(min(i for i, _, _ in results), len(results), "".join(lines).encode())
 
     def written(self) -> int:
         return self.chunks.written()
 
     def merge(self) -> int:
-        """The chunks -> ``OUT`` (and the chunks removed); the number of images that could not be
-        read. An image with no rows anywhere (a process that died) -> RuntimeError, chunks kept."""
-        rows: dict[str, list[dict]] = {}
-        for chunk in self.chunks.files():
-            for line in chunk.read_bytes().splitlines():
-                item = json.loads(line)
-                rows[item["image"]] = item["rows"]
+        """The chunks -> ``OUT``, image by image in the input's order, holding one image's rows
+        per open chunk (about one chunk per process), then the chunks removed once ``OUT`` is
+        whole on disk; the number of images that could not be read. An image with no rows
+        anywhere (a process that died) -> RuntimeError after the rows before it are written to
+        ``OUT.part``, chunks kept: ``--resume`` finishes the file."""
         out = PartFile(self.path, self.fmt, self.resume)
-        failed = 0
+        failed = missing = 0
+        first_missing = None
+        items = _in_order(self.chunks.files())
+        item = next(items, None)
+        pending: list[bytes] = []  # the rows of up to MERGE_IMAGES images, written in one go
+        rows = RowWriter(self.fmt, pending.append, header=False)
         try:
-            missing = [str(p) for p in self.paths if str(p) not in rows and str(p) not in out.done]
-            if missing:
-                raise RuntimeError(f"{len(missing)} images have no captions in {self.folder} (the first: "
-                                   f"{missing[0]}); run the same command with --resume to finish them")
-            for p in self.paths:
-                mine = rows.get(str(p)) if str(p) not in out.done else None
+            for i, p in enumerate(self.paths.items):
+                while item is not None and item["i"] < i:  # an image of an earlier run done twice
+                    item = next(items, None)
+                mine = None
+                if item is not None and item["i"] == i:
+                    mine, item = item["rows"], next(items, None)
+                if str(p) in out.done:
+                    continue
                 if mine is None:
+                    missing += 1
+                    first_missing = first_missing or str(p)
+                if missing:  # nothing after a hole, so that --resume keeps the input's order
                     continue
                 if "error" in mine[0]:
                     failed += 1
-                    if not out.writer.keeps_errors:
+                    if not rows.keeps_errors:
                         continue
-                out.writer.rows(mine)  # an image given twice: its rows twice, as on one process
+                rows.rows(mine)  # an image given twice: its rows twice, as on one process
+                if len(pending) >= MERGE_IMAGES:
+                    out.write(b"".join(pending))
+                    pending.clear()
+            out.write(b"".join(pending))
+            if missing:
+                raise RuntimeError(f"{missing} images have no captions in {self.folder} (the first: "
+                                   f"{first_missing}); run the same command with --resume to finish them")
         except BaseException:
             out.close()
             raise
         out.finish()
         self.chunks.remove()
         return failed
+
+
+def _chunk_items(chunk: Path) -> Iterator[dict]:
+    """A chunk's images, one JSON object each, read line by line."""
+    with open(chunk, "rb") as f:
+        for line in f:
+            item = json.loads(line)
+            if "i" not in item:
+                raise UsageError(f"{chunk}: a chunk of an older captioner (no input positions): "
+                                 "run the command with --overwrite to start afresh")
+            yield item
+
+
+def _in_order(chunks: list[Path]) -> Iterator[dict]:
+    """The images of ``chunks`` (sorted by their first position, each in the order of its
+    positions) in the order of their positions: a chunk is opened when the merge reaches its
+    first position, so only the chunks whose positions interleave (one per process) are open."""
+    heap: list[tuple[int, int, dict, Iterator[dict]]] = []
+
+    def push(k: int, it: Iterator[dict]) -> None:
+        item = next(it, None)
+        if item is not None:
+            heapq.heappush(heap, (item["i"], k, item, it))
+
+    k = 0
+    while heap or k < len(chunks):
+        while k < len(chunks) and (not heap or _first(chunks[k]) <= heap[0][0]):
+            push(k, _chunk_items(chunks[k]))
+            k += 1
+        if heap:
+            _, n, item, it = heapq.heappop(heap)
+            yield item
+            push(n, it)
+
+
+def _first(chunk: Path) -> int:
+    """A chunk's first position, from its name (``chunk-<first>-<images>``)."""
+    return int(chunk.stem.split("-")[1])
 
 
 def read_done(data: bytes, fmt: str, name: Path) -> tuple[set[str], int]:

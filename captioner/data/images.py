@@ -256,6 +256,31 @@ def is_image_path(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
+class FileList:
+    """The image files listed in ``source``, one path a line (``-``: standard input, readable
+    once); blank lines and the whitespace around a path are ignored, and a relative path is
+    relative to the current folder, as given. Iterating reads the file again, so a caller keeps
+    only what it needs (:class:`captioner.data.records.Deal`). A listed file that does not
+    exist is still yielded: it is reported per file, as :func:`iter_image_paths` does."""
+
+    def __init__(self, source: str | os.PathLike) -> None:
+        self.source = str(source)
+
+    @property
+    def is_stdin(self) -> bool:
+        return self.source == "-"
+
+    def __iter__(self) -> Iterator[Path]:
+        import sys
+
+        # surrogateescape: a name that is not valid UTF-8 stays the bytes the file system has
+        with (open(sys.stdin.fileno(), encoding="utf-8", errors="surrogateescape", closefd=False)
+              if self.is_stdin else open(self.source, encoding="utf-8", errors="surrogateescape")) as f:
+            for line in f:
+                if name := line.strip():
+                    yield Path(name)
+
+
 def iter_image_paths(paths: Iterable[str | os.PathLike]) -> Iterator[Path]:
     """Files exactly as given; folders searched recursively for image files, in sorted order.
 
