@@ -7,7 +7,8 @@ many (``--trainer.devices N --trainer.strategy ddp``, torchrun, SLURM), or to co
 ``--output`` with ``--resume``, ``Trainer.predict`` (:mod:`captioner.predict`) runs the same
 stream's blocks: each image is captioned once, by one process, and the rows are merged into
 ``--output`` in the input's order (:mod:`captioner.commands.caption_output`).
-The options are parsed by the parser of ``fit`` (``captioner.commands.config``).
+The options are parsed by jsonargparse (``--config`` files and flags, :mod:`captioner.commands.parsing`);
+Lightning is imported only for ``--trainer.*`` settings or ``--resume``.
 Exit status: 0 all captioned, 1 some files failed, 2 bad arguments or an unusable checkpoint.
 """
 
@@ -63,8 +64,16 @@ def processes(trainer) -> int:
     return trainer.num_devices * trainer.num_nodes
 
 
-def caption(a, cli) -> int:
-    """``captioner caption`` once parsed: ``a`` its options, ``cli`` the parser (the trainer)."""
+def prediction_trainer(a):
+    """The Lightning Trainer of the ``trainer`` section (its defaults where none was parsed)."""
+    from captioner.commands.config import prediction_trainer
+
+    return prediction_trainer(a.get("trainer"), a.device)
+
+
+def caption(a) -> int:
+    """``captioner caption`` once parsed (``a``; ``"trainer" in a`` where a ``trainer`` section
+    was given)."""
     from captioner.commands.caption_output import RESUME_TEXT, PartFile, RowWriter
     from captioner.data.images import iter_image_paths
     from captioner.inference import resolve_device
@@ -77,7 +86,7 @@ def caption(a, cli) -> int:
     if a.resume and fmt == "text":
         raise UsageError(RESUME_TEXT)
     try:
-        resolve_device(a.device)  # --device cuda without one: one line, before any work
+        device = resolve_device(a.device)  # --device cuda without one: one line, before any work
     except ValueError as err:
         raise UsageError(str(err)) from None
     paths = list(iter_image_paths(a.paths))  # Paths only: cheap even for many thousands
@@ -86,20 +95,23 @@ def caption(a, cli) -> int:
     # loaded on the CPU: moved to the device below, or by Lightning to each process's
     pipeline = load_pipeline(a.checkpoint, "cpu", a.quantize, beam_size=a.beam_size, max_length=a.max_length)
     options = caption_options(a, pipeline)
-    trainer = cli.prediction_trainer(a.device)
-    if a.quantize != "none" and trainer.strategy.root_device.type != "cpu":
+    # Lightning only where it is needed: trainer settings (processes, precision, ...) or --resume
+    trainer = prediction_trainer(a) if "trainer" in a or a.resume else None
+    if trainer is not None:
+        device = trainer.strategy.root_device
+    if a.quantize != "none" and device.type != "cpu":
         raise UsageError(f"--quantize {a.quantize} decodes on the CPU: add --device cpu")
-    many = processes(trainer) > 1
+    many = trainer is not None and processes(trainer) > 1
     if many and a.output is None:
         raise UsageError("with more than one process (--trainer.devices, --trainer.num_nodes) the captions "
                          "go to a file: give --output FILE")
-    if many or a.resume or trainer.precision not in ("32-true", "32"):
+    if trainer is not None and (many or a.resume or trainer.precision not in ("32-true", "32")):
         return _caption_resumable(a, fmt, paths, pipeline, options, trainer)
 
     # One process, from the start: the pipeline's stream, straight to stdout or OUT.part.
     out = PartFile(a.output, fmt, resume=False) if a.output is not None else None
     writer = out.writer if out is not None else RowWriter(fmt, _stdout, header=True)
-    pipeline.loaded.model.to(trainer.strategy.root_device)
+    pipeline.loaded.model.to(device)
     failed, started = 0, time.monotonic()
     try:
         with _progress(a, len(paths)) as bar:
@@ -207,10 +219,9 @@ def _progress(a, n: int):
 
 
 def run(args: Sequence[str], prog: str = "captioner caption") -> int:
-    from captioner.commands.config import OptionsCLI
+    from captioner.commands.parsing import parse_options
 
-    cli = OptionsCLI(prog, list(args), add_options, description=DESCRIPTION)
-    return caption(cli.config, cli)
+    return caption(parse_options(prog, args, add_options, description=DESCRIPTION))
 
 
 DESCRIPTION = (
