@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -15,6 +16,7 @@ from benchmarks.decoder import PARTS, bench_decoder
 from benchmarks.encoder import bench_encoder
 from benchmarks.memory import bench_memory
 from benchmarks.scst import bench_scst
+from benchmarks.startup import bench_startup
 from captioner.inference import JPEG_DECODE
 from captioner.models import ATTENTIONS
 from captioner.models.quantize import QUANTIZE
@@ -97,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--trainable-blocks", type=int, default=-1, help="as model.encoder.trainable_blocks")
     e.add_argument("--repeats", type=int, default=5)
     e.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    s = sub.add_parser("startup", help="time to the first caption of `captioner caption` and the Python API, "
+                       "each a fresh process (needs a checkpoint)")
+    common(s)
+    s.add_argument("--checkpoint", type=Path, required=True, help="a .ckpt or model folder to caption with")
+    s.add_argument("--image", type=Path, default=None, help="the image to caption (default: a generated 64x64 PNG)")
+    s.add_argument("--baseline-root", type=Path, default=None, metavar="DIR",
+                   help="a checkout of the code to compare with (its captioner/ is imported from DIR)")
+    s.add_argument("--repeats", type=int, default=5)
     m = sub.add_parser("memory", help="resident memory while captioning many images in a stream")
     common(m)
     m.add_argument("--images", type=int, default=1000)
@@ -134,10 +144,13 @@ def run(a: argparse.Namespace) -> dict:
         figures = bench_encoder(encoder=a.encoder, image_size=a.image_size, grid=a.grid, channels=a.channels,
                                 batch=a.batch, trainable_blocks=a.trainable_blocks, repeats=a.repeats,
                                 device=a.device)
+    elif a.bench == "startup":
+        figures = bench_startup(checkpoint=a.checkpoint, image=a.image, baseline_root=a.baseline_root,
+                                repeats=a.repeats)
     else:
         marks = [c for c in (100, 500, 1000) if c < a.images] + [a.images]
         figures = bench_memory(images=a.images, checkpoints=marks, batch_size=a.batch_size)
-    settings = {k: v for k, v in vars(a).items() if k not in ("json", "bench")}
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items() if k not in ("json", "bench")}
     return {"benchmark": a.bench, "machine": machine_info(getattr(a, "device", "cpu")),
             "settings": settings, **figures}
 
