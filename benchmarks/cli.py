@@ -146,7 +146,7 @@ def run(a: argparse.Namespace) -> dict:
                                 device=a.device)
     elif a.bench == "startup":
         figures = bench_startup(checkpoint=a.checkpoint, image=a.image, baseline_root=a.baseline_root,
-                                repeats=a.repeats)
+                                repeats=a.repeats, threads=getattr(a, "threads", None))
     else:
         marks = [c for c in (100, 500, 1000) if c < a.images] + [a.images]
         figures = bench_memory(images=a.images, checkpoints=marks, batch_size=a.batch_size)

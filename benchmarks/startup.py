@@ -25,9 +25,10 @@ def _commands(checkpoint: Path, image: Path) -> dict[str, list[str]]:
             "api": [sys.executable, "-c", api]}
 
 
-def _wall(cmd: list[str], code_root: Path) -> float:
-    """Wall seconds of ``cmd`` with ``code_root`` first on the import path; it must succeed."""
-    env = {**os.environ, "PYTHONPATH": str(code_root)}
+def _wall(cmd: list[str], code_root: Path, threads: int | None) -> float:
+    """Wall seconds of ``cmd`` with ``code_root`` first on the import path (and ``threads``
+    intra-op threads, where given); it must succeed."""
+    env = {**os.environ, "PYTHONPATH": str(code_root), **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     start = time.perf_counter()
     done = subprocess.run(cmd, env=env, cwd=code_root, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -42,10 +43,13 @@ def _figures(times: list[float]) -> dict:
 
 
 def bench_startup(*, checkpoint: Path, image: Path | None = None, baseline_root: Path | None = None,
-                  repeats: int = 5) -> dict:
+                  repeats: int = 5, threads: int | None = None) -> dict:
     """Median, min and max wall seconds of each command over ``repeats`` rounds (after one
     untimed round: disk caches warm); with ``baseline_root``, the per-round ratio
-    baseline / this code of each command (above 1: this code starts faster)."""
+    baseline / this code of each command (above 1: this code starts faster). ``threads``: torch's
+    intra-op threads in each process (OMP_NUM_THREADS; default: torch's, one per core). On a
+    machine shared with other jobs, 1 keeps a thread that waits for a busy core from stretching
+    each operation of the model."""
     with tempfile.TemporaryDirectory(prefix="captioner-startup-") as tmp:
         if image is None:
             from benchmarks.common import write_images
@@ -59,7 +63,7 @@ def bench_startup(*, checkpoint: Path, image: Path | None = None, baseline_root:
         times: dict[str, list[float]] = {name: [] for name in runs}
         for round_ in range(repeats + 1):
             for name, (cmd, code) in runs.items():
-                seconds = _wall(cmd, code)
+                seconds = _wall(cmd, code, threads)
                 if round_:
                     times[name].append(seconds)
     report = {name: _figures(t) for name, t in times.items()}
