@@ -28,10 +28,7 @@ def _step(ckpt: Path) -> int:
 
 # 64 training images in batches of 8: an epoch is 8 steps.
 @pytest.mark.parametrize("length", [
-    # stops before its first validation on purpose: Lightning warns that best.ckpt's score is
-    # missing; captioner's own line (asserted below) says what to use instead
-    pytest.param(["--trainer.max_steps", "3"], marks=pytest.mark.filterwarnings(
-        "ignore:.*could not find the monitored key:UserWarning:lightning.pytorch.callbacks.model_checkpoint")),
+    ["--trainer.max_steps", "3"],
     ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "0"],
     ["--trainer.fast_dev_run", "true"],
     ["--trainer.max_time", "00:00:00:01", "--trainer.max_epochs", "100"],
@@ -77,8 +74,6 @@ def test_two_runs_in_two_folders_never_touch_each_other(shapes_dir, tmp_path, mo
     assert f"default_root_dir: {b}" in saved and "ckpt_path" not in saved
 
 
-# resuming in the run's own folder is the workflow: Lightning warns that its checkpoints/ is not empty
-@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty:UserWarning")
 def test_resume_finds_last_ckpt_in_the_run_folder(shapes_dir, tmp_path) -> None:
     main(fit_args(shapes_dir, tmp_path, "--trainer.max_steps", "3"))
     last = tmp_path / "checkpoints" / "last.ckpt"
