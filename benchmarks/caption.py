@@ -32,7 +32,7 @@ def bench_caption(
     quantize: str = "none",
     cuda_graph: bool | None = None,
 ) -> dict:
-    """Per image: the encoder's forward pass alone vs ``CaptionPipeline.caption_paths`` (read +
+    """Per image: the encoder's forward pass alone vs ``CaptionPipeline.stream`` (read +
     preprocess + encode + beam search), on ``images`` generated JPEG files."""
     dev = torch.device(device)
     if dev.type == "cuda":
@@ -54,9 +54,9 @@ def bench_caption(
                     model.encode(x.to(dev))
 
         def whole_path() -> None:
-            for _path, caption, error in pipeline.caption_paths(paths, batch_size=batch_size, num_workers=threads,
-                                                                jpeg_decode=jpeg_decode):
-                assert caption is not None, error
+            for result in pipeline.stream(paths, batch_size=batch_size, num_workers=threads,
+                                          jpeg_decode=jpeg_decode):
+                assert isinstance(result, list), result  # its captions, not an ImageError
 
         # Alternated, so that a machine that slows down or speeds up during the run moves both
         # timings alike: the ratio is the median of the per-round ratios.

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -19,6 +20,7 @@ from benchmarks.epoch import bench_epoch
 from benchmarks.memory import bench_memory
 from benchmarks.merge import bench_merge
 from benchmarks.scst import bench_scst
+from benchmarks.startup import bench_startup
 from captioner.inference import JPEG_DECODE
 from captioner.models import ATTENTIONS
 from captioner.models.quantize import QUANTIZE
@@ -131,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--checkpoint", default=None, help="a shapes checkpoint: also compare its greedy captions")
     q.add_argument("--shapes-dir", default="data/shapes", help="the shapes data set whose test images are captioned")
     q.add_argument("--images", type=int, default=400, help="test images captioned")
+    s = sub.add_parser("startup", help="time to the first caption of `captioner caption` and the Python API, "
+                       "each a fresh process (needs a checkpoint)")
+    common(s)
+    s.add_argument("--checkpoint", type=Path, required=True, help="a .ckpt or model folder to caption with")
+    s.add_argument("--image", type=Path, default=None, help="the image to caption (default: a generated 64x64 PNG)")
+    s.add_argument("--baseline-root", type=Path, default=None, metavar="DIR",
+                   help="a checkout of the code to compare with (its captioner/ is imported from DIR)")
+    s.add_argument("--repeats", type=int, default=5)
     m = sub.add_parser("memory", help="resident memory while captioning many images in a stream")
     common(m)
     m.add_argument("--images", type=int, default=1000)
@@ -191,10 +201,13 @@ def run(a: argparse.Namespace) -> dict:
             figures["captions"] = caption_agreement(a.checkpoint, a.shapes_dir, images=a.images, size=size)
     elif a.bench == "merge":
         figures = bench_merge(rows=a.rows, world=a.world, block=a.block, chunk=a.chunk)
+    elif a.bench == "startup":
+        figures = bench_startup(checkpoint=a.checkpoint, image=a.image, baseline_root=a.baseline_root,
+                                repeats=a.repeats, threads=getattr(a, "threads", None))
     else:
         marks = [c for c in (100, 500, 1000) if c < a.images] + [a.images]
         figures = bench_memory(images=a.images, checkpoints=marks, batch_size=a.batch_size)
-    settings = {k: v for k, v in vars(a).items() if k not in ("json", "bench")}
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items() if k not in ("json", "bench")}
     return {"benchmark": a.bench, "machine": machine_info(getattr(a, "device", "cpu")),
             "settings": settings, **figures}
 

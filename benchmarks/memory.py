@@ -12,7 +12,7 @@ from captioner.inference import CaptionPipeline
 
 def bench_memory(*, images: int = 1000, checkpoints: Sequence[int] = (100, 500, 1000), batch_size: int = 16,
                  image_size: int = 32) -> dict:
-    """Resident memory while ``caption_paths`` streams ``images`` small images through a tiny
+    """Resident memory while ``CaptionPipeline.stream`` streams ``images`` small images through a tiny
     random model; sampled after the given numbers of images. Flat figures mean streaming."""
     loaded = random_model(encoder="shapes_cnn", image_size=image_size, vocab=50, decoder_dim=32, grid=4, channels=16)
     pipeline = CaptionPipeline(loaded, beam_size=3, max_length=12)
@@ -20,9 +20,9 @@ def bench_memory(*, images: int = 1000, checkpoints: Sequence[int] = (100, 500, 
     rss, peak = {}, {}
     with tempfile.TemporaryDirectory(prefix="captioner-mem-") as tmp:
         paths = write_images(Path(tmp), images, (image_size, image_size), fmt="PNG")
-        stream = pipeline.caption_paths(iter(paths), batch_size=batch_size)
-        for done, (_path, caption, error) in enumerate(stream, start=1):
-            assert caption is not None, error
+        stream = pipeline.stream(iter(paths), batch_size=batch_size)
+        for done, result in enumerate(stream, start=1):
+            assert isinstance(result, list), result  # its captions, not an ImageError
             if done in marks:
                 rss[str(done)] = round(current_rss_mb(), 1)
                 peak[str(done)] = round(peak_rss_mb(), 1)

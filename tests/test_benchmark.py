@@ -252,3 +252,32 @@ def test_dct_quality_benchmark_compares_features_and_captions(capsys, tiny_check
     assert captions["images"] == 3 and captions["dct_scale"] == 8
     share = captions["identical_whole_vs_dct_scaled"] * 3  # a share of 3 images
     assert share == pytest.approx(round(share), abs=1e-3) and 0 <= share <= 3
+def test_startup_benchmark_takes_turns_with_the_baseline_code(capsys, monkeypatch, tmp_path) -> None:
+    """Each round runs every command on this code and on the baseline's; the speedup is the median
+    of the rounds' ratios (baseline / this code)."""
+    from benchmarks import startup
+
+    baseline = tmp_path / "before"
+    seen = []
+
+    def scripted(cmd, code_root, threads):
+        seen.append((cmd[1:3], code_root, threads))
+        return {ROOT: 1.0, baseline.resolve(): 3.0}[code_root]
+
+    monkeypatch.setattr(startup, "_wall", scripted)
+    report = _run(capsys, "startup", "--checkpoint", str(tmp_path / "m.ckpt"), "--image", str(tmp_path / "a.png"),
+                  "--baseline-root", str(baseline), "--repeats", "2")
+    assert len(seen) == 3 * 5  # an untimed round, then 2: torch, caption and api on both codes
+    assert {threads for *_, threads in seen} == {1}
+    assert [code for _, code, _ in seen[:5]] == [ROOT, ROOT, baseline.resolve(), ROOT, baseline.resolve()]
+    assert seen[1][0] == ["-m", "captioner.cli"] and seen[3][0][0] == "-c"
+    assert report["caption"]["median_s"] == 1.0 and report["caption_speedup"] == pytest.approx(3.0)
+    assert report["api_baseline"]["min_s"] <= report["api_baseline"]["median_s"] <= report["api_baseline"]["max_s"]
+
+
+def test_startup_benchmark_commands_caption(tiny_checkpoint, shapes_dir) -> None:
+    from benchmarks import startup
+
+    image = sorted((shapes_dir / "images").glob("*.png"))[0]
+    for cmd in startup._commands(tiny_checkpoint, image).values():  # each must succeed
+        assert startup._wall(cmd, ROOT, 1) > 0

@@ -59,7 +59,8 @@ def _kinds(files: dict[str, int]) -> set[str]:
 def test_two_runs_in_two_folders_never_touch_each_other(shapes_dir, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)  # the shipped config's own default, runs/shapes, would land here
     a, b = tmp_path / "a", tmp_path / "b"
-    extra = ["--trainer.max_epochs", "1", "--trainer.logger", "true"]
+    # logged at least once in the epoch's 8 batches (the shipped config logs every 20 steps)
+    extra = ["--trainer.max_epochs", "1", "--trainer.logger", "true", "--trainer.log_every_n_steps", "4"]
     main(fit_args(shapes_dir, a, *extra))
     first = _files(a)
     assert {"checkpoints/best.ckpt", "checkpoints/last.ckpt", "config.yaml",

@@ -9,7 +9,8 @@ stream's blocks: each image is captioned once, by one process, and the rows are 
 ``--output`` in the input's order (:mod:`captioner.commands.caption_output`). ``--files-from
 LIST`` gives the images as a list instead, of which each process keeps only its share
 (:class:`captioner.data.records.Deal`).
-The options are parsed by the parser of ``fit`` (``captioner.commands.config``).
+The options are parsed by jsonargparse (``--config`` files and flags, :mod:`captioner.commands.parsing`);
+Lightning is imported only for ``--trainer.*`` settings or ``--resume``.
 Exit status: 0 all captioned, 1 some files failed, 2 bad arguments or an unusable checkpoint.
 """
 
@@ -83,8 +84,16 @@ def earlier_work(output: Path, overwrite: bool) -> None:
     logger.info("--overwrite: deleted %s", " and ".join(found))
 
 
-def caption(a, cli) -> int:
-    """``captioner caption`` once parsed: ``a`` its options, ``cli`` the parser (the trainer)."""
+def prediction_trainer(a):
+    """The Lightning Trainer of the ``trainer`` section (its defaults where none was parsed)."""
+    from captioner.commands.config import prediction_trainer
+
+    return prediction_trainer(a.get("trainer"), a.device)
+
+
+def caption(a) -> int:
+    """``captioner caption`` once parsed (``a``; ``"trainer" in a`` where a ``trainer`` section
+    was given)."""
     from captioner.commands.caption_output import RESUME_TEXT, PartFile, RowWriter
     from captioner.data.images import FileList
     from captioner.inference import resolve_device
@@ -101,7 +110,7 @@ def caption(a, cli) -> int:
     if a.output is not None and not a.resume:
         earlier_work(a.output, a.overwrite)
     try:
-        resolve_device(a.device)  # --device cuda without one: one line, before any work
+        device = resolve_device(a.device)  # --device cuda without one: one line, before any work
     except ValueError as err:
         raise UsageError(str(err)) from None
     source = image_list(a)
@@ -110,24 +119,27 @@ def caption(a, cli) -> int:
     # loaded on the CPU: moved to the device below, or by Lightning to each process's
     pipeline = load_pipeline(a.checkpoint, "cpu", a.quantize, beam_size=a.beam_size, max_length=a.max_length)
     options = caption_options(a, pipeline)
-    trainer = cli.prediction_trainer(a.device)
-    if a.quantize != "none" and trainer.strategy.root_device.type != "cpu":
+    # Lightning only where it is needed: trainer settings (processes, precision, ...) or --resume
+    trainer = prediction_trainer(a) if "trainer" in a or a.resume else None
+    if trainer is not None:
+        device = trainer.strategy.root_device
+    if a.quantize != "none" and device.type != "cpu":
         raise UsageError(f"--quantize {a.quantize} decodes on the CPU: add --device cpu")
-    many = processes(trainer) > 1
+    many = trainer is not None and processes(trainer) > 1
     if many and a.output is None:
         raise UsageError("with more than one process (--trainer.devices, --trainer.num_nodes) the captions "
                          "go to a file: give --output FILE")
     if many and isinstance(source, FileList) and source.is_stdin:
         raise UsageError("--files-from - (standard input) is read by one process: with more than one, "
                          "save the list to a file and give its path")
-    if many or a.resume or trainer.precision not in ("32-true", "32"):
+    if trainer is not None and (many or a.resume or trainer.precision not in ("32-true", "32")):
         return _caption_resumable(a, fmt, source, pipeline, options, trainer)
     paths = source if isinstance(source, list) else _listed(source, a.files_from)
 
     # One process, from the start: the pipeline's stream, straight to stdout or OUT.part.
     out = PartFile(a.output, fmt, resume=False) if a.output is not None else None
     writer = out.writer if out is not None else RowWriter(fmt, _stdout, header=True)
-    pipeline.loaded.model.to(trainer.strategy.root_device)
+    pipeline.loaded.model.to(device)
     failed, started = 0, time.monotonic()
     try:
         with _progress(a, len(paths)) as bar:
@@ -267,10 +279,9 @@ def _progress(a, n: int):
 
 
 def run(args: Sequence[str], prog: str = "captioner caption") -> int:
-    from captioner.commands.config import OptionsCLI
+    from captioner.commands.parsing import parse_options
 
-    cli = OptionsCLI(prog, list(args), add_options, description=DESCRIPTION)
-    return caption(cli.config, cli)
+    return caption(parse_options(prog, args, add_options, description=DESCRIPTION))
 
 
 DESCRIPTION = (

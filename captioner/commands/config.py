@@ -4,6 +4,9 @@
 with the same LightningCLI (jsonargparse) parser, so ``--config a.yaml --config b.yaml
 --data.batch_size 8 --model.decoding.beam_size 3`` means the same to each of them. The training
 commands run the Trainer; the others only instantiate the data module and read the rest.
+``caption`` has no run config: its options and, when asked for, the same ``trainer`` section
+(:func:`add_prediction_trainer`) are parsed by :mod:`captioner.commands.parsing`, which imports
+no Lightning.
 
 One setting decides where a run writes: ``trainer.default_root_dir`` (the run folder). It gets
 
@@ -20,7 +23,6 @@ import dataclasses
 import inspect
 import logging
 import os
-import re
 import sys
 import time
 import typing
@@ -29,6 +31,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import ArgumentParser
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -41,9 +44,10 @@ from captioner.checkpointing import (
     RunTensorBoardLogger,
 )
 from captioner.commands.common import CONFIG_NAME, UsageError
+from captioner.commands.parsing import ConfigError, config_trees, error_line
 from captioner.data.datamodule import RENAMED_DATA_KEYS, CaptionDataModule
 from captioner.files import atomic_write, exception_chain, find_disk_full
-from captioner.settings import SettingError, accepts, check_arguments, is_choice
+from captioner.settings import accepts, check_arguments, is_choice
 from captioner.system import CaptioningSystem
 
 logger = logging.getLogger(__name__)
@@ -54,6 +58,8 @@ warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` i
                         module=r"lightning\.pytorch\.utilities\._pytree")
 
 DEFAULT_ROOT = "runs/captioner"
+# Sharding is done by the data module's EpochSampler (resumable, no repeats).
+TRAINER_DEFAULTS = {"use_distributed_sampler": False, "default_root_dir": DEFAULT_ROOT}
 # The trainer of the commands that predict (caption, features extract): one device unless asked
 # (Lightning's "auto" would take every GPU), nothing logged or saved, their own progress bar.
 PREDICT_DEFAULTS = {"devices": 1, "logger": False, "enable_checkpointing": False,
@@ -86,34 +92,12 @@ KEPT_ON_RESUME = ("encoder", "decoder", "optim", "loss", "scst")
 FREE_ON_RESUME = ("encoder.weights_path",)
 
 
-class ConfigError(UsageError):
-    """An argument or config setting the parser refuses (exit 2, one line)."""
-
-
-def _error_line(message: str, ex: BaseException | None) -> str:
-    """jsonargparse's error as one line: our own check's message where one is behind it (a link's
-    compute_fn, a dataclass's check), a Literal's choices as our checks say them."""
-    cause = ex
-    while cause is not None:
-        if isinstance(cause, (SettingError, UsageError)):
-            return " ".join(str(cause).split())
-        cause = cause.__cause__
-    text = " ".join(str(message).split())
-    if ex is not None and isinstance(ex.__cause__, ValueError) and text.startswith("Call to compute_fn"):
-        return " ".join(str(ex.__cause__).split())
-    literal = re.match(r'Parser key "([^"]+)": .*?Literal\[(.*?)\].*?(?:Got|Given) value: (.*)$', text)
-    if literal:
-        key, choices, value = literal.groups()
-        return str(SettingError(key, "one of " + choices, value))
-    return f"{text} (--help lists the settings)"
-
-
 class _Parser(LightningArgumentParser):
     """jsonargparse's errors as exceptions: the CLI prints one line instead of LightningCLI's
     full usage (hundreds of lines) followed by the error."""
 
     def error(self, message: str, ex: Exception | None = None):  # type: ignore[override]
-        raise ConfigError(_error_line(message, ex))
+        raise ConfigError(error_line(message, ex))
 
 
 def setting_hints() -> dict[str, Any]:
@@ -290,22 +274,15 @@ def _dotted_keys(tree: Any, prefix: str = "") -> Iterator[str]:
 def check_renamed(args: Sequence[str]) -> None:
     """An old setting, on the command line or in a ``--config`` file -> ConfigError naming the
     new one (jsonargparse alone would only say that the key is unknown)."""
-    import yaml
-
-    for i, arg in enumerate(args):
+    for arg in args:
         key = arg[2:].split("=", 1)[0]
         # only dotted flags: a section's name alone may be a command's own option (--checkpoint)
         if arg.startswith("--") and "." in key and (new := _renamed(key)):
             raise ConfigError(f"{arg.split('=', 1)[0]} is now --{new}")
-        if arg in ("-c", "--config") and i + 1 < len(args) or arg.startswith("--config="):
-            path = Path(arg.split("=", 1)[1] if "=" in arg else args[i + 1])
-            try:
-                tree = yaml.safe_load(path.read_text(encoding="utf-8"))
-            except (OSError, yaml.YAMLError):
-                continue  # the parser reports it
-            for key in _dotted_keys(tree):
-                if new := _renamed(key):
-                    raise ConfigError(f"{path}: setting {key} is now {new}")
+    for path, tree in config_trees(args):
+        for key in _dotted_keys(tree):
+            if new := _renamed(key):
+                raise ConfigError(f"{path}: setting {key} is now {new}")
 
 
 @contextlib.contextmanager
@@ -325,17 +302,13 @@ class CaptionerCLI(LightningCLI):
 
     def __init__(self, args: Sequence[str], run: bool = True, prog: str = "captioner",
                  description: str | None = None) -> None:
-        # Lightning gives its logger a handler of its own when imported; the CLI's root handler
-        # already prints its messages, so each would appear twice.
-        if logging.getLogger().handlers:
-            logging.getLogger("lightning").handlers.clear()
+        _one_log_handler()
         check_renamed(args)
         with _argv(args):
             super().__init__(
                 CaptioningSystem, CaptionDataModule,
                 seed_everything_default=0,
-                # Sharding is done by the data module's EpochSampler (resumable, no repeats).
-                trainer_defaults={"use_distributed_sampler": False, "default_root_dir": DEFAULT_ROOT},
+                trainer_defaults=TRAINER_DEFAULTS,
                 parser_class=_Parser,
                 save_config_callback=RunConfig,
                 save_config_kwargs={"save_to_log_dir": False, "overwrite": True},
@@ -469,8 +442,7 @@ class ConfigCLI(CaptionerCLI):
         self._add_options(parser)
 
     def _add_trainer(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(Trainer, "trainer")
-        parser.set_defaults({f"trainer.{k}": v for k, v in {**self.trainer_defaults, **PREDICT_DEFAULTS}.items()})
+        add_prediction_trainer(parser)
 
     def add_default_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # A fit config sets it, so it must parse here too; nothing here is seeded.
@@ -488,37 +460,46 @@ class ConfigCLI(CaptionerCLI):
         self.datamodule = self._get(self.config_init, "data", default=None)
 
     def prediction_trainer(self, device: str = "auto") -> Trainer:
-        """The ``trainer`` section as a Trainer for ``Trainer.predict`` (its callbacks included).
-        ``device``: a command's ``--device`` (auto, cpu, cuda), the accelerator unless
-        ``--trainer.accelerator`` says otherwise (both given and different: UsageError)."""
-        settings = dict(self._get(self.config_init, "trainer", default={}))
-        asked = settings.get("accelerator") or "auto"
-        if device != "auto" and asked != "auto" and asked != ACCELERATORS[device]:
-            raise UsageError(f"--device {device} and --trainer.accelerator {asked} disagree: give one of them")
-        if asked == "auto":
-            settings["accelerator"] = ACCELERATORS[device]
-        from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-        # Lightning's device lines ("GPU available: ...") are for training runs; a command that
-        # captions says what it did itself, and stderr stays one line on a user's error
-        rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-        level = rank_zero.level
-        rank_zero.setLevel(logging.WARNING)
-        try:
-            return Trainer(**settings)
-        except (MisconfigurationException, ValueError, TypeError, RuntimeError) as err:
-            raise UsageError(f"trainer: {' '.join(str(err).split())}") from None
-        finally:
-            rank_zero.setLevel(level)
+        """The ``trainer`` section as a Trainer for ``Trainer.predict``: :func:`prediction_trainer`."""
+        return prediction_trainer(self._get(self.config_init, "trainer", default={}), device)
 
 
-class OptionsCLI(ConfigCLI):
-    """A command's own options beside the ``trainer`` section only, parsed by the same parser as
-    ``fit`` (``--config`` files, ``--trainer.*`` flags): the commands whose model comes from a
-    checkpoint and whose data are image files (``caption``). ``.datamodule`` is None."""
+def add_prediction_trainer(parser: ArgumentParser) -> None:
+    """The ``trainer`` section of the commands that predict (Lightning's Trainer arguments, with
+    ``PREDICT_DEFAULTS``), as ``LightningArgumentParser.add_lightning_class_args`` adds it."""
+    parser.add_class_arguments(Trainer, "trainer", fail_untyped=False, instantiate=False, sub_configs=True)
+    parser.set_defaults({f"trainer.{k}": v for k, v in {**TRAINER_DEFAULTS, **PREDICT_DEFAULTS}.items()})
 
-    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        self._add_trainer(parser)
 
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        self._add_options(parser)
+def prediction_trainer(settings: Mapping[str, Any] | None, device: str = "auto") -> Trainer:
+    """A Trainer for ``Trainer.predict``: ``settings``, the parsed ``trainer`` section (its
+    callbacks instantiated; None: the defaults of :func:`add_prediction_trainer`). ``device``: a
+    command's ``--device`` (auto, cpu, cuda), the accelerator unless ``--trainer.accelerator``
+    says otherwise (both given and different: UsageError)."""
+    settings = dict(settings) if settings is not None else {**TRAINER_DEFAULTS, **PREDICT_DEFAULTS}
+    asked = settings.get("accelerator") or "auto"
+    if device != "auto" and asked != "auto" and asked != ACCELERATORS[device]:
+        raise UsageError(f"--device {device} and --trainer.accelerator {asked} disagree: give one of them")
+    if asked == "auto":
+        settings["accelerator"] = ACCELERATORS[device]
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    _one_log_handler()
+    # Lightning's device lines ("GPU available: ...") are for training runs; a command that
+    # captions says what it did itself, and stderr stays one line on a user's error
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = rank_zero.level
+    rank_zero.setLevel(logging.WARNING)
+    try:
+        return Trainer(**settings)
+    except (MisconfigurationException, ValueError, TypeError, RuntimeError) as err:
+        raise UsageError(f"trainer: {' '.join(str(err).split())}") from None
+    finally:
+        rank_zero.setLevel(level)
+
+
+def _one_log_handler() -> None:
+    """Lightning gives its logger a handler of its own when imported; the CLI's root handler
+    already prints its messages, so each would appear twice."""
+    if logging.getLogger().handlers:
+        logging.getLogger("lightning").handlers.clear()
