@@ -15,6 +15,7 @@ from benchmarks.decoder import PARTS, bench_decoder
 from benchmarks.encoder import bench_encoder
 from benchmarks.memory import bench_memory
 from benchmarks.scst import bench_scst
+from benchmarks.step import VARIANTS, bench_step
 from captioner.inference import JPEG_DECODE
 from captioner.models import ATTENTIONS
 from captioner.models.quantize import QUANTIZE
@@ -97,6 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--trainable-blocks", type=int, default=-1, help="as model.encoder.trainable_blocks")
     e.add_argument("--repeats", type=int, default=5)
     e.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    t = sub.add_parser("step", help="a whole training step (configs/shapes.yaml's model): speed settings taking turns")
+    common(t)
+    t.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS),
+                   help="fp32 is the yardstick of the ratios")
+    t.add_argument("--batch", type=int, default=64)
+    t.add_argument("--image-size", type=int, default=64)
+    t.add_argument("--grid", type=int, default=8)
+    t.add_argument("--channels", type=int, default=64, help="shapes_cnn width")
+    t.add_argument("--decoder-dim", type=int, default=256)
+    t.add_argument("--attention", default="soft", choices=ATTENTIONS.names())
+    t.add_argument("--repeats", type=int, default=5)
     m = sub.add_parser("memory", help="resident memory while captioning many images in a stream")
     common(m)
     m.add_argument("--images", type=int, default=1000)
@@ -134,6 +146,10 @@ def run(a: argparse.Namespace) -> dict:
         figures = bench_encoder(encoder=a.encoder, image_size=a.image_size, grid=a.grid, channels=a.channels,
                                 batch=a.batch, trainable_blocks=a.trainable_blocks, repeats=a.repeats,
                                 device=a.device)
+    elif a.bench == "step":
+        figures = bench_step(variants=tuple(a.variants), batch=a.batch, image_size=a.image_size, grid=a.grid,
+                             channels=a.channels, decoder_dim=a.decoder_dim, attention=a.attention,
+                             repeats=a.repeats)
     else:
         marks = [c for c in (100, 500, 1000) if c < a.images] + [a.images]
         figures = bench_memory(images=a.images, checkpoints=marks, batch_size=a.batch_size)
