@@ -11,6 +11,7 @@ import torch
 
 from benchmarks.caption import bench_caption
 from benchmarks.common import machine_info
+from benchmarks.data import bench_data
 from benchmarks.decoder import PARTS, bench_decoder
 from benchmarks.encoder import bench_encoder
 from benchmarks.memory import bench_memory
@@ -109,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--decoder-dim", type=int, default=256)
     t.add_argument("--attention", default="soft", choices=ATTENTIONS.names())
     t.add_argument("--repeats", type=int, default=5)
+    b = sub.add_parser("data", help="training batches of shapes: read per batch against data.in_memory")
+    common(b)
+    b.add_argument("--data-dir", default="data/shapes", help="a shapes data set (captioner shapes --out DIR)")
+    b.add_argument("--image-size", type=int, default=64)
+    b.add_argument("--batch", type=int, default=64)
+    b.add_argument("--repeats", type=int, default=20)
     m = sub.add_parser("memory", help="resident memory while captioning many images in a stream")
     common(m)
     m.add_argument("--images", type=int, default=1000)
@@ -146,6 +153,8 @@ def run(a: argparse.Namespace) -> dict:
         figures = bench_encoder(encoder=a.encoder, image_size=a.image_size, grid=a.grid, channels=a.channels,
                                 batch=a.batch, trainable_blocks=a.trainable_blocks, repeats=a.repeats,
                                 device=a.device)
+    elif a.bench == "data":
+        figures = bench_data(data_dir=a.data_dir, image_size=a.image_size, batch=a.batch, repeats=a.repeats)
     elif a.bench == "step":
         figures = bench_step(variants=tuple(a.variants), batch=a.batch, image_size=a.image_size, grid=a.grid,
                              channels=a.channels, decoder_dim=a.decoder_dim, attention=a.attention,

@@ -127,6 +127,15 @@ def test_step_benchmark_reports_each_variant_and_its_ratio_to_fp32(capsys, timin
     assert report["bf16_over_fp32"] == pytest.approx(statistics.median(a / b for a, b in zip(bf16, fp32)))
 
 
+def test_data_benchmark_times_reading_against_memory(capsys, timings, shapes_dir) -> None:
+    report = _run(capsys, "data", "--data-dir", str(shapes_dir), "--image-size", "32", "--batch", "4",
+                  "--repeats", "3")
+    ((disk, memory),) = timings
+    assert len(disk) == len(memory) == 3
+    assert report["disk_ms_per_batch"] == pytest.approx(1000 * statistics.median(disk))
+    assert report["in_memory_over_disk"] == pytest.approx(statistics.median(m / d for d, m in zip(disk, memory)))
+
+
 def test_scst_benchmark_reports_the_timings_it_measured(capsys, timings) -> None:
     """Its reward is built as fit builds it (on_fit_start, from the data module's references)."""
     report = _run(capsys, "scst", "--batch", "3", "--samples", "2", "--max-length", "5", "--vocab", "40",
