@@ -208,17 +208,23 @@ def test_fit_with_a_vocab_path_of_other_settings_exits_2(shapes_dir, tmp_path, c
         "min count 1 vs 3" in err, err
 
 
-def test_in_memory_serves_the_same_batches_without_workers(shapes_dir, tmp_path) -> None:
+def test_in_memory_serves_the_same_batches_without_workers(shapes_dir, tmp_path, monkeypatch) -> None:
+    import captioner.data.datamodule as datamodule
+
     disk = _dm(shapes_dir, tmp_path)
+    expected = {"train": list(disk.train_dataloader()), "val": list(disk.val_dataloader())}
     ram = _dm(shapes_dir, tmp_path, in_memory=True)
     ram.num_workers = 2  # unused: the images are already in memory
-    for split in ("train", "val"):
-        loader = ram.train_dataloader() if split == "train" else ram.val_dataloader()
+    loaders = {"train": ram.train_dataloader(), "val": ram.val_dataloader()}  # reads each split once
+
+    def no_reading(path):
+        raise AssertionError(f"{path} read again")
+
+    monkeypatch.setattr(datamodule, "load_image", no_reading)
+    for split, loader in loaders.items():
         assert loader.num_workers == 0
-        expected = disk.train_dataloader() if split == "train" else disk.val_dataloader()
-        for a, b in zip(loader, expected, strict=True):
+        for a, b in zip(loader, expected[split], strict=True):
             assert torch.equal(a["images"], b["images"]) and torch.equal(a["captions"], b["captions"])
-    assert len(ram._images["train"]) == len(ram.split_records("train"))  # read once, kept
 
 
 def test_in_memory_refuses_a_split_larger_than_half_the_memory(shapes_dir, tmp_path, monkeypatch, capsys) -> None:

@@ -230,3 +230,17 @@ def test_epoch_captions_pad_gather_each_image_once_and_start_afresh() -> None:
     assert score_epoch({7: "w0 w1"}, None, "val", "validation") == {}
     scores = score_epoch({7: "w0 w1", 9: "w3"}, SimpleNamespace(references=lambda split: {7: ["w0 w1"]}), "val", "val")
     assert set(scores) == {"CIDEr", "Bleu_4", "exact_match"} and scores["exact_match"] == 1.0
+
+
+def test_a_fit_capped_by_time_records_the_budget_spent_in_its_schedule(shapes_dir, tmp_path) -> None:
+    """Through Lightning: the schedule's state in the checkpoint holds the share of max_time spent."""
+    from captioner.cli import main
+    from tests.conftest import fit_args
+
+    args = fit_args(shapes_dir, tmp_path, "--trainer.max_time", "00:01:00:00", "--trainer.max_steps", "3",
+                    "--model.optim.schedule_by", "time", "--model.optim.scheduler", "cosine")
+    assert main(args) == 0
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    (state,) = ckpt["lr_schedulers"]
+    share = state["lr_lambdas"][0]["budget_used"]
+    assert 0 < share < 0.01  # seconds of an hour
