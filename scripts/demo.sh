@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 source scripts/_venv.sh
 ensure_venv serve
 
-MAX_TIME="${DEMO_MAX_TIME:-00:00:02:00}"  # the shapes configs decay their schedule by then
+MAX_TIME="${DEMO_MAX_TIME:-00:00:02:00}"  # the time-to-quality budget (docs/results.md)
 CONFIG="${DEMO_CONFIG:-shapes}"
 [ -f "configs/$CONFIG.yaml" ] || { echo "DEMO_CONFIG: no configs/$CONFIG.yaml" >&2; exit 2; }
 CKPT="runs/$CONFIG/checkpoints/best.ckpt"  # the configs write their runs under runs/<name>
