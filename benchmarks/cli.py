@@ -12,6 +12,7 @@ import torch
 
 from benchmarks.caption import bench_caption
 from benchmarks.common import machine_info
+from benchmarks.data import bench_data
 from benchmarks.dct_quality import caption_agreement, feature_difference
 from benchmarks.decode import bench_decode
 from benchmarks.decoder import PARTS, bench_decoder
@@ -21,6 +22,7 @@ from benchmarks.memory import bench_memory
 from benchmarks.merge import bench_merge
 from benchmarks.scst import bench_scst
 from benchmarks.startup import bench_startup
+from benchmarks.step import VARIANTS, bench_step
 from captioner.inference import JPEG_DECODE
 from captioner.models import ATTENTIONS
 from captioner.models.quantize import QUANTIZE
@@ -141,6 +143,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--baseline-root", type=Path, default=None, metavar="DIR",
                    help="a checkout of the code to compare with (its captioner/ is imported from DIR)")
     s.add_argument("--repeats", type=int, default=5)
+    t = sub.add_parser("step", help="a whole training step (configs/shapes.yaml's model): speed settings taking turns")
+    common(t)
+    t.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS),
+                   help="fp32 is the yardstick of the ratios")
+    t.add_argument("--batch", type=int, default=64)
+    t.add_argument("--image-size", type=int, default=64)
+    t.add_argument("--grid", type=int, default=8)
+    t.add_argument("--channels", type=int, default=64, help="shapes_cnn width")
+    t.add_argument("--decoder-dim", type=int, default=256)
+    t.add_argument("--attention", default="soft", choices=ATTENTIONS.names())
+    t.add_argument("--repeats", type=int, default=5)
+    b = sub.add_parser("data", help="training batches of shapes: read per batch against data.in_memory")
+    common(b)
+    b.add_argument("--data-dir", default="data/shapes", help="a shapes data set (captioner shapes --out DIR)")
+    b.add_argument("--image-size", type=int, default=64)
+    b.add_argument("--batch", type=int, default=64)
+    b.add_argument("--repeats", type=int, default=20)
     m = sub.add_parser("memory", help="resident memory while captioning many images in a stream")
     common(m)
     m.add_argument("--images", type=int, default=1000)
@@ -204,6 +223,12 @@ def run(a: argparse.Namespace) -> dict:
     elif a.bench == "startup":
         figures = bench_startup(checkpoint=a.checkpoint, image=a.image, baseline_root=a.baseline_root,
                                 repeats=a.repeats, threads=getattr(a, "threads", None))
+    elif a.bench == "data":
+        figures = bench_data(data_dir=a.data_dir, image_size=a.image_size, batch=a.batch, repeats=a.repeats)
+    elif a.bench == "step":
+        figures = bench_step(variants=tuple(a.variants), batch=a.batch, image_size=a.image_size, grid=a.grid,
+                             channels=a.channels, decoder_dim=a.decoder_dim, attention=a.attention,
+                             repeats=a.repeats)
     else:
         marks = [c for c in (100, 500, 1000) if c < a.images] + [a.images]
         figures = bench_memory(images=a.images, checkpoints=marks, batch_size=a.batch_size)

@@ -25,7 +25,7 @@ from captioner.training.objectives import (
     caption_length_limit,
     objective_for,
 )
-from captioner.training.optim import OptimConfig, build_optimizer
+from captioner.training.optim import OptimConfig, build_optimizer, set_budget_used
 from captioner.training.validation import EpochCaptions, score_epoch, teacher_forced_ce
 
 logger = logging.getLogger(__name__)
@@ -173,6 +173,21 @@ class CaptioningSystem(L.LightningModule):
     def configure_optimizers(self):
         return build_optimizer(self.model, self.optim, lambda: self.trainer.estimated_stepping_batches)
 
+    def _follow_time_budget(self) -> None:
+        """``model.optim.schedule_by: time``: tell the schedule the share of ``trainer.max_time``
+        spent, as Lightning's ``Timer`` (the clock that stops the run) counts it."""
+        if self.optim.schedule_by != "time":
+            return
+        from lightning.pytorch.callbacks import Timer
+
+        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
+        remaining = timer.time_remaining() if timer is not None else None
+        if remaining is None:  # no max_time: the steps alone decide
+            return
+        elapsed = timer.time_elapsed()
+        for config in self.trainer.lr_scheduler_configs:
+            set_budget_used(config.scheduler, elapsed / max(elapsed + remaining, 1e-9))
+
     # -- free-running validation ---------------------------------------------------------------
     @property
     def decoding_settings(self) -> DecodingConfig:
@@ -254,6 +269,7 @@ class CaptioningSystem(L.LightningModule):
         self._cider_state = checkpoint.get("scst")
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        self._follow_time_budget()
         # Restored here, not at load time: Lightning draws from the RNG while it sets up.
         rng = getattr(self, "_pending_rng", None)
         if rng:

@@ -117,6 +117,25 @@ def test_encoder_benchmark_reports_the_timings_it_measured(capsys, timings) -> N
     assert report["split_over_rgb"] == pytest.approx(statistics.median(s / r for r, s in zip(rgb, split)))
 
 
+def test_step_benchmark_reports_each_variant_and_its_ratio_to_fp32(capsys, timings) -> None:
+    report = _run(capsys, "step", "--image-size", "32", "--grid", "4", "--channels", "16", "--batch", "2",
+                  "--decoder-dim", "16", "--repeats", "3", "--variants", "fp32", "channels_last", "bf16")
+    ((fp32, nhwc, bf16),) = timings  # one loop, the variants taking turns
+    assert len(fp32) == len(nhwc) == len(bf16) == 3
+    assert report["fp32_ms_per_step"] == pytest.approx(1000 * statistics.median(fp32))
+    assert report["channels_last_over_fp32"] == pytest.approx(statistics.median(a / b for a, b in zip(nhwc, fp32)))
+    assert report["bf16_over_fp32"] == pytest.approx(statistics.median(a / b for a, b in zip(bf16, fp32)))
+
+
+def test_data_benchmark_times_reading_against_memory(capsys, timings, shapes_dir) -> None:
+    report = _run(capsys, "data", "--data-dir", str(shapes_dir), "--image-size", "32", "--batch", "4",
+                  "--repeats", "3")
+    ((disk, memory),) = timings
+    assert len(disk) == len(memory) == 3
+    assert report["disk_ms_per_batch"] == pytest.approx(1000 * statistics.median(disk))
+    assert report["in_memory_over_disk"] == pytest.approx(statistics.median(m / d for d, m in zip(disk, memory)))
+
+
 def test_scst_benchmark_reports_the_timings_it_measured(capsys, timings) -> None:
     """Its reward is built as fit builds it (on_fit_start, from the data module's references)."""
     report = _run(capsys, "scst", "--batch", "3", "--samples", "2", "--max-length", "5", "--vocab", "40",

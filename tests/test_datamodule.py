@@ -206,3 +206,36 @@ def test_fit_with_a_vocab_path_of_other_settings_exits_2(shapes_dir, tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"captioner: error: data.vocab_path {vocab}: the vocabulary there was made from") and \
         "min count 1 vs 3" in err, err
+
+
+def test_in_memory_serves_the_same_batches_without_workers(shapes_dir, tmp_path, monkeypatch) -> None:
+    import captioner.data.datamodule as datamodule
+
+    disk = _dm(shapes_dir, tmp_path)
+    expected = {"train": list(disk.train_dataloader()), "val": list(disk.val_dataloader())}
+    ram = _dm(shapes_dir, tmp_path, in_memory=True)
+    ram.num_workers = 2  # unused: the images are already in memory
+    loaders = {"train": ram.train_dataloader(), "val": ram.val_dataloader()}  # reads each split once
+
+    def no_reading(path):
+        raise AssertionError(f"{path} read again")
+
+    monkeypatch.setattr(datamodule, "load_image", no_reading)
+    for split, loader in loaders.items():
+        assert loader.num_workers == 0
+        for a, b in zip(loader, expected[split], strict=True):
+            assert torch.equal(a["images"], b["images"]) and torch.equal(a["captions"], b["captions"])
+
+
+def test_in_memory_refuses_a_split_larger_than_half_the_memory(shapes_dir, tmp_path, monkeypatch, capsys) -> None:
+    import captioner.data.datamodule as datamodule
+    from captioner.cli import main
+    from tests.conftest import fit_args
+
+    monkeypatch.setattr(datamodule, "available_memory", lambda: 2**20)  # 1 MiB
+    with pytest.raises(ValueError, match=r"data.in_memory: the train split's \d+ images at 32 px need"):
+        _dm(shapes_dir, tmp_path, in_memory=True).train_dataloader()
+    args = fit_args(shapes_dir, tmp_path / "run", "--data.in_memory", "true", "--trainer.fast_dev_run", "true")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("captioner: error: data.in_memory: the "), err

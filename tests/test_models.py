@@ -633,3 +633,21 @@ def test_split_stem_needs_a_convolution_over_the_colour_image() -> None:
 
     with pytest.raises(ValueError, match="stem split: mlp/x has no convolution over the colour image to split"):
         SplitStem(Linear(), "mlp/x")
+
+
+@pytest.mark.parametrize("stem", ["rgb", "split"])
+def test_channels_last_encoder_stores_nhwc_and_gives_the_same_features(stem: str) -> None:
+    config = EncoderConfig(name="shapes_cnn", grid=4, channels=16, image_size=32, stem=stem, position="append")
+    torch.manual_seed(0)
+    plain = create_encoder(config)
+    fast = create_encoder(replace(config, channels_last=True))
+    fast.load_state_dict(plain.state_dict())
+    convs = [m for m in fast.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    seen = []
+    fast.register_forward_hook(lambda m, args, out: seen.append(args[0]))  # the input forward sees
+    images = torch.randn(2, 3, 32, 32)
+    (a, grid_a), (b, grid_b) = plain(images), fast(images)
+    assert seen[0].is_contiguous(memory_format=torch.channels_last)
+    assert grid_a == grid_b and a.shape == b.shape  # (B, N, D)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

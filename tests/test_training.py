@@ -3,6 +3,8 @@ validation captions, and the aliases the moved names keep for one release."""
 
 from __future__ import annotations
 
+import math
+from datetime import timedelta
 from types import SimpleNamespace
 
 import pytest
@@ -20,7 +22,7 @@ from captioner.training.objectives import (
     SelfCritical,
     objective_for,
 )
-from captioner.training.optim import OptimConfig, build_optimizer
+from captioner.training.optim import OptimConfig, build_optimizer, set_budget_used
 from captioner.training.validation import EpochCaptions, score_epoch
 from tests.test_system import VOCAB, _batch, _system
 
@@ -73,6 +75,51 @@ def test_build_optimizer_schedules() -> None:
     assert lrs[7] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay
     assert lrs[12:] == pytest.approx([0.1, 0.1])
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+
+
+def test_cosine_by_time_decays_with_the_budget_spent() -> None:
+    """schedule_by time: the decay's progress is the larger of the steps' share and the time
+    budget's; a run stopped by max_time at a third of its steps ends at the floor."""
+    built = build_optimizer(_model(), OptimConfig(lr=1.0, scheduler="cosine", min_lr_ratio=0.1), lambda: 30.0)
+    sched = built["lr_scheduler"]["scheduler"]
+
+    def next_lr(share: float) -> float:
+        set_budget_used(sched, share)
+        sched.step()
+        return sched.get_last_lr()[0]
+
+    assert next_lr(0.5) == pytest.approx(0.55)  # step 1 of 30, half the time spent: half-way down
+    assert next_lr(1.0) == pytest.approx(0.1)
+    # the steps lead again when they are further (step 3 of 30)
+    assert next_lr(0.0) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 3 / 30)))
+
+
+def _timed_system(schedule_by: str, elapsed: float, duration: float | None):
+    """A system whose trainer holds Lightning's Timer at ``elapsed`` s of ``duration`` (None: no
+    max_time) and the cosine schedule of 100 steps; returns the system and the schedule."""
+    from lightning.pytorch.callbacks import Timer
+
+    system = _system()
+    system.optim = OptimConfig(lr=1.0, scheduler="cosine", min_lr_ratio=0.0, schedule_by=schedule_by)
+    built = build_optimizer(system.model, system.optim, lambda: 100.0)
+    timer = Timer(duration=None if duration is None else timedelta(seconds=duration))
+    timer.time_elapsed = lambda stage="train": elapsed  # the injected clock
+    system._trainer = SimpleNamespace(callbacks=[timer], lr_scheduler_configs=[
+        SimpleNamespace(scheduler=built["lr_scheduler"]["scheduler"])])
+    return system, built["lr_scheduler"]["scheduler"]
+
+
+def test_system_tells_the_schedule_the_time_spent() -> None:
+    system, sched = _timed_system("time", elapsed=30.0, duration=120.0)
+    system.on_train_batch_start({}, 0)
+    assert sched.lr_lambdas[0].budget_used == pytest.approx(0.25)
+    sched.step()
+    assert sched.get_last_lr()[0] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.25)))
+    # by steps (the default), or without max_time, the clock is not read
+    for schedule_by, duration in (("steps", 120.0), ("time", None)):
+        system, sched = _timed_system(schedule_by, elapsed=30.0, duration=duration)
+        system.on_train_batch_start({}, 0)
+        assert sched.lr_lambdas[0].budget_used == 0.0
 
 
 def _lrs(built: dict, steps: int) -> list[float]:
@@ -183,3 +230,17 @@ def test_epoch_captions_pad_gather_each_image_once_and_start_afresh() -> None:
     assert score_epoch({7: "w0 w1"}, None, "val", "validation") == {}
     scores = score_epoch({7: "w0 w1", 9: "w3"}, SimpleNamespace(references=lambda split: {7: ["w0 w1"]}), "val", "val")
     assert set(scores) == {"CIDEr", "Bleu_4", "exact_match"} and scores["exact_match"] == 1.0
+
+
+def test_a_fit_capped_by_time_records_the_budget_spent_in_its_schedule(shapes_dir, tmp_path) -> None:
+    """Through Lightning: the schedule's state in the checkpoint holds the share of max_time spent."""
+    from captioner.cli import main
+    from tests.conftest import fit_args
+
+    args = fit_args(shapes_dir, tmp_path, "--trainer.max_time", "00:01:00:00", "--trainer.max_steps", "3",
+                    "--model.optim.schedule_by", "time", "--model.optim.scheduler", "cosine")
+    assert main(args) == 0
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    (state,) = ckpt["lr_schedulers"]
+    share = state["lr_lambdas"][0]["budget_used"]
+    assert 0 < share < 0.01  # seconds of an hour

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Annotated, Literal
@@ -51,6 +52,18 @@ def check_renamed_data_keys(keys: Iterable[str]) -> None:
         raise ValueError("; ".join(f"data.{k} is now data.{RENAMED_DATA_KEYS[k]}" for k in old))
 
 
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (Linux: MemAvailable; else all of it)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 class CaptionDataset(Dataset):
     """Images (or cached features) with one caption each.
 
@@ -74,6 +87,7 @@ class CaptionDataset(Dataset):
         features=None,
         seed: int = 0,
         grounding: bool = False,
+        images: Sequence[Tensor | None] | None = None,
     ) -> None:
         if mode not in ("random", "all", "first"):
             raise ValueError(f"caption mode must be 'random', 'all' or 'first', got {mode!r}")
@@ -86,6 +100,8 @@ class CaptionDataset(Dataset):
         self.features = features  # a FeatureStore-like object: .item(image_id) -> {"features": (N, D), ...}
         self.seed = seed
         self.grounding = grounding
+        # data.in_memory: each record's preprocessed image (None: unreadable, skipped), read once
+        self.images = images
         self._masks: dict[int, Tensor] = {}
         if grounding:
             missing = [r for r in self.records if r.grounding is None]
@@ -129,6 +145,11 @@ class CaptionDataset(Dataset):
             item.update(self._grounding_item(i, j, len(caption) - 1))
         if self.features is not None:
             item.update(self.features.item(rec.image_id))
+            return item
+        if self.images is not None:
+            if self.images[i] is None:
+                return None
+            item["image"] = self.images[i]
             return item
         try:
             image = self.preprocessing.load(rec.path) if self.preprocessing else load_image(rec.path)
@@ -208,6 +229,9 @@ class CaptionDataModule(L.LightningDataModule):
         preprocessing: resize/normalise; ``captioner fit`` takes it from the encoder.
         feature_cache: a folder written by ``captioner features extract``; images are then not read.
         limit_train, limit_eval: use only the first N images of each split (quick runs).
+        in_memory: read and preprocess each split's images once, into RAM (float32), and serve
+            batches from there without worker processes (``num_workers`` is then unused). Refused
+            (``ValueError``) when a split would take more than half the memory available.
         seed: the order of training images and the reference drawn per epoch.
 
     Multi-process training shards through ``EpochSampler`` (so ``captioner fit`` sets
@@ -236,6 +260,7 @@ class CaptionDataModule(L.LightningDataModule):
         limit_train: PositiveInt | None = None,
         limit_eval: PositiveInt | None = None,
         seed: int = 0,
+        in_memory: bool = False,
     ) -> None:
         super().__init__()
         # every argument against its annotation (an unknown data.dataset lists the registered ones)
@@ -265,6 +290,8 @@ class CaptionDataModule(L.LightningDataModule):
         self.limit_train = limit_train
         self.limit_eval = limit_eval
         self.seed = seed
+        self.in_memory = in_memory
+        self._images: dict[str, list[Tensor | None]] = {}  # data.in_memory: per split
         self.grounding = self.source.grounded_training
         self._records: dict[str, list[ImageRecord]] | None = None
         self._grounded: set[str] = set()  # splits whose records carry the source's grounding
@@ -443,8 +470,29 @@ class CaptionDataModule(L.LightningDataModule):
         return CaptionDataset(
             records, self.vocab, self.preprocessing, mode,
             self.max_caption_length, self.skip_bad_images, self._features(), self.seed,
-            grounding=grounding,
+            grounding=grounding, images=self._images_in_memory(split),
         )
+
+    def _images_in_memory(self, split: str) -> list[Tensor | None] | None:
+        """``data.in_memory``: the split's preprocessed images, read once (None per unreadable
+        image when ``skip_bad_images``); None when off or when a feature cache replaces images."""
+        if not self.in_memory or self.feature_cache:
+            return None
+        if split not in self._images:
+            records = self.split_records(split)
+            size = self.preprocessing.image_size
+            need = len(records) * 3 * size * size * 4  # float32 (3, S, S) per image
+            available = available_memory()
+            if need > available / 2:
+                raise ValueError(
+                    f"data.in_memory: the {split} split's {len(records)} images at {size} px need "
+                    f"{need / 2**30:.1f} GiB, more than half the {available / 2**30:.1f} GiB of memory "
+                    "available; set data.in_memory: false (images are then read per batch)")
+            reader = CaptionDataset(records, self.vocab, self.preprocessing, "first", self.max_caption_length,
+                                    self.skip_bad_images)
+            self._images[split] = [item["image"] if item else None for item in map(reader.__getitem__, range(len(records)))]
+            logger.info("data.in_memory: %d %s images (%.0f MiB)", len(records), split, need / 2**20)
+        return self._images[split]
 
     def _attach_grounding(self, split: str) -> None:
         """Copy the source's word-region grounding onto the split's records, once, when a dataset
@@ -463,14 +511,15 @@ class CaptionDataModule(L.LightningDataModule):
         if split == "train":
             self._train_sampler = sampler
             self._apply_resume()
+        workers = 0 if ds.images is not None else self.num_workers  # in memory: nothing left to read
         return DataLoader(
             ds,
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
             sampler=sampler,
-            num_workers=self.num_workers,
+            num_workers=workers,
             collate_fn=collate_captions,
             pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:

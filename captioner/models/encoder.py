@@ -60,6 +60,9 @@ class EncoderConfig:
     # on an object's colour), and appends the colour from a per-pixel path max-pooled to the grid
     # (docs/training.md, model.encoder.stem). Every encoder.
     stem: Literal["rgb", "split"] = "rgb"
+    # Convolutions in NHWC memory order (weights and input): oneDNN's fast layout on CPU, and what
+    # tensor cores want. The same features up to float rounding (docs/training.md). Every encoder.
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         check_fields(self, "model.encoder")
@@ -94,7 +97,15 @@ def create_encoder(config: EncoderConfig) -> Encoder:
     encoder = cls(config)
     if config.stem not in getattr(cls, "stems", Encoder.stems):
         encoder = STEMS[config.stem](encoder, config.name)
+    if config.channels_last:
+        encoder.to(memory_format=torch.channels_last)  # the 4-D weights
+        encoder.register_forward_pre_hook(_channels_last_input)
     return encoder
+
+
+def _channels_last_input(module: nn.Module, args: tuple) -> tuple:
+    images, *rest = args  # (B, 3, S, S), stored NHWC from here on
+    return (images.contiguous(memory_format=torch.channels_last), *rest)
 
 
 def encoder_preprocessing(config: EncoderConfig) -> Preprocessing:

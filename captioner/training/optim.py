@@ -40,6 +40,10 @@ class OptimConfig:
     gamma: Annotated[float, Range(gt=0, le=1)] = 0.8  # "step" and "plateau" decay
     warmup_steps: NonNegativeInt = 0
     min_lr_ratio: UnitInterval = 0.05  # "cosine" floor
+    # "time": with trainer.max_time set, the cosine decay's progress is the larger of the steps'
+    # share and the time budget's share used, so a run stopped by its time ends decayed (and one
+    # that reaches max_epochs first ends as "steps" would). Warm-up stays counted in steps.
+    schedule_by: Literal["steps", "time"] = "steps"
 
     def __post_init__(self) -> None:
         check_fields(self, "model.optim")
@@ -72,15 +76,26 @@ def build_optimizer(model: nn.Module, config: OptimConfig, total_steps: Callable
 
 class WarmupCosine:
     """Linear warm-up, then cosine decay to ``floor`` (constant when ``total`` is None).
-    A class rather than a lambda so that the scheduler's state stays picklable-free."""
+    A class rather than a lambda so that the scheduler's state stays picklable-free: its state is
+    plain numbers, ``budget_used`` among them (the share of a time budget spent, in [0, 1], set from
+    outside by whoever keeps the clock; the decay's progress is at least that share)."""
 
     def __init__(self, warmup: int, total: int | None, floor: float) -> None:
         self.warmup, self.total, self.floor = warmup, total, floor
+        self.budget_used = 0.0
 
     def __call__(self, step: int) -> float:
         if step < self.warmup:
             return (step + 1) / self.warmup
         if self.total is None:
             return 1.0
-        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        progress = min(1.0, max((step - self.warmup) / max(1, self.total - self.warmup), self.budget_used))
         return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_budget_used(scheduler, share: float) -> None:
+    """Tell a ``WarmupCosine`` schedule (``build_optimizer``'s) that ``share`` of the run's time
+    budget is spent; other schedules do not follow time."""
+    for fn in getattr(scheduler, "lr_lambdas", ()):
+        if isinstance(fn, WarmupCosine):
+            fn.budget_used = min(1.0, max(0.0, share))
