@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -36,8 +37,6 @@ def test_import_captioner_stays_light_and_exports_the_pipeline():
 
 
 def test_pipe_takes_paths_pil_images_tensors_one_or_many(folder, shapes_dir):
-    from torchvision.io import decode_image
-
     from captioner import CaptionPipeline as Exported
 
     pipe = Exported.from_pretrained(str(folder), beam_size=2)
@@ -49,7 +48,8 @@ def test_pipe_takes_paths_pil_images_tensors_one_or_many(folder, shapes_dir):
     assert one.text == want[0] and one.alphas.dim() == 3
     assert pipe(str(paths[0])).text == want[0]
     assert pipe(Image.open(paths[0])).text == want[0]  # converted to RGB
-    pixels = [decode_image(str(p)) for p in paths]  # uint8 (3, H, W)
+    # uint8 (3, H, W), as a user's own decoder gives them (torchvision.io's is deprecated)
+    pixels = [torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1).contiguous() for p in paths]
     assert pipe(pixels[0]).text == want[0]
     pre = pipe.loaded.preprocessing
     assert pipe(pre(Image.open(paths[0]).convert("RGB"))).text == want[0]  # preprocessed float

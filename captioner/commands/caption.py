@@ -281,7 +281,14 @@ def _progress(a, n: int):
 def run(args: Sequence[str], prog: str = "captioner caption") -> int:
     from captioner.commands.parsing import parse_options
 
-    return caption(parse_options(prog, args, add_options, description=DESCRIPTION))
+    return caption(parse_options(prog, args, add_options, _add_trainer, description=DESCRIPTION))
+
+
+def _add_trainer(parser) -> None:
+    """The ``trainer`` section; it imports Lightning, so only when a command line asks for it."""
+    from captioner.commands.config import add_prediction_trainer
+
+    add_prediction_trainer(parser)
 
 
 DESCRIPTION = (

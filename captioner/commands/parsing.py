@@ -79,10 +79,10 @@ def wants_trainer(args: Sequence[str]) -> bool:
 
 
 def parse_options(prog: str, args: Sequence[str], add_options: Callable[[ArgumentParser], None],
-                  description: str | None = None) -> Namespace:
+                  add_trainer: Callable[[ArgumentParser], None], description: str | None = None) -> Namespace:
     """A command's own options (``add_options(parser)``), from ``--config`` files and flags; with
-    the ``trainer`` section (:func:`captioner.commands.config.add_prediction_trainer`, classes in
-    it instantiated) only where :func:`wants_trainer`: ``"trainer" in`` the result says which."""
+    the ``trainer`` section (``add_trainer(parser)``, which imports Lightning; classes in it
+    instantiated) only where :func:`wants_trainer`: ``"trainer" in`` the result says which."""
     args = list(args)
     trainer = wants_trainer(args)
     parser = OptionsParser(prog=prog, description=description)
@@ -92,9 +92,7 @@ def parse_options(prog: str, args: Sequence[str], add_options: Callable[[Argumen
                         help="the training seed of a fit config: read so that the config parses, "
                              "not used by this command")
     if trainer:
-        from captioner.commands.config import add_prediction_trainer
-
-        add_prediction_trainer(parser)
+        add_trainer(parser)
     add_options(parser)
     config = parser.parse_args(args)
     if not trainer:
