@@ -121,6 +121,8 @@ PARSED = ("fit", "caption", "features")
 
 
 @pytest.mark.slow
+# the tour trains on a tiny split, fewer batches than the logging interval: Lightning says so
+@pytest.mark.filterwarnings("ignore:The number of training batches:UserWarning")
 def test_every_readme_command_runs_as_written(tiny_run, monkeypatch, capsys) -> None:
     """Each command runs in a folder laid out as the README assumes (a trained run under
     runs/shapes, data/shapes, photos/), with short training where it trains."""

@@ -145,6 +145,8 @@ def test_resume_refuses_a_setting_it_cannot_honour(flag, value, theirs, two_step
     assert not run.exists()  # nothing trained, nothing written
 
 
+# the checkpoint comes from another run folder on purpose: Lightning notes its dirpath changed
+@pytest.mark.filterwarnings("ignore:The dirpath has changed:UserWarning")
 def test_resume_with_the_same_settings_honours_the_trainer_and_decoding(two_steps, shapes_dir, tmp_path,
                                                                          caplog) -> None:
     """The run's own command again, longer: no error, max_steps and the validation beam follow
@@ -186,6 +188,8 @@ def test_resume_refuses_another_vocabulary(two_steps, shapes_dir, tmp_path, caps
     assert "ckpt_path: its vocabulary" in err and "differs from the data's (8 words)" in err, err
 
 
+# the checkpoint comes from another run folder on purpose: Lightning notes its dirpath changed
+@pytest.mark.filterwarnings("ignore:The dirpath has changed:UserWarning")
 def test_validate_scores_the_checkpoints_model_and_says_what_differs(two_steps, shapes_dir, tmp_path,
                                                                        caplog) -> None:
     import logging
