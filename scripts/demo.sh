@@ -6,14 +6,19 @@
 #   DEMO_RETRAIN=1 scripts/demo.sh        train again
 #   DEMO_MAX_TIME=00:00:10:00 scripts/demo.sh   training budget (dd:hh:mm:ss; default 2 minutes)
 #   DEMO_CONFIG=shapes-hard scripts/demo.sh     hard attention (or shapes-multihead)
+#   DEMO_NO_VENV=1 scripts/demo.sh        use the captioner already on PATH (your own environment)
 #
 # Outputs: data/shapes/ (data set), runs/shapes/checkpoints/best.ckpt (best model on validation
 # CIDEr-D; runs/<DEMO_CONFIG>/... for another config), demo_out/captions.jsonl,
 # demo_out/attention/*.png, demo_out/report/ (metrics, summary).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/_venv.sh
-ensure_venv serve
+if [ "${DEMO_NO_VENV:-0}" = 1 ]; then
+    command -v captioner >/dev/null || { echo "DEMO_NO_VENV=1: no captioner on PATH" >&2; exit 2; }
+else
+    source scripts/_venv.sh
+    ensure_venv serve
+fi
 
 MAX_TIME="${DEMO_MAX_TIME:-00:00:02:00}"  # the time-to-quality budget (docs/results.md)
 CONFIG="${DEMO_CONFIG:-shapes}"
@@ -50,8 +55,8 @@ PY
 if has caption; then
     echo "== 3. caption: ${#SAMPLES[@]} test images (beam 3) -> $OUT/captions.jsonl"
     captioner caption --checkpoint "$CKPT" --beam-size 3 --json "${SAMPLES[@]}" | tee "$OUT/captions.jsonl"
-    echo "   the same images as JPEGs, decoded and resized by torchvision on the model's device"
-    echo "   (nvJPEG on a GPU; the default there): $OUT/jpeg/"
+    echo "   the same images as JPEGs: on a GPU decoded there by TorchCodec when it is installed"
+    echo "   (pip install 'captioner[torchcodec]'), else by PIL: $OUT/jpeg/"
     mkdir -p "$OUT/jpeg"
     python - "$OUT/jpeg" "${SAMPLES[@]}" <<'PY'
 import sys
@@ -62,7 +67,7 @@ from PIL import Image
 for p in sys.argv[2:]:
     Image.open(p).convert("RGB").save(Path(sys.argv[1]) / f"{Path(p).stem}.jpg", quality=95)
 PY
-    captioner caption --checkpoint "$CKPT" --beam-size 3 --jpeg-decode device "$OUT"/jpeg/*.jpg
+    captioner caption --checkpoint "$CKPT" --beam-size 3 --jpeg-decode auto "$OUT"/jpeg/*.jpg
     echo "   the same PNGs decoded with int8 weights on the CPU (--quantize int8) -> $OUT/captions-int8.jsonl"
     captioner caption --checkpoint "$CKPT" --beam-size 3 --quantize int8 --device cpu --json "${SAMPLES[@]}" \
         > "$OUT/captions-int8.jsonl"
