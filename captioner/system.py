@@ -139,8 +139,21 @@ class CaptioningSystem(L.LightningModule):
             from captioner.models.encoder import encoder_fingerprint
 
             splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ())
+            self._decode_as_the_cache(dm)
             dm.check_feature_cache(encoder_fingerprint(self.encoder_config, self.model.encoder),
                                    self.preprocessing, splits)
+
+    def _decode_as_the_cache(self, dm) -> None:
+        """A cache made before ``jpeg_dct_scaling`` existed decoded large JPEGs whole; otherwise
+        made as this run would make it, it is kept (not refused, which would mean encoding a whole
+        data set again) and the model decodes as the cache did, so that its captions see the
+        pixels it trained on. The checkpoint records it."""
+        cached = dm.feature_cache_preprocessing() if hasattr(dm, "feature_cache_preprocessing") else None
+        pre = self.preprocessing
+        if cached is not None and pre.jpeg_dct_scaling and cached == replace(pre, jpeg_dct_scaling=False):
+            self.model.encoder.preprocessing = cached
+            logger.info("the feature cache decoded large JPEGs whole (it predates jpeg_dct_scaling): "
+                        "this model will too, to caption the pixels it trained on")
 
     # -- training ------------------------------------------------------------------------------
     def compute_loss(self, batch: dict) -> dict[str, Tensor]:

@@ -454,3 +454,23 @@ def test_a_disk_too_small_for_the_cache_fails_before_any_image_is_encoded(shapes
     assert err.value.errno == errno.ENOSPC
     assert counting.calls == 1  # the probe only: nothing was encoded for nothing
     assert not list(out.glob("shard-*")) and not list(out.glob(".shard-*"))
+
+
+def test_fit_keeps_a_cache_made_before_dct_scaling_and_decodes_as_it_did(cache, shapes_dir, tmp_path, capsys) -> None:
+    """A cache that predates ``jpeg_dct_scaling`` (its index has no such key: large JPEGs decoded
+    whole) is not refused for it; the model trained from it records whole decoding, so that its
+    captions see the pixels it trained on."""
+    import shutil
+
+    from captioner.checkpoint import load_checkpoint
+
+    old = tmp_path / "old-cache"
+    shutil.copytree(cache, old)
+    index = json.loads((old / "index.json").read_text())
+    assert index["preprocessing"].pop("jpeg_dct_scaling") is True
+    (old / "index.json").write_text(json.dumps(index))
+    args = _fit_from(shapes_dir, tmp_path / "run", old, "--trainer.fast_dev_run", "false",
+                     "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0")
+    assert main(args) == 0, capsys.readouterr().err[-2000:]
+    loaded = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt", "cpu")
+    assert loaded.preprocessing.jpeg_dct_scaling is False

@@ -459,6 +459,11 @@ class CaptionDataModule(L.LightningDataModule):
         records = [r for s in splits if s in self.records for r in self.split_records(s)]
         store.check(encoder, preprocessing, records)
 
+    def feature_cache_preprocessing(self) -> Preprocessing | None:
+        """The preprocessing the feature cache recorded (None without a cache)."""
+        store = self._features()
+        return None if store is None else store.preprocessing
+
     def dataset_for(self, split: str, mode: str | None = None, grounding: bool | None = None) -> CaptionDataset:
         """``grounding``: items carry word-region grounding; None: for the training split when
         ``data.shapes.grounding`` is set (only training uses it)."""
