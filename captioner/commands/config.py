@@ -52,10 +52,14 @@ from captioner.system import CaptioningSystem
 
 logger = logging.getLogger(__name__)
 
-# Lightning 2.6 builds torch's LeafSpec, which torch 2.10+ deprecates: the warning is about
-# Lightning's code, not ours or the user's, and would greet every `fit`.
+# Not our call: Lightning 2.6's CombinedLoader flattens every run's dataloaders with its own
+# copy of torch's tree_flatten (lightning/pytorch/utilities/_pytree.py), which builds torch's
+# LeafSpec; torch 2.10+ marks that a FutureWarning. No captioner code touches LeafSpec and no
+# dataloader shape avoids it, so only that warning, from that module, is ignored, and it would
+# greet every `fit` otherwise. Remove when Lightning stops using LeafSpec (pyproject has the same
+# filter for the tests).
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-                        module=r"lightning\.pytorch\.utilities\._pytree")
+                        category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
 
 DEFAULT_ROOT = "runs/captioner"
 # Sharding is done by the data module's EpochSampler (resumable, no repeats).
@@ -430,7 +434,7 @@ class ConfigCLI(CaptionerCLI):
         super().__init__(args, run=False, prog=prog, description=description)
 
     def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        self._add_trainer(parser)
+        add_prediction_trainer(parser)
         # The model comes from a checkpoint (evaluate) or is a frozen encoder (features): its
         # section is parsed and checked, never built.
         parser.add_class_arguments(CaptioningSystem, "model", fail_untyped=False,
@@ -440,9 +444,6 @@ class ConfigCLI(CaptionerCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         add_run_arguments(parser, link_vocab=False)
         self._add_options(parser)
-
-    def _add_trainer(self, parser: LightningArgumentParser) -> None:
-        add_prediction_trainer(parser)
 
     def add_default_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # A fit config sets it, so it must parse here too; nothing here is seeded.
