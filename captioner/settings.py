@@ -88,6 +88,12 @@ def check_value(key: str, hint: Any, value: Any) -> None:
         if value not in choices:
             raise SettingError(key, "one of " + ", ".join(map(repr, choices)) + (", or null" if optional else ""),
                                value)
+    elif get_origin(hint) is tuple and isinstance(value, tuple | list):
+        items = get_args(hint)
+        if len(items) != len(value) and not (len(items) == 2 and items[1] is Ellipsis):
+            raise SettingError(key, f"{len(items)} values", value)
+        for i, v in enumerate(value):
+            check_value(f"{key}[{i}]", items[0] if items[-1] is Ellipsis else items[i], v)
     elif get_origin(hint) is Annotated:
         for meta in hint.__metadata__:
             if isinstance(meta, Range) and isinstance(value, int | float) and value not in meta:
@@ -130,6 +136,10 @@ def accepts(hint: Any, names: bool = False) -> str:
     text = ""
     if get_origin(hint) is Literal:
         text = ", ".join(f"`{c}`" for c in get_args(hint))
+    elif get_origin(hint) is tuple and get_args(hint)[-1] is not Ellipsis:
+        parts = [accepts(a) or getattr(a, "__name__", str(a)) for a in get_args(hint)]
+        text = f"{len(parts)} values, " + (parts[0] if len(set(parts)) == 1 else "; ".join(parts))
+        text += " each" if len(set(parts)) == 1 else ""
     elif get_origin(hint) is Annotated:
         for meta in hint.__metadata__:
             if isinstance(meta, Range):

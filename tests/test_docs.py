@@ -23,7 +23,9 @@ TRAINING = ROOT / "docs" / "training.md"
 
 
 def _yaml(value) -> str:
-    """A default as the docs write it (YAML scalars)."""
+    """A default as the docs write it (YAML scalars; a tuple as the list a config writes)."""
+    if isinstance(value, tuple):
+        return "[" + ", ".join(map(_yaml, value)) + "]"
     if value is None:
         return "null"
     if isinstance(value, bool):

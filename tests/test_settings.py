@@ -53,8 +53,8 @@ def test_a_number_out_of_range_is_one_line_before_any_data(flag, value, says, tm
 
 
 @pytest.mark.parametrize(("flag", "says"), [
-    ("--model.optim.optimizer", "model.optim.optimizer must be one of 'adam', 'adamw', 'rmsprop', got 'sgd'"),
-    ("--model.optim.scheduler", "model.optim.scheduler must be one of 'none', 'cosine', 'step', 'plateau'"),
+    ("--model.optim.optimizer", "model.optim.optimizer must be one of 'adam', 'adamw', 'rmsprop', 'muon', got 'sgd'"),
+    ("--model.optim.scheduler", "model.optim.scheduler must be one of 'none', 'cosine', 'wsd', 'step', 'plateau'"),
     ("--model.encoder.stem", "model.encoder.stem must be one of 'rgb', 'split', got 'sgd'"),
     ("--model.decoder.gate", "model.decoder.gate must be one of 'scalar', 'vector', 'none'"),
     ("--model.decoder.semi_sampling_unit", "model.decoder.semi_sampling_unit must be one of 'step', 'caption'"),
@@ -75,8 +75,8 @@ def test_a_bad_choice_is_one_line_before_any_data(flag, says, tmp_path, capsys) 
 def test_help_lists_the_choices(capsys) -> None:
     assert main(["fit", "--help"]) == 0
     out = capsys.readouterr().out
-    for flag, choices in [("--model.optim.optimizer", "{adam,adamw,rmsprop}"),
-                          ("--model.optim.scheduler", "{none,cosine,step,plateau}"),
+    for flag, choices in [("--model.optim.optimizer", "{adam,adamw,rmsprop,muon}"),
+                          ("--model.optim.scheduler", "{none,cosine,wsd,step,plateau}"),
                           ("--model.encoder.stem", "{rgb,split}"), ("--model.decoder.gate", "{scalar,vector,none}"),
                           ("--model.decoder.semi_sampling_unit", "{step,caption,batch}"),
                           ("--data.captions_per_image", "{random,all}")]:
@@ -114,7 +114,7 @@ def test_python_callers_get_the_same_checks() -> None:
 
     with pytest.raises(SettingError, match=r"model.optim.lr must be > 0, got -1"):
         OptimConfig(lr=-1)
-    with pytest.raises(SettingError, match="model.optim.optimizer must be one of 'adam', 'adamw', 'rmsprop'"):
+    with pytest.raises(SettingError, match="model.optim.optimizer must be one of 'adam', 'adamw', 'rmsprop', 'muon'"):
         OptimConfig(optimizer="sgd")
     with pytest.raises(SettingError, match="model.decoder.attention must be one of"):
         DecoderConfig(attention="nope")

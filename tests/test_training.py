@@ -3,6 +3,7 @@ validation captions, and the aliases the moved names keep for one release."""
 
 from __future__ import annotations
 
+import copy
 import math
 from datetime import timedelta
 from types import SimpleNamespace
@@ -22,7 +23,7 @@ from captioner.training.objectives import (
     SelfCritical,
     objective_for,
 )
-from captioner.training.optim import OptimConfig, build_optimizer, set_budget_used
+from captioner.training.optim import MuonAdam, OptimConfig, build_optimizer, hidden_matrices, set_budget_used
 from captioner.training.validation import EpochCaptions, score_epoch
 from tests.test_system import VOCAB, _batch, _system
 
@@ -93,6 +94,93 @@ def test_cosine_by_time_decays_with_the_budget_spent() -> None:
     assert next_lr(1.0) == pytest.approx(0.1)
     # the steps lead again when they are further (step 3 of 30)
     assert next_lr(0.0) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 3 / 30)))
+
+
+def test_wsd_holds_the_rate_then_falls_linearly_over_its_last_share() -> None:
+    """scheduler wsd: warm-up, lr held, then a straight line down to the floor over the last
+    decay_fraction of the steps after warm-up (here 2 + 10 steps, the last 4 decaying)."""
+    built = build_optimizer(_model(), OptimConfig(lr=1.0, scheduler="wsd", warmup_steps=2, decay_fraction=0.4,
+                                                  min_lr_ratio=0.2), lambda: 12.0)
+    lrs = _lrs(built, 14)
+    assert lrs[:9] == pytest.approx([0.5] + [1.0] * 8)  # held up to step 8, 60 % of the way
+    assert lrs[9:] == pytest.approx([0.2 + 0.8 * f for f in (0.75, 0.5, 0.25, 0.0, 0.0)])
+    # by time: a run stopped at a third of its steps by max_time has decayed by then
+    sched = build_optimizer(_model(), OptimConfig(lr=1.0, scheduler="wsd", decay_fraction=0.5, min_lr_ratio=0.0),
+                            lambda: 30.0)["lr_scheduler"]["scheduler"]
+    lrs = []
+    for share in (0.25, 0.75, 1.0):
+        set_budget_used(sched, share)
+        sched.optimizer.step()
+        sched.step()
+        lrs.append(sched.get_last_lr()[0])
+    assert lrs == pytest.approx([1.0, 0.5, 0.0])
+    # its state is numbers and a name (a checkpoint loads it with weights_only)
+    state = sched.state_dict()["lr_lambdas"][0]
+    assert state["decay"] == "wsd" and all(isinstance(v, (int, float, str)) for v in state.values())
+
+
+def test_betas_reach_adam_and_adamw() -> None:
+    for name in ("adam", "adamw"):
+        opt = build_optimizer(_model(), OptimConfig(optimizer=name, betas=(0.8, 0.95)), _never)
+        assert all(g["betas"] == (0.8, 0.95) for g in opt.param_groups)
+    with pytest.raises(ValueError, match="model.optim.betas"):
+        OptimConfig(betas=(0.9, 1.5))
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_the_rest() -> None:
+    model = _model()
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = {names[id(p)] for p in hidden_matrices(model)}
+    assert {"decoder.lstm.weight_ih", "decoder.lstm.weight_hh", "decoder.init_h.weight"} <= muon
+    # inputs and outputs (embedding, vocabulary scores), biases, vectors and convolutions stay on AdamW
+    assert not any(n.startswith(("decoder.embedding", "decoder.out.")) or n.endswith("bias") for n in muon)
+    assert "decoder.gate.weight" not in muon  # (1, H): a vector
+    assert not any(p.dim() != 2 for p in hidden_matrices(model))
+    opt = build_optimizer(model, OptimConfig(optimizer="muon", lr=2e-3, encoder_lr=1e-3, betas=(0.9, 0.95)), _never)
+    assert isinstance(opt, MuonAdam) and isinstance(opt.muon, torch.optim.Muon)
+    # every parameter in exactly one group, each group with its settings' lr, Adam's with the betas
+    listed = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(listed) == sorted(id(p) for p in model.parameters())
+    for g in opt.param_groups:
+        lr = 1e-3 if all(names[id(p)].startswith("encoder.") for p in g["params"]) else 2e-3
+        assert g["lr"] == lr
+    assert all(g["betas"] == (0.9, 0.95) for g in opt.adam.param_groups)
+    # the groups a schedule sets are the inner optimisers' own
+    assert opt.param_groups[0] is opt.muon.param_groups[0]
+
+
+def test_muon_resumes_from_its_state_dict_as_if_never_stopped() -> None:
+    """Three steps, saved, two more: a fresh optimiser loaded from the save and given the same two
+    steps ends with the same weights (what a resumed run's last.ckpt gives the optimiser)."""
+
+    def grads(model, k):
+        g = torch.Generator().manual_seed(k)
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=g)
+
+    model = _model()
+    opt = build_optimizer(model, OptimConfig(optimizer="muon", lr=1e-2), _never)
+    for k in range(3):
+        grads(model, k)
+        opt.step()
+    # (a state_dict holds the live tensors, as PyTorch's do; a checkpoint is a copy)
+    saved, weights = copy.deepcopy(opt.state_dict()), {n: p.detach().clone() for n, p in model.named_parameters()}
+    for k in (3, 4):
+        grads(model, k)
+        opt.step()
+    again = _model()
+    with torch.no_grad():
+        for n, p in again.named_parameters():
+            p.copy_(weights[n])
+    opt2 = build_optimizer(again, OptimConfig(optimizer="muon", lr=1e-2), _never)
+    opt2.load_state_dict(saved)
+    for k in (3, 4):
+        grads(again, k)
+        opt2.step()
+    for (n, a), b in zip(model.named_parameters(), again.parameters(), strict=True):
+        torch.testing.assert_close(b, a, msg=n)
+    with pytest.raises(ValueError, match="muon cannot resume"):
+        opt2.load_state_dict(torch.optim.Adam(again.parameters()).state_dict())
 
 
 def _timed_system(schedule_by: str, elapsed: float, duration: float | None):

@@ -240,6 +240,10 @@ class AttentionDecoder(nn.Module):
         nn.init.zeros_(self.out.bias)
         nn.init.uniform_(self.out.weight, -0.1, 0.1)
 
+    def output_layers(self) -> list[nn.Module]:
+        """The layers that score the vocabulary (an optimiser may treat them apart)."""
+        return [self.out] + ([self.grounded.head] if self.grounded is not None else [])
+
     # -- pieces shared by teacher forcing and decoding ------------------------------------------
     def init_state(self, features: Tensor) -> State:
         mean = features.mean(dim=1)  # (B, D)
