@@ -23,7 +23,13 @@ from captioner.training.objectives import (
     SelfCritical,
     objective_for,
 )
-from captioner.training.optim import MuonAdam, OptimConfig, build_optimizer, hidden_matrices, set_budget_used
+from captioner.training.optim import (
+    MuonAdam,
+    OptimConfig,
+    build_optimizer,
+    hidden_matrices,
+    set_budget_used,
+)
 from captioner.training.validation import EpochCaptions, score_epoch
 from tests.test_system import VOCAB, _batch, _system
 
