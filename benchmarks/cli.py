@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     d.add_argument("--compile", action="store_true", help="torch.compile the decoder")
     d.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16: autocast")
+    d.add_argument("--optimizer", default="adam", choices=("adam", "muon"), help="the training step's (model.optim.optimizer)")
     decoding_options(d)
     d.add_argument("--only", nargs="+", choices=PARTS, default=None, help="run only these parts")
 
@@ -184,7 +185,7 @@ def run(a: argparse.Namespace) -> dict:
             attention_dim=a.attention_dim, decoder_dim=a.decoder_dim, caption_length=a.caption_length,
             beam_size=a.beam_size, max_steps=a.max_steps, attention=a.attention, repeats=a.repeats,
             device=a.device, compile=a.compile, parts=a.only or PARTS, precision=a.precision,
-            quantize=a.quantize, cuda_graph=_graph(a.cuda_graph),
+            quantize=a.quantize, cuda_graph=_graph(a.cuda_graph), optimizer=a.optimizer,
         )
     elif a.bench == "caption":
         w, _, h = a.source_size.partition("x")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 from benchmarks import timing
 from benchmarks.common import peak_rss_mb, random_captions
@@ -13,6 +14,7 @@ from captioner.inference import autocast
 from captioner.models import AttentionDecoder, DecoderConfig
 from captioner.models.quantize import quantize_decoder
 from captioner.training import LossConfig, caption_loss
+from captioner.training.optim import OptimConfig, build_optimizer
 
 PARTS = ("train", "beam", "greedy")
 
@@ -37,11 +39,13 @@ def bench_decoder(
     precision: str = "fp32",
     quantize: str = "none",
     cuda_graph: bool | None = None,
+    optimizer: str = "adam",
 ) -> dict:
     """Decoder training step, beam search and greedy decoding at the given shapes;
     ``precision="bf16"`` runs them under bf16 autocast (as ``--trainer.precision bf16-mixed`` does);
     ``quantize="int8"`` decodes with int8 weights (training is unchanged); ``cuda_graph=False``
-    keeps decoding on a GPU from replaying its steps as a CUDA graph."""
+    keeps decoding on a GPU from replaying its steps as a CUDA graph; ``optimizer`` names the
+    training step's (``model.optim.optimizer``)."""
     dev = torch.device(device)
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
@@ -54,7 +58,9 @@ def bench_decoder(
     result: dict = {}
 
     if "train" in parts:
-        opt = torch.optim.Adam(decoder.parameters(), lr=4e-4)
+        # the optimiser fit builds (model.optim.optimizer), over a model of this decoder alone
+        opt = build_optimizer(nn.ModuleDict({"encoder": nn.Identity(), "decoder": decoder}),
+                              OptimConfig(lr=4e-4, optimizer=optimizer), lambda: 1.0)
         decoder.train()
 
         def train_step() -> None:

@@ -1,5 +1,6 @@
 """A whole training step of ``CaptioningSystem`` (encoder, decoder, loss with attention supervision,
-backward, gradient clipping, Adam) with per-step speed settings taking turns."""
+backward, gradient clipping, the optimiser's step: Adam, or Muon with AdamW) with per-step speed
+settings taking turns."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ from captioner.inference import autocast
 from captioner.models import DecoderConfig, EncoderConfig
 from captioner.system import CaptioningSystem
 from captioner.training import LossConfig
+from captioner.training.optim import OptimConfig, build_optimizer
 
-# name -> (model.encoder.channels_last, precision); "fp32" is the yardstick of the ratios
-VARIANTS = {"fp32": (False, "fp32"), "channels_last": (True, "fp32"), "bf16": (False, "bf16"),
-            "channels_last+bf16": (True, "bf16")}
+# name -> (model.encoder.channels_last, precision, model.optim.optimizer); "fp32" is the yardstick
+VARIANTS = {"fp32": (False, "fp32", "adam"), "channels_last": (True, "fp32", "adam"), "bf16": (False, "bf16", "adam"),
+            "channels_last+bf16": (True, "bf16", "adam"), "muon": (False, "fp32", "muon"),
+            "channels_last+muon": (True, "fp32", "muon")}
 
 
 def bench_step(*, variants: tuple[str, ...] = tuple(VARIANTS), batch: int = 64, image_size: int = 64, grid: int = 8,
@@ -41,11 +44,11 @@ def bench_step(*, variants: tuple[str, ...] = tuple(VARIANTS), batch: int = 64, 
                             dropout=0.2, gate_bias=2.0)
     steps = []
     for name in variants:
-        channels_last, precision = VARIANTS[name]
+        channels_last, precision, optimizer = VARIANTS[name]
         torch.manual_seed(0)
         system = CaptioningSystem(encoder=replace(encoder, channels_last=channels_last), decoder=decoder,
                                   loss=LossConfig(doubly_stochastic=0.0, attention_supervision=1.0), vocab=words).train()
-        opt = torch.optim.Adam(system.model.parameters(), lr=1e-3)
+        opt = build_optimizer(system.model, OptimConfig(lr=1e-3, optimizer=optimizer), lambda: 1.0)
 
         def step(system=system, opt=opt, precision=precision) -> None:
             with autocast("cpu", precision):

@@ -73,6 +73,17 @@ def test_decoder_benchmark_reports_the_timings_it_measured(capsys, timings, atte
         assert report[f"{part}_images_per_s"] == pytest.approx(batch / statistics.median(secs)), part
 
 
+def test_decoder_benchmark_trains_with_the_optimiser_fit_builds(capsys, monkeypatch) -> None:
+    from captioner.training import optim
+
+    built = []
+    real = optim.OPTIMIZERS["muon"]
+    monkeypatch.setitem(optim.OPTIMIZERS, "muon", lambda *a: built.append(real(*a)) or built[-1])
+    report = _run(capsys, "decoder", *TINY_DECODER, "--optimizer", "muon", "--only", "train")
+    assert report["settings"]["optimizer"] == "muon" and report["train_s_per_step"] > 0
+    assert len(built) == 1 and isinstance(built[0].muon, torch.optim.Muon)
+
+
 def test_decoder_benchmark_decodes_in_int8(capsys) -> None:
     report = _run(capsys, "decoder", *TINY_DECODER, "--quantize", "int8", "--only", "beam", "greedy")
     assert report["beam_images_per_s"] > 0 and report["greedy_images_per_s"] > 0
@@ -119,9 +130,10 @@ def test_encoder_benchmark_reports_the_timings_it_measured(capsys, timings) -> N
 
 def test_step_benchmark_reports_each_variant_and_its_ratio_to_fp32(capsys, timings) -> None:
     report = _run(capsys, "step", "--image-size", "32", "--grid", "4", "--channels", "16", "--batch", "2",
-                  "--decoder-dim", "16", "--repeats", "3", "--variants", "fp32", "channels_last", "bf16")
-    ((fp32, nhwc, bf16),) = timings  # one loop, the variants taking turns
-    assert len(fp32) == len(nhwc) == len(bf16) == 3
+                  "--decoder-dim", "16", "--repeats", "3", "--variants", "fp32", "channels_last", "bf16", "muon")
+    ((fp32, nhwc, bf16, muon),) = timings  # one loop, the variants taking turns
+    assert len(fp32) == len(nhwc) == len(bf16) == len(muon) == 3
+    assert report["muon_over_fp32"] == pytest.approx(statistics.median(a / b for a, b in zip(muon, fp32)))
     assert report["fp32_ms_per_step"] == pytest.approx(1000 * statistics.median(fp32))
     assert report["channels_last_over_fp32"] == pytest.approx(statistics.median(a / b for a, b in zip(nhwc, fp32)))
     assert report["bf16_over_fp32"] == pytest.approx(statistics.median(a / b for a, b in zip(bf16, fp32)))
