@@ -201,3 +201,23 @@ def test_validate_scores_the_checkpoints_model_and_says_what_differs(two_steps, 
     argv[0] = "validate"
     assert main(argv) == 0
     assert "validate: model.decoder.decoder_dim 16 from the checkpoint (not the 32)" in caplog.text
+
+
+def test_a_muon_run_saves_and_resumes_both_optimisers_states(shapes_dir, tmp_path) -> None:
+    """model.optim.optimizer muon: last.ckpt holds Muon's momentum and AdamW's moments, and a
+    resumed run loads them (a torch.load with weights_only reads them: plain tensors and numbers)."""
+    from captioner.cli import main
+
+    run = tmp_path / "run"
+    muon = ("--model.optim.optimizer", "muon", "--model.optim.scheduler", "wsd")
+    assert main(fit_args(shapes_dir, run, "--trainer.max_steps", "2", *muon)) == 0
+    last = run / "checkpoints" / "last.ckpt"
+    (state,) = torch.load(last, weights_only=True)["optimizer_states"]
+    assert set(state) == {"muon", "adam"}
+    assert all("momentum_buffer" in s for s in state["muon"]["state"].values()) and state["muon"]["state"]
+    assert all("exp_avg_sq" in s for s in state["adam"]["state"].values()) and state["adam"]["state"]
+    assert main(fit_args(shapes_dir, run, "--trainer.max_steps", "4", *muon, "--ckpt_path", str(last))) == 0
+    resumed = torch.load(last, weights_only=True)
+    assert resumed["global_step"] == 4
+    steps = {float(s["step"]) for s in resumed["optimizer_states"][0]["adam"]["state"].values()}
+    assert steps == {4.0}  # AdamW went on from its saved step 2, not from 0
