@@ -111,25 +111,46 @@ def tiny_fit_args(config: Path, settings: dict, dataset: str, shapes_dir: Path, 
     ]
 
 
+def _reference(cls, optim: dict) -> torch.optim.Optimizer:
+    """``cls`` with the config's settings, stepped once on a probe (its state has every key)."""
+    probe = torch.zeros(2, 2, requires_grad=True)
+    options = {"weight_decay": optim["weight_decay"]}
+    if cls is torch.optim.Muon:
+        options["adjust_lr_fn"] = "match_rms_adamw"
+    elif cls is not torch.optim.RMSprop:
+        options["betas"] = tuple(optim.get("betas", (0.9, 0.999)))
+    reference = cls([probe], **options)
+    probe.grad = torch.ones(2, 2)
+    reference.step()
+    return reference
+
+
 def check_optimizer(state: dict, hp: dict) -> None:
     """The saved optimiser is the configured class with its settings, with the encoder's group
-    only when the encoder trains, and it stepped every batch."""
+    only when the encoder trains, and it stepped every batch. muon: Muon's part (the hidden
+    matrices) and AdamW's (the rest), each with its own groups and state."""
     optim = hp["optim"]
-    cls = OPTIMIZERS[optim["optimizer"]]
-    probe = torch.zeros(1, requires_grad=True)
-    reference = cls([probe], weight_decay=optim["weight_decay"])
-    probe.grad = torch.ones(1)
-    reference.step()
-    # e.g. Adam / AdamW: decoupled_weight_decay; RMSprop: alpha, momentum, centered
-    expected = {k: v for k, v in reference.state_dict()["param_groups"][0].items() if k not in ("params", "lr")}
-    groups = state["param_groups"]  # the decoder's, then the encoder's when it trains
-    assert len(groups) == 1 + encoder_trains(EncoderConfig(**hp["encoder"]))
-    for group, lr in zip(groups, (optim["lr"], optim["encoder_lr"] or optim["lr"])):
-        assert {k: group[k] for k in expected} == expected, (cls.__name__, group)
-        assert group.get("initial_lr", group["lr"]) == pytest.approx(lr)
-    param_state = next(iter(state["state"].values()))
-    assert set(param_state) == set(reference.state_dict()["state"][0]), (cls.__name__, set(param_state))
-    assert int(param_state["step"]) == EPOCHS * BATCHES
+    groups = 1 + encoder_trains(EncoderConfig(**hp["encoder"]))  # the decoder's, then the encoder's
+    lrs = (optim["lr"], optim["encoder_lr"] or optim["lr"])
+    if optim["optimizer"] == "muon":
+        parts = [(state["muon"], torch.optim.Muon), (state["adam"], torch.optim.AdamW)]
+    else:
+        parts = [(state, OPTIMIZERS[optim["optimizer"]])]
+    for part, cls in parts:
+        reference = _reference(cls, optim)
+        # e.g. Adam / AdamW: decoupled_weight_decay, betas; RMSprop: alpha, momentum, centered
+        expected = {k: v for k, v in reference.state_dict()["param_groups"][0].items() if k not in ("params", "lr")}
+        if cls is torch.optim.Muon:  # the encoder (convolutions) may have no hidden matrix
+            assert 1 <= len(part["param_groups"]) <= groups
+        else:
+            assert len(part["param_groups"]) == groups
+        for group, lr in zip(part["param_groups"], lrs):
+            assert {k: group[k] for k in expected} == expected, (cls.__name__, group)
+            assert group.get("initial_lr", group["lr"]) == pytest.approx(lr)
+        param_state = next(iter(part["state"].values()))
+        assert set(param_state) == set(reference.state_dict()["state"][0]), (cls.__name__, set(param_state))
+        if "step" in param_state:  # (Muon keeps its momentum only)
+            assert int(param_state["step"]) == EPOCHS * BATCHES
 
 
 def check_scheduler(ckpt: dict, optim: dict, saved_as_best: bool = False) -> None:
@@ -155,7 +176,7 @@ def check_scheduler(ckpt: dict, optim: dict, saved_as_best: bool = False) -> Non
         assert (state["step_size"], state["last_epoch"]) == (optim["step_size"], EPOCHS)
         decays = EPOCHS // optim["step_size"]
         assert state["_last_lr"][0] == pytest.approx(optim["lr"] * optim["gamma"] ** decays)
-    else:  # cosine (or warm-up alone): a LambdaLR stepped every optimiser step
+    else:  # cosine, wsd (or warm-up alone): a LambdaLR stepped every optimiser step
         assert state["last_epoch"] == EPOCHS * BATCHES
         assert state["_last_lr"][0] != pytest.approx(optim["lr"])
 
