@@ -90,10 +90,11 @@ def check_value(key: str, hint: Any, value: Any) -> None:
                                value)
     elif get_origin(hint) is tuple and isinstance(value, tuple | list):
         items = get_args(hint)
-        if len(items) != len(value) and not (len(items) == 2 and items[1] is Ellipsis):
+        variadic = items[-1] is Ellipsis  # tuple[X, ...]
+        if not variadic and len(items) != len(value):
             raise SettingError(key, f"{len(items)} values", value)
         for i, v in enumerate(value):
-            check_value(f"{key}[{i}]", items[0] if items[-1] is Ellipsis else items[i], v)
+            check_value(f"{key}[{i}]", items[0] if variadic else items[i], v)
     elif get_origin(hint) is Annotated:
         for meta in hint.__metadata__:
             if isinstance(meta, Range) and isinstance(value, int | float) and value not in meta:

@@ -56,8 +56,8 @@ logger = logging.getLogger(__name__)
 # copy of torch's tree_flatten (lightning/pytorch/utilities/_pytree.py), which builds torch's
 # LeafSpec; torch 2.10+ marks that a FutureWarning. No captioner code touches LeafSpec and no
 # dataloader shape avoids it, so only that warning, from that module, is ignored, and it would
-# greet every `fit` otherwise. Remove when Lightning stops using LeafSpec (pyproject has the same
-# filter for the tests).
+# greet every `fit` otherwise. Lightning 2.6.6, the newest release on 2026-12-07, still does.
+# Remove when Lightning stops using LeafSpec (pyproject has the same filter for the tests).
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                         category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
 

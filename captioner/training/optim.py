@@ -183,8 +183,11 @@ def build_optimizer(model: nn.Module, config: OptimConfig, total_steps: Callable
     if o.scheduler == "step":
         sched = torch.optim.lr_scheduler.StepLR(optimizer, o.step_size, o.gamma)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
-    total = max(1, int(total_steps())) if o.scheduler in DECAYS else None
-    schedule = WarmupDecay(o.warmup_steps, total, o.min_lr_ratio, o.scheduler if total else "cosine", o.decay_fraction)
+    if o.scheduler in DECAYS:  # a decay that ends with the run
+        schedule = WarmupDecay(o.warmup_steps, max(1, int(total_steps())), o.min_lr_ratio, o.scheduler,
+                               o.decay_fraction)
+    else:  # warm-up alone
+        schedule = WarmupDecay(o.warmup_steps, None, o.min_lr_ratio)
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
