@@ -89,7 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     target = config_command(argv)
     try:
         with _quiet_disk_full_threads():
-            return _run(argv, target, verbose)
+            code = _run(argv, target, verbose)
+        _destroy_process_group()
+        return code
     except UsageError as err:
         if verbose:
             raise
@@ -103,6 +105,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"captioner: error: {full}", file=sys.stderr)
         return 2
+
+
+def _destroy_process_group() -> None:
+    """End a finished multi-process run's process group while the interpreter is whole.
+
+    Lightning registers this at exit for NCCL only. A gloo group left to the interpreter's
+    shutdown can abort a process whose run succeeded (SIGABRT, "terminate called without an
+    active exception"): its worker threads still hold work that refers to Python objects.
+    Only after success: a failed rank's peers may still wait on it, and Lightning kills them.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _run(argv: list[str], target, verbose: bool) -> int:

@@ -66,3 +66,23 @@ def test_two_process_scst_fit_scores_each_ranks_own_images(shapes_dir, tiny_chec
     assert last["scst"]["documents"] == 64  # every rank built the reward from the whole training split
     (metrics,) = tmp_path.glob("logs/version_*/metrics.csv")
     assert "train/reward" in metrics.read_text().splitlines()[0]
+
+
+def test_a_command_destroys_its_process_group(shapes_dir, tiny_checkpoint, tmp_path) -> None:
+    """Lightning destroys the process group at exit for NCCL only: a gloo group left to the
+    interpreter's shutdown can abort a process whose run succeeded (SIGABRT, 'terminate called
+    without an active exception'), which turns a finished multi-process run into exit status -6."""
+    from captioner.cli import main
+
+    # Lightning sets MASTER_*, LOCAL_RANK and NODE_RANK here: left behind, a later test's
+    # 2-process run would take itself for a launched rank 1 and wait for a peer that never comes
+    saved = dict(os.environ)
+    os.environ["MASTER_PORT"] = str(29500 + (os.getpid() + 500) % 1000)
+    val = fit_args(shapes_dir, tmp_path)[1:]  # drop "fit"
+    ddp_one = ["--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "1"]
+    try:
+        assert main(["validate", *val, "--ckpt_path", str(tiny_checkpoint), *ddp_one]) == 0
+        assert not torch.distributed.is_initialized()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
