@@ -69,6 +69,10 @@ class CaptioningSystem(L.LightningModule):
         super().__init__()
         if vocab is None:
             raise ValueError("CaptioningSystem needs a vocabulary (captioner fit links it from the data)")
+        if compile:  # kept as a parameter so that the configs and checkpoints that say false still load
+            raise ValueError("model.compile: true is not supported: it never compiled anything, and "
+                             "compiling the decoder's training step ran far slower (docs/performance.md, "
+                             "'torch.compile'); leave it false")
         # Configs are never mutated, so the shared default instances are safe.
         self.encoder_config = encoder
         self.decoder_config = decoder
@@ -84,7 +88,6 @@ class CaptioningSystem(L.LightningModule):
             "decoding": asdict(self.decoding), "scst": asdict(self.scst),
         })
         self.model = Captioner(self.encoder_config, self.decoder_config, len(self.vocab), self.vocab.to_list())
-        self.compile_decoder = compile
         # Hard attention's moving-average baseline is state: saved, restored on resume. Every
         # system has it, so that every checkpoint has the same keys.
         self.register_buffer("reward_baseline", torch.zeros(()))

@@ -247,3 +247,13 @@ def test_the_import_graph_has_no_cycle() -> None:
     for m in sorted(edges):
         if m not in state:
             visit(m, [m])
+
+
+def test_model_compile_true_is_refused_and_false_still_loads(shapes_dir, tmp_path, capsys) -> None:
+    """model.compile never compiled anything: true is refused before any work; false, which
+    older run configs and checkpoints carry, still loads."""
+    assert main(fit_args(shapes_dir, tmp_path / "run", "--model.compile", "true", "--trainer.max_steps", "1")) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("captioner: error:")]
+    assert "model.compile: true is not supported" in line, line
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert main(fit_args(shapes_dir, tmp_path / "old", "--model.compile", "false", "--trainer.max_steps", "1")) == 0

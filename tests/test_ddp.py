@@ -68,6 +68,7 @@ def test_two_process_scst_fit_scores_each_ranks_own_images(shapes_dir, tiny_chec
     assert "train/reward" in metrics.read_text().splitlines()[0]
 
 
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")  # best.ckpt read from another run
 def test_a_command_destroys_its_process_group(shapes_dir, tiny_checkpoint, tmp_path) -> None:
     """Lightning destroys the process group at exit for NCCL only: a gloo group left to the
     interpreter's shutdown can abort a process whose run succeeded (SIGABRT, 'terminate called
