@@ -127,7 +127,7 @@ def two_steps(shapes_dir, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize(("flag", "value", "theirs"), [
     ("--model.decoder.decoder_dim", "32", "16"),
-    ("--model.optim.lr", "0.0001", "0.005"),  # configs/shapes.yaml's
+    ("--model.optim.lr", "0.0001", "0.0035"),  # configs/shapes.yaml's
 ])
 def test_resume_refuses_a_setting_it_cannot_honour(flag, value, theirs, two_steps, shapes_dir, tmp_path,
                                                    capsys) -> None:
