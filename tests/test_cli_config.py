@@ -250,7 +250,7 @@ def test_the_import_graph_has_no_cycle() -> None:
 
 
 def test_model_compile_true_is_refused_and_false_still_loads(shapes_dir, tmp_path, capsys) -> None:
-    """model.compile never compiled anything: true is refused before any work; false, which
+    """model.compile never compiled anything: true is refused before training; false, which
     older run configs and checkpoints carry, still loads."""
     assert main(fit_args(shapes_dir, tmp_path / "run", "--model.compile", "true", "--trainer.max_steps", "1")) == 2
     (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("captioner: error:")]

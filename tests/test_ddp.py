@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -77,13 +78,8 @@ def test_a_command_destroys_its_process_group(shapes_dir, tiny_checkpoint, tmp_p
 
     # Lightning sets MASTER_*, LOCAL_RANK and NODE_RANK here: left behind, a later test's
     # 2-process run would take itself for a launched rank 1 and wait for a peer that never comes
-    saved = dict(os.environ)
-    os.environ["MASTER_PORT"] = str(29500 + (os.getpid() + 500) % 1000)
     val = fit_args(shapes_dir, tmp_path)[1:]  # drop "fit"
-    ddp_one = ["--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "1"]
-    try:
-        assert main(["validate", *val, "--ckpt_path", str(tiny_checkpoint), *ddp_one]) == 0
+    one = [*DDP[:-1], "1"]  # --trainer.devices 1
+    with mock.patch.dict(os.environ, {"MASTER_PORT": str(29500 + (os.getpid() + 500) % 1000)}):
+        assert main(["validate", *val, "--ckpt_path", str(tiny_checkpoint), *one]) == 0
         assert not torch.distributed.is_initialized()
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
